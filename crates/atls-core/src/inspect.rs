@@ -1,0 +1,495 @@
+//! What a middlebox can read from an ATLS payload without any key
+//! (draft §5.1.2, §5.1.4, §5.1.5).
+//!
+//! [`inspect`] splits a payload into records and decodes the handshake
+//! messages that travel in the clear: the ClientHello (SNI, offered versions,
+//! cipher suites, the ATLS extensions with their CIDs) and the ServerHello.
+//! It never panics and never allocates more than a small multiple of the
+//! input, whatever the input is.
+
+use std::fmt;
+
+use tls_parser::{DTLSMessage, DTLSMessageHandshakeBody};
+
+use crate::ext::{ConnectionId, DEFAULT_COSE_EXTENSION, DEFAULT_OSCORE_CID_EXTENSION};
+use crate::records::{detect_framing, split_records, ContentType, Framing, MAX_RECORDS_PER_FLIGHT};
+use crate::suites::CipherSuite;
+
+/// Largest handshake stream reassembled for inspection.
+const MAX_REASSEMBLY: usize = 64 * 1024;
+
+/// One record as seen on the wire.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordSummary {
+    /// Content type.
+    pub content_type: ContentType,
+    /// Record-layer version.
+    pub version: u16,
+    /// DTLS epoch (0 for TLS).
+    pub epoch: u16,
+    /// DTLS sequence number (0 for TLS).
+    pub sequence: u64,
+    /// Body length.
+    pub length: usize,
+}
+
+/// A ClientHello's middlebox-visible fields.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ClientHelloSummary {
+    /// legacy_version.
+    pub legacy_version: u16,
+    /// SNI host name.
+    pub server_name: Option<String>,
+    /// supported_versions, or legacy_version alone when absent.
+    pub versions: Vec<u16>,
+    /// Offered cipher suites.
+    pub cipher_suites: Vec<CipherSuite>,
+    /// Extension types in order.
+    pub extensions: Vec<u16>,
+    /// CID in `oscore_connection_id`, if offered.
+    pub oscore_cid: Option<ConnectionId>,
+    /// CID in `cose_ext`, if offered.
+    pub cose_cid: Option<ConnectionId>,
+}
+
+/// A ServerHello's middlebox-visible fields.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ServerHelloSummary {
+    /// The selected version (supported_versions when present).
+    pub version: u16,
+    /// The selected cipher suite.
+    pub cipher_suite: CipherSuite,
+    /// Extension types in order.
+    pub extensions: Vec<u16>,
+    /// CID in `oscore_connection_id` (TLS/DTLS 1.2 only: TLS 1.3 sends it encrypted).
+    pub oscore_cid: Option<ConnectionId>,
+    /// CID in `cose_ext` (likewise).
+    pub cose_cid: Option<ConnectionId>,
+}
+
+impl Default for CipherSuite {
+    fn default() -> Self {
+        CipherSuite(0)
+    }
+}
+
+/// A handshake message sent in the clear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HandshakeSummary {
+    /// ClientHello with its fields.
+    ClientHello(ClientHelloSummary),
+    /// ServerHello with its fields.
+    ServerHello(ServerHelloSummary),
+    /// Any other message: its type and length.
+    Other {
+        /// Handshake message type.
+        msg_type: u8,
+        /// Body length.
+        length: usize,
+    },
+    /// A message that could not be decoded (truncated, fragmented or malformed).
+    Undecodable {
+        /// Handshake message type, when at least that was present.
+        msg_type: Option<u8>,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// Everything [`inspect`] found in a payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Inspection {
+    /// TLS or DTLS, when recognisable.
+    pub framing: Option<Framing>,
+    /// The records.
+    pub records: Vec<RecordSummary>,
+    /// Handshake messages decoded from plaintext records.
+    pub handshake: Vec<HandshakeSummary>,
+    /// Why parsing stopped early, if it did.
+    pub error: Option<String>,
+}
+
+impl Inspection {
+    /// The first ClientHello, if any.
+    pub fn client_hello(&self) -> Option<&ClientHelloSummary> {
+        self.handshake.iter().find_map(|h| match h {
+            HandshakeSummary::ClientHello(ch) => Some(ch),
+            _ => None,
+        })
+    }
+
+    /// The first ServerHello, if any.
+    pub fn server_hello(&self) -> Option<&ServerHelloSummary> {
+        self.handshake.iter().find_map(|h| match h {
+            HandshakeSummary::ServerHello(sh) => Some(sh),
+            _ => None,
+        })
+    }
+}
+
+/// Which code points to read as the ATLS extensions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InspectOptions {
+    /// `oscore_connection_id` code point.
+    pub oscore_code_point: u16,
+    /// `cose_ext` code point.
+    pub cose_code_point: u16,
+}
+
+impl Default for InspectOptions {
+    fn default() -> Self {
+        Self {
+            oscore_code_point: DEFAULT_OSCORE_CID_EXTENSION,
+            cose_code_point: DEFAULT_COSE_EXTENSION,
+        }
+    }
+}
+
+/// Inspect an ATLS payload with the default extension code points.
+pub fn inspect(payload: &[u8]) -> Inspection {
+    inspect_with(payload, InspectOptions::default())
+}
+
+/// Inspect an ATLS payload.
+pub fn inspect_with(payload: &[u8], options: InspectOptions) -> Inspection {
+    let mut result = Inspection {
+        framing: detect_framing(payload),
+        records: Vec::new(),
+        handshake: Vec::new(),
+        error: None,
+    };
+    let Some(framing) = result.framing else {
+        result.error = Some("not a TLS or DTLS record".into());
+        return result;
+    };
+    // Split as far as the records are well-formed, then report the error.
+    let (records, error) = split_prefix(framing, payload);
+    result.error = error;
+    let mut tls_stream: Vec<u8> = Vec::new();
+    let mut tls_stream_open = true;
+    for record in &records {
+        result.records.push(RecordSummary {
+            content_type: record.content_type,
+            version: record.version,
+            epoch: record.epoch,
+            sequence: record.sequence,
+            length: record.body.len(),
+        });
+        match (framing, record.content_type) {
+            (Framing::Dtls, ContentType::Handshake) if record.epoch == 0 => {
+                result.handshake.push(dtls_handshake(record.body, options));
+            }
+            (Framing::Tls, ContentType::Handshake) if tls_stream_open => {
+                if tls_stream.len().saturating_add(record.body.len()) <= MAX_REASSEMBLY {
+                    tls_stream.extend_from_slice(record.body);
+                }
+            }
+            // After ChangeCipherSpec or encrypted records, handshake bytes are ciphertext.
+            (Framing::Tls, ContentType::ChangeCipherSpec | ContentType::ApplicationData) => tls_stream_open = false,
+            _ => {}
+        }
+    }
+    tls_handshake_messages(&tls_stream, options, &mut result.handshake);
+    result
+}
+
+fn split_prefix(framing: Framing, payload: &[u8]) -> (Vec<crate::records::RecordRef<'_>>, Option<String>) {
+    match split_records(framing, payload) {
+        Ok(records) => (records, None),
+        Err(error) => {
+            // Re-split the valid prefix: everything before the failing offset.
+            let valid_end = match &error {
+                crate::FlightError::Truncated { offset }
+                | crate::FlightError::UnknownContentType { offset, .. }
+                | crate::FlightError::BadVersion { offset, .. }
+                | crate::FlightError::RecordTooLong { offset, .. } => *offset,
+                _ => 0,
+            };
+            let prefix = payload.get(..valid_end).unwrap_or_default();
+            let records = if prefix.is_empty() {
+                Vec::new()
+            } else {
+                split_records(framing, prefix).unwrap_or_default()
+            };
+            (records.into_iter().take(MAX_RECORDS_PER_FLIGHT).collect(), Some(error.to_string()))
+        }
+    }
+}
+
+fn tls_handshake_messages(mut stream: &[u8], options: InspectOptions, out: &mut Vec<HandshakeSummary>) {
+    while let Some((&msg_type, rest)) = stream.split_first() {
+        let Some(len_bytes) = rest.get(..3) else {
+            out.push(HandshakeSummary::Undecodable {
+                msg_type: Some(msg_type),
+                reason: "truncated handshake header",
+            });
+            return;
+        };
+        let length = be24(len_bytes);
+        let Some(body) = rest.get(3..3usize.saturating_add(length)) else {
+            out.push(HandshakeSummary::Undecodable {
+                msg_type: Some(msg_type),
+                reason: "truncated handshake message",
+            });
+            return;
+        };
+        out.push(match msg_type {
+            1 => match tls_parser::parse_tls_handshake_client_hello(body) {
+                Ok((_, ch)) => HandshakeSummary::ClientHello(client_hello(
+                    ch.version.0,
+                    ch.ciphers.iter().map(|c| c.0),
+                    ch.ext,
+                    options,
+                )),
+                Err(_) => HandshakeSummary::Undecodable {
+                    msg_type: Some(1),
+                    reason: "malformed ClientHello",
+                },
+            },
+            2 => match tls_parser::parse_tls_handshake_server_hello(body) {
+                Ok((_, sh)) => {
+                    HandshakeSummary::ServerHello(server_hello(sh.version.0, sh.cipher.0, sh.ext, options))
+                }
+                Err(_) => HandshakeSummary::Undecodable {
+                    msg_type: Some(2),
+                    reason: "malformed ServerHello",
+                },
+            },
+            other => HandshakeSummary::Other { msg_type: other, length },
+        });
+        stream = rest.get(3usize.saturating_add(length)..).unwrap_or_default();
+    }
+}
+
+fn dtls_handshake(body: &[u8], options: InspectOptions) -> HandshakeSummary {
+    let msg_type = body.first().copied();
+    match tls_parser::parse_dtls_message_handshake(body) {
+        Ok((_, DTLSMessage::Handshake(msg))) => match msg.body {
+            DTLSMessageHandshakeBody::ClientHello(ch) => HandshakeSummary::ClientHello(client_hello(
+                ch.version.0,
+                ch.ciphers.iter().map(|c| c.0),
+                ch.ext,
+                options,
+            )),
+            DTLSMessageHandshakeBody::ServerHello(sh) => {
+                HandshakeSummary::ServerHello(server_hello(sh.version.0, sh.cipher.0, sh.ext, options))
+            }
+            DTLSMessageHandshakeBody::Fragment(_) => HandshakeSummary::Undecodable {
+                msg_type,
+                reason: "fragment of a larger handshake message",
+            },
+            _ => HandshakeSummary::Other {
+                msg_type: msg.msg_type.0,
+                length: usize::try_from(msg.length).unwrap_or(usize::MAX),
+            },
+        },
+        _ => HandshakeSummary::Undecodable {
+            msg_type,
+            reason: "malformed DTLS handshake message",
+        },
+    }
+}
+
+fn be24(b: &[u8]) -> usize {
+    b.iter().take(3).fold(0usize, |acc, &x| (acc << 8) | usize::from(x))
+}
+
+fn be16(b: &[u8]) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.first()?, *b.get(1)?]))
+}
+
+/// Walk an extensions block: `(type, body)` pairs, stopping at the first malformed entry.
+fn extensions(mut block: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while block.len() >= 4 {
+        let (Some(ty), Some(len)) = (be16(block), block.get(2..4).and_then(be16)) else {
+            break;
+        };
+        let end = 4usize.saturating_add(usize::from(len));
+        let Some(body) = block.get(4..end) else {
+            break;
+        };
+        out.push((ty, body));
+        block = block.get(end..).unwrap_or_default();
+    }
+    out
+}
+
+fn client_hello(
+    legacy_version: u16,
+    ciphers: impl Iterator<Item = u16>,
+    ext: Option<&[u8]>,
+    options: InspectOptions,
+) -> ClientHelloSummary {
+    let mut summary = ClientHelloSummary {
+        legacy_version,
+        cipher_suites: ciphers.map(CipherSuite).collect(),
+        versions: vec![legacy_version],
+        ..Default::default()
+    };
+    for (ty, body) in extensions(ext.unwrap_or_default()) {
+        summary.extensions.push(ty);
+        match ty {
+            0 => {
+                if let Ok((_, tls_parser::TlsExtension::SNI(names))) =
+                    tls_parser::parse_tls_extension_sni_content(body)
+                {
+                    summary.server_name = names
+                        .iter()
+                        .find(|(kind, _)| kind.0 == 0)
+                        .map(|(_, name)| String::from_utf8_lossy(name).into_owned());
+                }
+            }
+            43 => {
+                // ProtocolVersion versions<2..254>
+                if let Some((_, list)) = body.split_first() {
+                    summary.versions = list.chunks_exact(2).filter_map(be16).collect();
+                }
+            }
+            t if t == options.oscore_code_point => summary.oscore_cid = ConnectionId::decode(body),
+            t if t == options.cose_code_point => summary.cose_cid = ConnectionId::decode(body),
+            _ => {}
+        }
+    }
+    summary
+}
+
+fn server_hello(version: u16, cipher: u16, ext: Option<&[u8]>, options: InspectOptions) -> ServerHelloSummary {
+    let mut summary = ServerHelloSummary {
+        version,
+        cipher_suite: CipherSuite(cipher),
+        ..Default::default()
+    };
+    for (ty, body) in extensions(ext.unwrap_or_default()) {
+        summary.extensions.push(ty);
+        match ty {
+            43 => {
+                if let Some(v) = be16(body) {
+                    summary.version = v;
+                }
+            }
+            t if t == options.oscore_code_point => summary.oscore_cid = ConnectionId::decode(body),
+            t if t == options.cose_code_point => summary.cose_cid = ConnectionId::decode(body),
+            _ => {}
+        }
+    }
+    summary
+}
+
+/// A readable name for a record/handshake version number.
+pub fn version_name(version: u16) -> &'static str {
+    match version {
+        0x0300 => "SSLv3",
+        0x0301 => "TLSv1.0",
+        0x0302 => "TLSv1.1",
+        0x0303 => "TLSv1.2",
+        0x0304 => "TLSv1.3",
+        0xFEFF => "DTLSv1.0",
+        0xFEFD => "DTLSv1.2",
+        0xFEFC => "DTLSv1.3",
+        _ => "unknown",
+    }
+}
+
+/// A readable name for a handshake message type.
+pub fn handshake_type_name(msg_type: u8) -> &'static str {
+    match msg_type {
+        0 => "hello_request",
+        1 => "client_hello",
+        2 => "server_hello",
+        3 => "hello_verify_request",
+        4 => "new_session_ticket",
+        5 => "end_of_early_data",
+        8 => "encrypted_extensions",
+        11 => "certificate",
+        12 => "server_key_exchange",
+        13 => "certificate_request",
+        14 => "server_hello_done",
+        15 => "certificate_verify",
+        16 => "client_key_exchange",
+        20 => "finished",
+        24 => "key_update",
+        _ => "unknown",
+    }
+}
+
+impl fmt::Display for Inspection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for r in &self.records {
+            write!(f, "  {} {} len={}", r.content_type.name(), version_name(r.version), r.length)?;
+            if self.framing == Some(Framing::Dtls) {
+                write!(f, " epoch={} seq={}", r.epoch, r.sequence)?;
+            }
+            writeln!(f)?;
+        }
+        for h in &self.handshake {
+            match h {
+                HandshakeSummary::ClientHello(ch) => {
+                    writeln!(f, "  ClientHello sni={:?}", ch.server_name)?;
+                    let versions: Vec<_> = ch.versions.iter().map(|v| version_name(*v)).collect();
+                    writeln!(f, "    versions: {}", versions.join(", "))?;
+                    let suites: Vec<_> = ch.cipher_suites.iter().map(|s| s.to_string()).collect();
+                    writeln!(f, "    cipher suites: {}", suites.join(", "))?;
+                    writeln!(f, "    oscore_connection_id: {:?}  cose_ext: {:?}", ch.oscore_cid, ch.cose_cid)?;
+                }
+                HandshakeSummary::ServerHello(sh) => {
+                    writeln!(f, "  ServerHello {} {}", version_name(sh.version), sh.cipher_suite)?;
+                    writeln!(f, "    oscore_connection_id: {:?}  cose_ext: {:?}", sh.oscore_cid, sh.cose_cid)?;
+                }
+                HandshakeSummary::Other { msg_type, length } => {
+                    writeln!(f, "  {} ({length} bytes)", handshake_type_name(*msg_type))?;
+                }
+                HandshakeSummary::Undecodable { msg_type, reason } => {
+                    writeln!(f, "  undecodable handshake message {msg_type:?}: {reason}")?;
+                }
+            }
+        }
+        if let Some(e) = &self.error {
+            writeln!(f, "  stopped: {e}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn garbage_is_reported_not_parsed() {
+        let i = inspect(b"GET / HTTP/1.1\r\n");
+        assert_eq!(i.framing, None);
+        assert!(i.error.is_some());
+        assert!(i.records.is_empty());
+    }
+
+    #[test]
+    fn truncated_record_keeps_the_valid_prefix() {
+        let payload = [21, 3, 3, 0, 2, 2, 40, 22, 3, 3, 0, 9, 1];
+        let i = inspect(&payload);
+        assert_eq!(i.records.len(), 1);
+        assert_eq!(i.records[0].content_type, ContentType::Alert);
+        assert!(i.error.expect("error").contains("truncated"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn never_panics_on_random_input(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = inspect(&bytes);
+        }
+
+        #[test]
+        fn never_panics_on_plausible_headers(
+            ty in 20u8..27,
+            dtls in any::<bool>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let mut bytes = vec![ty];
+            bytes.extend_from_slice(if dtls { &[0xFE, 0xFD] } else { &[3, 3] });
+            bytes.extend_from_slice(&tail);
+            let _ = inspect(&bytes);
+        }
+    }
+}
