@@ -26,6 +26,7 @@ pub mod error;
 pub mod ext;
 pub mod inspect;
 pub mod keys;
+pub mod pair;
 pub mod records;
 pub mod session;
 pub mod suites;

@@ -1,0 +1,428 @@
+//! Building OpenSSL contexts from the engine-neutral configuration.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use atls_core::engine::{Capabilities, ClientEndpoint, Engine, ServerEndpoint, TlsSession};
+use atls_core::{
+    Certificate, CertifiedKey, CipherSuite, ClientConfig, ClientSessionParams, CommonConfig, ConnectionId, Error,
+    Framing, NegotiatedCids, ServerConfig, ServerSessionParams, TlsVersion,
+};
+use openssl::ex_data::Index;
+use openssl::pkey::PKey;
+use openssl::ssl::{
+    ExtensionContext, Ssl, SslAlert, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef, SslSession,
+    SslSessionCacheMode, SslVerifyMode, SslVersion,
+};
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::X509;
+
+use crate::session::OpenSslSession;
+
+/// The OpenSSL engine (system libssl, 3.0 or newer).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenSslEngine;
+
+const ENGINE: &str = "openssl";
+
+const DEFAULT_TLS12_SUITES: &str = "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:\
+ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:\
+ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-CCM:ECDHE-ECDSA-AES256-CCM:ECDHE-ECDSA-AES128-CCM8:\
+ECDHE-ECDSA-AES256-CCM8:ECDHE-PSK-CHACHA20-POLY1305:PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:\
+PSK-CHACHA20-POLY1305:PSK-AES128-CCM:PSK-AES256-CCM:PSK-AES128-CCM8:PSK-AES256-CCM8";
+const DEFAULT_TLS13_SUITES: &str =
+    "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_CCM_SHA256";
+
+/// Per-SSL ATLS state shared with the extension and PSK callbacks.
+#[derive(Debug, Default)]
+pub(crate) struct AtlsState {
+    pub(crate) oscore: NegotiatedCids,
+    pub(crate) cose: NegotiatedCids,
+    pub(crate) psk_identity: Option<Vec<u8>>,
+    pub(crate) server_name: Option<String>,
+}
+
+pub(crate) fn state_index() -> Index<Ssl, AtlsState> {
+    static INDEX: OnceLock<Index<Ssl, AtlsState>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL ex_data index allocation"))
+}
+
+fn config_error(what: &str) -> impl Fn(openssl::error::ErrorStack) -> Error + '_ {
+    move |e| Error::Config(format!("{what}: {e}"))
+}
+
+fn x509(cert: &Certificate) -> Result<X509, Error> {
+    X509::from_der(&cert.0).map_err(config_error("certificate"))
+}
+
+fn set_identity(builder: &mut SslContextBuilder, identity: &CertifiedKey) -> Result<(), Error> {
+    let (leaf, rest) = identity
+        .chain
+        .split_first()
+        .ok_or_else(|| Error::Config("empty certificate chain".into()))?;
+    let leaf = x509(leaf)?;
+    builder.set_certificate(&leaf).map_err(config_error("certificate"))?;
+    for cert in rest {
+        builder.add_extra_chain_cert(x509(cert)?).map_err(config_error("chain certificate"))?;
+    }
+    let key = PKey::private_key_from_der(identity.key.dangerous_der())
+        .or_else(|_| PKey::private_key_from_pkcs8(identity.key.dangerous_der()))
+        .map_err(config_error("private key"))?;
+    builder.set_private_key(&key).map_err(config_error("private key"))?;
+    builder.check_private_key().map_err(config_error("certificate and key do not match"))
+}
+
+fn trust_store(roots: &[Certificate]) -> Result<openssl::x509::store::X509Store, Error> {
+    let mut store = X509StoreBuilder::new().map_err(config_error("trust store"))?;
+    for root in roots {
+        store.add_cert(x509(root)?).map_err(config_error("trust anchor"))?;
+    }
+    Ok(store.build())
+}
+
+fn ssl_version(v: TlsVersion) -> SslVersion {
+    match v {
+        TlsVersion::Tls12 => SslVersion::TLS1_2,
+        TlsVersion::Tls13 => SslVersion::TLS1_3,
+        TlsVersion::Dtls12 => SslVersion::DTLS1_2,
+    }
+}
+
+/// Method, versions, cipher suites, extensions, resumption: what client and server share.
+fn common_builder(common: &CommonConfig) -> Result<SslContextBuilder, Error> {
+    let framing = common.framing()?;
+    let method = match framing {
+        Framing::Tls => SslMethod::tls(),
+        Framing::Dtls => SslMethod::dtls(),
+    };
+    let mut builder = SslContextBuilder::new(method).map_err(config_error("SSL context"))?;
+    let mut versions = common.versions.clone();
+    versions.sort();
+
+    let (tls13, tls12): (Vec<CipherSuite>, Vec<CipherSuite>) = match &common.cipher_suites {
+        Some(list) => list.iter().partition(|s| s.is_tls13()),
+        None => (Vec::new(), Vec::new()),
+    };
+    if let Some(list) = &common.cipher_suites {
+        for suite in list {
+            if suite.name().is_none() {
+                return Err(Error::Config(format!("unknown cipher suite {suite}")));
+            }
+        }
+    }
+    let tls13_list = match &common.cipher_suites {
+        None => DEFAULT_TLS13_SUITES.to_owned(),
+        Some(_) => tls13.iter().filter_map(|s| s.name()).collect::<Vec<_>>().join(":"),
+    };
+    let tls12_list = match &common.cipher_suites {
+        None => DEFAULT_TLS12_SUITES.to_owned(),
+        Some(_) => tls12
+            .iter()
+            .filter_map(|s| s.name())
+            .map(openssl::ssl::cipher_name)
+            .filter(|n| *n != "(NONE)")
+            .collect::<Vec<_>>()
+            .join(":"),
+    };
+    let wants_tls12 = versions.iter().any(|v| *v != TlsVersion::Tls13);
+    let wants_tls13 = versions.contains(&TlsVersion::Tls13);
+    if wants_tls12 && tls12_list.is_empty() && !wants_tls13 {
+        return Err(Error::Config("no usable TLS 1.2 cipher suite configured".into()));
+    }
+    if wants_tls12 && tls12_list.is_empty() {
+        versions.retain(|v| *v == TlsVersion::Tls13);
+    }
+    if wants_tls13 && tls13_list.is_empty() {
+        versions.retain(|v| *v != TlsVersion::Tls13);
+    }
+    let (Some(min), Some(max)) = (versions.first(), versions.last()) else {
+        return Err(Error::Config("the configured cipher suites leave no usable version".into()));
+    };
+    builder
+        .set_min_proto_version(Some(ssl_version(*min)))
+        .map_err(config_error("protocol version"))?;
+    builder
+        .set_max_proto_version(Some(ssl_version(*max)))
+        .map_err(config_error("protocol version"))?;
+    if !tls12_list.is_empty() {
+        builder.set_cipher_list(&tls12_list).map_err(config_error("TLS 1.2 cipher suites"))?;
+    }
+    if framing == Framing::Tls {
+        builder.set_ciphersuites(&tls13_list).map_err(config_error("TLS 1.3 cipher suites"))?;
+    }
+    if framing == Framing::Dtls {
+        builder.set_options(SslOptions::NO_QUERY_MTU);
+    }
+    if !common.resumption {
+        builder.set_options(SslOptions::NO_TICKET);
+        builder.set_session_cache_mode(SslSessionCacheMode::OFF);
+        builder.set_num_tickets(0).map_err(config_error("tickets"))?;
+    }
+    add_cid_extension(&mut builder, common.extensions.oscore_code_point, |s| &mut s.oscore)?;
+    add_cid_extension(&mut builder, common.extensions.cose_code_point, |s| &mut s.cose)?;
+    Ok(builder)
+}
+
+/// Register one §11 extension. The client offers its CID in ClientHello; the
+/// server answers in ServerHello (TLS/DTLS 1.2) or EncryptedExtensions (TLS
+/// 1.3), and only when the client offered.
+fn add_cid_extension(
+    builder: &mut SslContextBuilder,
+    code_point: u16,
+    select: fn(&mut AtlsState) -> &mut NegotiatedCids,
+) -> Result<(), Error> {
+    let contexts = ExtensionContext::CLIENT_HELLO
+        | ExtensionContext::TLS1_2_SERVER_HELLO
+        | ExtensionContext::TLS1_3_ENCRYPTED_EXTENSIONS;
+    builder
+        .add_custom_ext(
+            code_point,
+            contexts,
+            move |ssl: &mut SslRef, context, _| -> Result<Option<Vec<u8>>, SslAlert> {
+                let Some(state) = ssl.ex_data_mut(state_index()) else {
+                    return Ok(None);
+                };
+                let cids = select(state);
+                if !context.contains(ExtensionContext::CLIENT_HELLO) && cids.peer.is_none() {
+                    return Ok(None);
+                }
+                Ok(cids.own.as_ref().map(ConnectionId::encode))
+            },
+            move |ssl: &mut SslRef, _context, data: &[u8], _| -> Result<(), SslAlert> {
+                let cid = ConnectionId::decode(data).ok_or(SslAlert::DECODE_ERROR)?;
+                if let Some(state) = ssl.ex_data_mut(state_index()) {
+                    select(state).peer = Some(cid);
+                }
+                Ok(())
+            },
+        )
+        .map_err(config_error("ATLS extension"))
+}
+
+type SessionCache = Arc<Mutex<HashMap<String, Vec<SslSession>>>>;
+const MAX_CACHED_SERVERS: usize = 256;
+const MAX_TICKETS_PER_SERVER: usize = 4;
+
+/// A client endpoint: one SSL_CTX and a resumption cache keyed by server name.
+pub(crate) struct OpenSslClient {
+    context: SslContext,
+    config: ClientConfig,
+    cache: SessionCache,
+}
+
+impl fmt::Debug for OpenSslClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenSslClient").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A server endpoint: one SSL_CTX.
+pub(crate) struct OpenSslServer {
+    context: SslContext,
+    config: ServerConfig,
+}
+
+impl fmt::Debug for OpenSslServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenSslServer").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Engine for OpenSslEngine {
+    fn name(&self) -> &'static str {
+        ENGINE
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            versions: &[TlsVersion::Tls12, TlsVersion::Tls13, TlsVersion::Dtls12],
+            psk: true,
+            atls_extensions: true,
+            early_data: true,
+        }
+    }
+
+    fn client(&self, config: &ClientConfig) -> Result<Arc<dyn ClientEndpoint>, Error> {
+        let mut builder = common_builder(&config.common)?;
+        if config.trust_anchors.is_empty() && config.psk.is_none() {
+            return Err(Error::Config("a client needs trust anchors or a PSK".into()));
+        }
+        builder.set_verify(SslVerifyMode::PEER);
+        builder.set_cert_store(trust_store(&config.trust_anchors)?);
+        if let Some(identity) = &config.client_auth {
+            set_identity(&mut builder, identity)?;
+        }
+        if let Some(psk) = config.psk.clone() {
+            builder.set_psk_client_callback(move |ssl, _hint, identity_out, key_out| {
+                let id = &psk.identity;
+                let key = psk.dangerous_key();
+                if id.len() >= identity_out.len() || key.len() > key_out.len() {
+                    return Ok(0);
+                }
+                identity_out[..id.len()].copy_from_slice(id);
+                identity_out[id.len()] = 0;
+                key_out[..key.len()].copy_from_slice(key);
+                if let Some(state) = ssl.ex_data_mut(state_index()) {
+                    state.psk_identity = Some(id.clone());
+                }
+                Ok(key.len())
+            });
+        }
+        let cache: SessionCache = Arc::default();
+        if config.common.resumption {
+            builder.set_session_cache_mode(SslSessionCacheMode::CLIENT);
+            let store = Arc::clone(&cache);
+            builder.set_new_session_callback(move |ssl, session| {
+                let name = ssl
+                    .ex_data(state_index())
+                    .and_then(|s| s.server_name.clone())
+                    .unwrap_or_default();
+                if let Ok(mut cache) = store.lock() {
+                    if cache.len() >= MAX_CACHED_SERVERS && !cache.contains_key(&name) {
+                        cache.clear();
+                    }
+                    let tickets = cache.entry(name).or_default();
+                    if tickets.len() >= MAX_TICKETS_PER_SERVER {
+                        tickets.remove(0);
+                    }
+                    tickets.push(session);
+                }
+            });
+        }
+        Ok(Arc::new(OpenSslClient {
+            context: builder.build(),
+            config: config.clone(),
+            cache,
+        }))
+    }
+
+    fn server(&self, config: &ServerConfig) -> Result<Arc<dyn ServerEndpoint>, Error> {
+        let mut builder = common_builder(&config.common)?;
+        match &config.identity {
+            Some(identity) => set_identity(&mut builder, identity)?,
+            None if config.psks.is_empty() => {
+                return Err(Error::Config("a server needs a certificate or PSKs".into()))
+            }
+            None => {}
+        }
+        if let Some(roots) = &config.client_auth_roots {
+            builder.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+            builder.set_cert_store(trust_store(roots)?);
+            for root in roots {
+                let root = x509(root)?;
+                builder.add_client_ca(&root).map_err(config_error("client CA"))?;
+            }
+        }
+        if !config.psks.is_empty() {
+            let psks: HashMap<Vec<u8>, atls_core::Psk> =
+                config.psks.iter().map(|p| (p.identity.clone(), p.clone())).collect();
+            builder.set_psk_server_callback(move |ssl, identity, key_out| {
+                let Some(psk) = identity.and_then(|id| psks.get(id)) else {
+                    return Ok(0);
+                };
+                let key = psk.dangerous_key();
+                if key.len() > key_out.len() {
+                    return Ok(0);
+                }
+                key_out[..key.len()].copy_from_slice(key);
+                if let Some(state) = ssl.ex_data_mut(state_index()) {
+                    state.psk_identity = Some(psk.identity.clone());
+                }
+                Ok(key.len())
+            });
+        }
+        if config.max_early_data > 0 && config.common.resumption {
+            builder
+                .set_max_early_data(config.max_early_data)
+                .map_err(config_error("early data"))?;
+        }
+        Ok(Arc::new(OpenSslServer {
+            context: builder.build(),
+            config: config.clone(),
+        }))
+    }
+}
+
+impl ClientEndpoint for OpenSslClient {
+    fn start(&self, params: &ClientSessionParams) -> Result<Box<dyn TlsSession>, Error> {
+        let mut ssl = Ssl::new(&self.context).map_err(|e| Error::Engine(e.to_string()))?;
+        ssl.set_connect_state();
+        if let Some(name) = &params.server_name {
+            match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => ssl.param_mut().set_ip(ip).map_err(config_error("server address"))?,
+                Err(_) => {
+                    ssl.set_hostname(name).map_err(config_error("server name"))?;
+                    ssl.param_mut().set_host(name).map_err(config_error("server name"))?;
+                }
+            }
+        }
+        let name = params.server_name.clone().unwrap_or_default();
+        if self.config.common.resumption {
+            let resumable = self.cache.lock().ok().and_then(|mut c| c.get_mut(&name).and_then(Vec::pop));
+            if let Some(session) = resumable {
+                // SAFETY: the session came from this endpoint's own SSL_CTX.
+                #[allow(unsafe_code)]
+                unsafe {
+                    ssl.set_session(&session).map_err(|e| Error::Engine(e.to_string()))?;
+                }
+            }
+        }
+        ssl.set_ex_data(
+            state_index(),
+            AtlsState {
+                oscore: NegotiatedCids {
+                    own: params.oscore_cid.clone(),
+                    peer: None,
+                },
+                cose: NegotiatedCids {
+                    own: params.cose_cid.clone(),
+                    peer: None,
+                },
+                psk_identity: None,
+                server_name: params.server_name.clone(),
+            },
+        );
+        OpenSslSession::new(ssl, &self.config.common, true, self.config.early_data)
+    }
+
+    fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    fn engine_name(&self) -> &'static str {
+        ENGINE
+    }
+}
+
+impl ServerEndpoint for OpenSslServer {
+    fn accept(&self, params: &ServerSessionParams) -> Result<Box<dyn TlsSession>, Error> {
+        let mut ssl = Ssl::new(&self.context).map_err(|e| Error::Engine(e.to_string()))?;
+        ssl.set_accept_state();
+        ssl.set_ex_data(
+            state_index(),
+            AtlsState {
+                oscore: NegotiatedCids {
+                    own: params.oscore_cid.clone(),
+                    peer: None,
+                },
+                cose: NegotiatedCids {
+                    own: params.cose_cid.clone(),
+                    peer: None,
+                },
+                psk_identity: None,
+                server_name: None,
+            },
+        );
+        let early = self.config.max_early_data > 0 && self.config.common.resumption;
+        OpenSslSession::new(ssl, &self.config.common, false, early)
+    }
+
+    fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    fn engine_name(&self) -> &'static str {
+        ENGINE
+    }
+}
