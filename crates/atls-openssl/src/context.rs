@@ -159,19 +159,39 @@ fn common_builder(common: &CommonConfig) -> Result<SslContextBuilder, Error> {
         builder.set_session_cache_mode(SslSessionCacheMode::OFF);
         builder.set_num_tickets(0).map_err(config_error("tickets"))?;
     }
-    add_cid_extension(&mut builder, common.extensions.oscore_code_point, |s| &mut s.oscore)?;
-    add_cid_extension(&mut builder, common.extensions.cose_code_point, |s| &mut s.cose)?;
+    add_cid_extension::<OscoreExtension>(&mut builder, common.extensions.oscore_code_point)?;
+    add_cid_extension::<CoseExtension>(&mut builder, common.extensions.cose_code_point)?;
     Ok(builder)
+}
+
+/// Selects which of the two §11 extensions a registration serves.
+///
+/// `SslContextBuilder::add_custom_ext` stores its callbacks keyed by their
+/// closure type, so the two registrations must instantiate distinct closure
+/// types: a generic function per extension does that.
+trait CidExtension: 'static {
+    fn cids(state: &mut AtlsState) -> &mut NegotiatedCids;
+}
+
+struct OscoreExtension;
+struct CoseExtension;
+
+impl CidExtension for OscoreExtension {
+    fn cids(state: &mut AtlsState) -> &mut NegotiatedCids {
+        &mut state.oscore
+    }
+}
+
+impl CidExtension for CoseExtension {
+    fn cids(state: &mut AtlsState) -> &mut NegotiatedCids {
+        &mut state.cose
+    }
 }
 
 /// Register one §11 extension. The client offers its CID in ClientHello; the
 /// server answers in ServerHello (TLS/DTLS 1.2) or EncryptedExtensions (TLS
 /// 1.3), and only when the client offered.
-fn add_cid_extension(
-    builder: &mut SslContextBuilder,
-    code_point: u16,
-    select: fn(&mut AtlsState) -> &mut NegotiatedCids,
-) -> Result<(), Error> {
+fn add_cid_extension<K: CidExtension>(builder: &mut SslContextBuilder, code_point: u16) -> Result<(), Error> {
     let contexts = ExtensionContext::CLIENT_HELLO
         | ExtensionContext::TLS1_2_SERVER_HELLO
         | ExtensionContext::TLS1_3_ENCRYPTED_EXTENSIONS;
@@ -183,7 +203,7 @@ fn add_cid_extension(
                 let Some(state) = ssl.ex_data_mut(state_index()) else {
                     return Ok(None);
                 };
-                let cids = select(state);
+                let cids = K::cids(state);
                 if !context.contains(ExtensionContext::CLIENT_HELLO) && cids.peer.is_none() {
                     return Ok(None);
                 }
@@ -192,7 +212,7 @@ fn add_cid_extension(
             move |ssl: &mut SslRef, _context, data: &[u8], _| -> Result<(), SslAlert> {
                 let cid = ConnectionId::decode(data).ok_or(SslAlert::DECODE_ERROR)?;
                 if let Some(state) = ssl.ex_data_mut(state_index()) {
-                    select(state).peer = Some(cid);
+                    K::cids(state).peer = Some(cid);
                 }
                 Ok(())
             },
