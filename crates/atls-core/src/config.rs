@@ -248,7 +248,9 @@ impl CommonConfig {
             .ok_or_else(|| Error::Config("no protocol version enabled".into()))?
             .framing();
         if self.versions.iter().any(|v| v.framing() != first) {
-            return Err(Error::Config("TLS and DTLS versions cannot be mixed in one config".into()));
+            return Err(Error::Config(
+                "TLS and DTLS versions cannot be mixed in one config".into(),
+            ));
         }
         Ok(first)
     }

@@ -123,7 +123,12 @@ pub trait TlsSession: Send + fmt::Debug {
     fn read_early_data(&mut self, out: &mut Vec<u8>);
     /// RFC 5705 / RFC 8446 §7.5 exporter. `context: Some(&[])` is a zero-length
     /// context, which differs from `None` in (D)TLS 1.2.
-    fn export_keying_material(&self, label: &[u8], context: Option<&[u8]>, out: &mut [u8]) -> Result<(), Error>;
+    fn export_keying_material(
+        &self,
+        label: &[u8],
+        context: Option<&[u8]>,
+        out: &mut [u8],
+    ) -> Result<(), Error>;
     /// What was negotiated, once the handshake is complete.
     fn handshake_info(&self) -> Option<HandshakeInfo>;
     /// Queue close_notify.

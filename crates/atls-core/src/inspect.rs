@@ -67,12 +67,6 @@ pub struct ServerHelloSummary {
     pub cose_cid: Option<ConnectionId>,
 }
 
-impl Default for CipherSuite {
-    fn default() -> Self {
-        CipherSuite(0)
-    }
-}
-
 /// A handshake message sent in the clear.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HandshakeSummary {
@@ -179,13 +173,16 @@ pub fn inspect_with(payload: &[u8], options: InspectOptions) -> Inspection {
             (Framing::Dtls, ContentType::Handshake) if record.epoch == 0 => {
                 result.handshake.push(dtls_handshake(record.body, options));
             }
-            (Framing::Tls, ContentType::Handshake) if tls_stream_open => {
-                if tls_stream.len().saturating_add(record.body.len()) <= MAX_REASSEMBLY {
-                    tls_stream.extend_from_slice(record.body);
-                }
+            (Framing::Tls, ContentType::Handshake)
+                if tls_stream_open
+                    && tls_stream.len().saturating_add(record.body.len()) <= MAX_REASSEMBLY =>
+            {
+                tls_stream.extend_from_slice(record.body);
             }
             // After ChangeCipherSpec or encrypted records, handshake bytes are ciphertext.
-            (Framing::Tls, ContentType::ChangeCipherSpec | ContentType::ApplicationData) => tls_stream_open = false,
+            (Framing::Tls, ContentType::ChangeCipherSpec | ContentType::ApplicationData) => {
+                tls_stream_open = false
+            }
             _ => {}
         }
     }
@@ -211,7 +208,10 @@ fn split_prefix(framing: Framing, payload: &[u8]) -> (Vec<crate::records::Record
             } else {
                 split_records(framing, prefix).unwrap_or_default()
             };
-            (records.into_iter().take(MAX_RECORDS_PER_FLIGHT).collect(), Some(error.to_string()))
+            (
+                records.into_iter().take(MAX_RECORDS_PER_FLIGHT).collect(),
+                Some(error.to_string()),
+            )
         }
     }
 }
@@ -255,7 +255,10 @@ fn tls_handshake_messages(mut stream: &[u8], options: InspectOptions, out: &mut 
                     reason: "malformed ServerHello",
                 },
             },
-            other => HandshakeSummary::Other { msg_type: other, length },
+            other => HandshakeSummary::Other {
+                msg_type: other,
+                length,
+            },
         });
         stream = rest.get(3usize.saturating_add(length)..).unwrap_or_default();
     }
@@ -291,7 +294,9 @@ fn dtls_handshake(body: &[u8], options: InspectOptions) -> HandshakeSummary {
 }
 
 fn be24(b: &[u8]) -> usize {
-    b.iter().take(3).fold(0usize, |acc, &x| (acc << 8) | usize::from(x))
+    b.iter()
+        .take(3)
+        .fold(0usize, |acc, &x| (acc << 8) | usize::from(x))
 }
 
 fn be16(b: &[u8]) -> Option<u16> {
@@ -354,7 +359,12 @@ fn client_hello(
     summary
 }
 
-fn server_hello(version: u16, cipher: u16, ext: Option<&[u8]>, options: InspectOptions) -> ServerHelloSummary {
+fn server_hello(
+    version: u16,
+    cipher: u16,
+    ext: Option<&[u8]>,
+    options: InspectOptions,
+) -> ServerHelloSummary {
     let mut summary = ServerHelloSummary {
         version,
         cipher_suite: CipherSuite(cipher),
@@ -416,7 +426,13 @@ pub fn handshake_type_name(msg_type: u8) -> &'static str {
 impl fmt::Display for Inspection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for r in &self.records {
-            write!(f, "  {} {} len={}", r.content_type.name(), version_name(r.version), r.length)?;
+            write!(
+                f,
+                "  {} {} len={}",
+                r.content_type.name(),
+                version_name(r.version),
+                r.length
+            )?;
             if self.framing == Some(Framing::Dtls) {
                 write!(f, " epoch={} seq={}", r.epoch, r.sequence)?;
             }
@@ -430,11 +446,24 @@ impl fmt::Display for Inspection {
                     writeln!(f, "    versions: {}", versions.join(", "))?;
                     let suites: Vec<_> = ch.cipher_suites.iter().map(|s| s.to_string()).collect();
                     writeln!(f, "    cipher suites: {}", suites.join(", "))?;
-                    writeln!(f, "    oscore_connection_id: {:?}  cose_ext: {:?}", ch.oscore_cid, ch.cose_cid)?;
+                    writeln!(
+                        f,
+                        "    oscore_connection_id: {:?}  cose_ext: {:?}",
+                        ch.oscore_cid, ch.cose_cid
+                    )?;
                 }
                 HandshakeSummary::ServerHello(sh) => {
-                    writeln!(f, "  ServerHello {} {}", version_name(sh.version), sh.cipher_suite)?;
-                    writeln!(f, "    oscore_connection_id: {:?}  cose_ext: {:?}", sh.oscore_cid, sh.cose_cid)?;
+                    writeln!(
+                        f,
+                        "  ServerHello {} {}",
+                        version_name(sh.version),
+                        sh.cipher_suite
+                    )?;
+                    writeln!(
+                        f,
+                        "    oscore_connection_id: {:?}  cose_ext: {:?}",
+                        sh.oscore_cid, sh.cose_cid
+                    )?;
                 }
                 HandshakeSummary::Other { msg_type, length } => {
                     writeln!(f, "  {} ({length} bytes)", handshake_type_name(*msg_type))?;

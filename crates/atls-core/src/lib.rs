@@ -19,6 +19,16 @@
 //! - [`inspect`]: what a middlebox can read from an ATLS payload without keys.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// Peer bytes are hostile: outside tests, no panicking index, unwrap or overflow.
+#![cfg_attr(
+    not(test),
+    warn(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 pub mod config;
 pub mod engine;
@@ -32,10 +42,12 @@ pub mod session;
 pub mod suites;
 
 pub use config::{
-    Certificate, CertifiedKey, ClientConfig, ClientSessionParams, CommonConfig, DtlsConfig, Limits, PrivateKey, Psk,
-    ServerConfig, ServerSessionParams, TlsVersion,
+    Certificate, CertifiedKey, ClientConfig, ClientSessionParams, CommonConfig, DtlsConfig, Limits,
+    PrivateKey, Psk, ServerConfig, ServerSessionParams, TlsVersion,
 };
-pub use engine::{Capabilities, ClientEndpoint, Engine, HandshakeInfo, PeerIdentity, ServerEndpoint, TlsSession};
+pub use engine::{
+    Capabilities, ClientEndpoint, Engine, HandshakeInfo, PeerIdentity, ServerEndpoint, TlsSession,
+};
 pub use error::{Alert, Error, FlightError};
 pub use ext::{ConnectionId, ExtensionConfig, IdSource, NegotiatedCids, ProtectionIds, ProtectionKind};
 pub use keys::{AtlsKeys, SecretBytes, LABEL_COSE, LABEL_GENERIC, LABEL_OSCORE};

@@ -134,9 +134,7 @@ pub fn split_records(framing: Framing, payload: &[u8]) -> Result<Vec<RecordRef<'
             });
         }
         let rest = payload.get(offset..).unwrap_or_default();
-        let header = rest
-            .get(..header_len)
-            .ok_or(FlightError::Truncated { offset })?;
+        let header = rest.get(..header_len).ok_or(FlightError::Truncated { offset })?;
         let (&type_byte, version_bytes) = header.split_first().ok_or(FlightError::Truncated { offset })?;
         let content_type = ContentType::from_u8(type_byte).ok_or(FlightError::UnknownContentType {
             offset,

@@ -65,6 +65,9 @@ pub struct Session {
     flights_out: u32,
 }
 
+/// Longest retransmission timer reported (RFC 6347 caps at 60 s).
+const MAX_TIMER: Duration = Duration::from_secs(3600);
+
 fn flight_hasher() -> &'static RandomState {
     static HASHER: OnceLock<RandomState> = OnceLock::new();
     HASHER.get_or_init(RandomState::new)
@@ -74,13 +77,23 @@ impl Session {
     /// Start a client session on `endpoint`.
     pub fn client(endpoint: &dyn ClientEndpoint, params: &ClientSessionParams) -> Result<Self, Error> {
         let tls = endpoint.start(params)?;
-        Ok(Self::new(tls, Role::Client, endpoint.engine_name(), endpoint.config().common.limits))
+        Ok(Self::new(
+            tls,
+            Role::Client,
+            endpoint.engine_name(),
+            endpoint.config().common.limits,
+        ))
     }
 
     /// Start a server session on `endpoint`; feed it the client's first flight.
     pub fn server(endpoint: &dyn ServerEndpoint, params: &ServerSessionParams) -> Result<Self, Error> {
         let tls = endpoint.accept(params)?;
-        Ok(Self::new(tls, Role::Server, endpoint.engine_name(), endpoint.config().common.limits))
+        Ok(Self::new(
+            tls,
+            Role::Server,
+            endpoint.engine_name(),
+            endpoint.config().common.limits,
+        ))
     }
 
     fn new(tls: Box<dyn TlsSession>, role: Role, engine: &'static str, limits: Limits) -> Self {
@@ -138,7 +151,9 @@ impl Session {
         let records = split_records(framing, flight)?;
         if self.state == State::NotStarted {
             // A client must send before it can receive.
-            return Err(Error::Protocol("received a flight before sending the first one".into()));
+            return Err(Error::Protocol(
+                "received a flight before sending the first one".into(),
+            ));
         }
         let fingerprint = (flight.len(), flight_hasher().hash_one(flight));
         if framing == Framing::Tls && self.last_flight == Some(fingerprint) {
@@ -214,7 +229,9 @@ impl Session {
     /// no resumable session that allows it).
     pub fn write_early_data(&mut self, data: &[u8], now: Instant) -> Result<usize, Error> {
         if self.role != Role::Client || self.state != State::NotStarted {
-            return Err(Error::Protocol("early data is written by a client before its first flight".into()));
+            return Err(Error::Protocol(
+                "early data is written by a client before its first flight".into(),
+            ));
         }
         let written = self.tls.write_early_data(data)?;
         self.state = State::Handshaking;
@@ -262,7 +279,8 @@ impl Session {
     pub fn atls_keys(&self, kind: ProtectionKind) -> Result<AtlsKeys, Error> {
         let info = self.handshake_info().ok_or(Error::HandshakeNotComplete)?;
         let algorithms = info.cipher_suite.atls_mapping()?;
-        let export = self.export_keying_material(kind.label(), Some(EXPORT_CONTEXT), algorithms.export_len())?;
+        let export =
+            self.export_keying_material(kind.label(), Some(EXPORT_CONTEXT), algorithms.export_len())?;
         Ok(AtlsKeys::split(kind, algorithms, export.dangerous_as_bytes()))
     }
 
@@ -326,7 +344,7 @@ impl Session {
         self.deadline = self
             .tls
             .retransmission_timeout()
-            .map(|left| now.checked_add(left).unwrap_or(now + Duration::from_secs(3600)));
+            .map(|left| now.checked_add(left.min(MAX_TIMER)).unwrap_or(now));
     }
 
     fn drive(&mut self, now: Instant) -> Result<(), Error> {

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A TLS cipher suite by its IANA code point.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct CipherSuite(pub u16);
 
 /// A COSE AEAD algorithm usable for OSCORE/COSE (RFC 9053 identifiers).
@@ -71,10 +71,7 @@ impl CoseAead {
     pub fn key_len(self) -> usize {
         match self {
             Self::AesCcm16_64_128 | Self::AesCcm16_128_128 | Self::A128Gcm => 16,
-            Self::AesCcm16_64_256
-            | Self::AesCcm16_128_256
-            | Self::A256Gcm
-            | Self::ChaCha20Poly1305 => 32,
+            Self::AesCcm16_64_256 | Self::AesCcm16_128_256 | Self::A256Gcm | Self::ChaCha20Poly1305 => 32,
         }
     }
 
@@ -153,12 +150,36 @@ const SUITES: &[(u16, &str, Option<CoseAead>)] = {
         (0xD001, "TLS_ECDHE_PSK_WITH_AES_128_GCM_SHA256", Some(A128Gcm)),
         (0xD002, "TLS_ECDHE_PSK_WITH_AES_256_GCM_SHA384", Some(A256Gcm)),
         // TLS 1.2 ChaCha20-Poly1305 (RFC 7905)
-        (0xCCA8, "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", Some(ChaCha20Poly1305)),
-        (0xCCA9, "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", Some(ChaCha20Poly1305)),
-        (0xCCAA, "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256", Some(ChaCha20Poly1305)),
-        (0xCCAB, "TLS_PSK_WITH_CHACHA20_POLY1305_SHA256", Some(ChaCha20Poly1305)),
-        (0xCCAC, "TLS_ECDHE_PSK_WITH_CHACHA20_POLY1305_SHA256", Some(ChaCha20Poly1305)),
-        (0xCCAD, "TLS_DHE_PSK_WITH_CHACHA20_POLY1305_SHA256", Some(ChaCha20Poly1305)),
+        (
+            0xCCA8,
+            "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+            Some(ChaCha20Poly1305),
+        ),
+        (
+            0xCCA9,
+            "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            Some(ChaCha20Poly1305),
+        ),
+        (
+            0xCCAA,
+            "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+            Some(ChaCha20Poly1305),
+        ),
+        (
+            0xCCAB,
+            "TLS_PSK_WITH_CHACHA20_POLY1305_SHA256",
+            Some(ChaCha20Poly1305),
+        ),
+        (
+            0xCCAC,
+            "TLS_ECDHE_PSK_WITH_CHACHA20_POLY1305_SHA256",
+            Some(ChaCha20Poly1305),
+        ),
+        (
+            0xCCAD,
+            "TLS_DHE_PSK_WITH_CHACHA20_POLY1305_SHA256",
+            Some(ChaCha20Poly1305),
+        ),
         // TLS 1.2 AES-CCM (RFC 6655, RFC 7251, RFC 8442)
         (0xC09C, "TLS_RSA_WITH_AES_128_CCM", Some(AesCcm16_128_128)),
         (0xC09D, "TLS_RSA_WITH_AES_256_CCM", Some(AesCcm16_128_256)),
@@ -178,10 +199,26 @@ const SUITES: &[(u16, &str, Option<CoseAead>)] = {
         (0xC0AB, "TLS_PSK_DHE_WITH_AES_256_CCM_8", Some(AesCcm16_64_256)),
         (0xC0AC, "TLS_ECDHE_ECDSA_WITH_AES_128_CCM", Some(AesCcm16_128_128)),
         (0xC0AD, "TLS_ECDHE_ECDSA_WITH_AES_256_CCM", Some(AesCcm16_128_256)),
-        (0xC0AE, "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", Some(AesCcm16_64_128)),
-        (0xC0AF, "TLS_ECDHE_ECDSA_WITH_AES_256_CCM_8", Some(AesCcm16_64_256)),
-        (0xD003, "TLS_ECDHE_PSK_WITH_AES_128_CCM_8_SHA256", Some(AesCcm16_64_128)),
-        (0xD005, "TLS_ECDHE_PSK_WITH_AES_128_CCM_SHA256", Some(AesCcm16_128_128)),
+        (
+            0xC0AE,
+            "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",
+            Some(AesCcm16_64_128),
+        ),
+        (
+            0xC0AF,
+            "TLS_ECDHE_ECDSA_WITH_AES_256_CCM_8",
+            Some(AesCcm16_64_256),
+        ),
+        (
+            0xD003,
+            "TLS_ECDHE_PSK_WITH_AES_128_CCM_8_SHA256",
+            Some(AesCcm16_64_128),
+        ),
+        (
+            0xD005,
+            "TLS_ECDHE_PSK_WITH_AES_128_CCM_SHA256",
+            Some(AesCcm16_128_128),
+        ),
         // Known suites without an AEAD mapping (CBC): an ATLS export refuses them.
         (0x002F, "TLS_RSA_WITH_AES_128_CBC_SHA", None),
         (0x0035, "TLS_RSA_WITH_AES_256_CBC_SHA", None),
@@ -293,7 +330,12 @@ mod tests {
     #[test]
     fn row_chacha20_poly1305() {
         check("TLS_CHACHA20_POLY1305_SHA256", 24, 32, HkdfHash::Sha384);
-        check("TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", 24, 32, HkdfHash::Sha384);
+        check(
+            "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+            24,
+            32,
+            HkdfHash::Sha384,
+        );
         check("TLS_PSK_WITH_CHACHA20_POLY1305_SHA256", 24, 32, HkdfHash::Sha384);
         assert_eq!(CoseAead::ChaCha20Poly1305.tag_len(), 16);
     }

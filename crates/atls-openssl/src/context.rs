@@ -6,14 +6,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use atls_core::engine::{Capabilities, ClientEndpoint, Engine, ServerEndpoint, TlsSession};
 use atls_core::{
-    Certificate, CertifiedKey, CipherSuite, ClientConfig, ClientSessionParams, CommonConfig, ConnectionId, Error,
-    Framing, NegotiatedCids, ServerConfig, ServerSessionParams, TlsVersion,
+    Certificate, CertifiedKey, CipherSuite, ClientConfig, ClientSessionParams, CommonConfig, ConnectionId,
+    Error, Framing, NegotiatedCids, ServerConfig, ServerSessionParams, TlsVersion,
 };
 use openssl::ex_data::Index;
 use openssl::pkey::PKey;
 use openssl::ssl::{
-    ExtensionContext, Ssl, SslAlert, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef, SslSession,
-    SslSessionCacheMode, SslVerifyMode, SslVersion,
+    ExtensionContext, Ssl, SslAlert, SslContext, SslContextBuilder, SslMethod, SslOptions, SslRef,
+    SslSession, SslSessionCacheMode, SslVerifyMode, SslVersion,
 };
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::X509;
@@ -62,21 +62,31 @@ fn set_identity(builder: &mut SslContextBuilder, identity: &CertifiedKey) -> Res
         .split_first()
         .ok_or_else(|| Error::Config("empty certificate chain".into()))?;
     let leaf = x509(leaf)?;
-    builder.set_certificate(&leaf).map_err(config_error("certificate"))?;
+    builder
+        .set_certificate(&leaf)
+        .map_err(config_error("certificate"))?;
     for cert in rest {
-        builder.add_extra_chain_cert(x509(cert)?).map_err(config_error("chain certificate"))?;
+        builder
+            .add_extra_chain_cert(x509(cert)?)
+            .map_err(config_error("chain certificate"))?;
     }
     let key = PKey::private_key_from_der(identity.key.dangerous_der())
         .or_else(|_| PKey::private_key_from_pkcs8(identity.key.dangerous_der()))
         .map_err(config_error("private key"))?;
-    builder.set_private_key(&key).map_err(config_error("private key"))?;
-    builder.check_private_key().map_err(config_error("certificate and key do not match"))
+    builder
+        .set_private_key(&key)
+        .map_err(config_error("private key"))?;
+    builder
+        .check_private_key()
+        .map_err(config_error("certificate and key do not match"))
 }
 
 fn trust_store(roots: &[Certificate]) -> Result<openssl::x509::store::X509Store, Error> {
     let mut store = X509StoreBuilder::new().map_err(config_error("trust store"))?;
     for root in roots {
-        store.add_cert(x509(root)?).map_err(config_error("trust anchor"))?;
+        store
+            .add_cert(x509(root)?)
+            .map_err(config_error("trust anchor"))?;
     }
     Ok(store.build())
 }
@@ -113,7 +123,11 @@ fn common_builder(common: &CommonConfig) -> Result<SslContextBuilder, Error> {
     }
     let tls13_list = match &common.cipher_suites {
         None => DEFAULT_TLS13_SUITES.to_owned(),
-        Some(_) => tls13.iter().filter_map(|s| s.name()).collect::<Vec<_>>().join(":"),
+        Some(_) => tls13
+            .iter()
+            .filter_map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(":"),
     };
     let tls12_list = match &common.cipher_suites {
         None => DEFAULT_TLS12_SUITES.to_owned(),
@@ -137,7 +151,9 @@ fn common_builder(common: &CommonConfig) -> Result<SslContextBuilder, Error> {
         versions.retain(|v| *v != TlsVersion::Tls13);
     }
     let (Some(min), Some(max)) = (versions.first(), versions.last()) else {
-        return Err(Error::Config("the configured cipher suites leave no usable version".into()));
+        return Err(Error::Config(
+            "the configured cipher suites leave no usable version".into(),
+        ));
     };
     builder
         .set_min_proto_version(Some(ssl_version(*min)))
@@ -146,10 +162,14 @@ fn common_builder(common: &CommonConfig) -> Result<SslContextBuilder, Error> {
         .set_max_proto_version(Some(ssl_version(*max)))
         .map_err(config_error("protocol version"))?;
     if !tls12_list.is_empty() {
-        builder.set_cipher_list(&tls12_list).map_err(config_error("TLS 1.2 cipher suites"))?;
+        builder
+            .set_cipher_list(&tls12_list)
+            .map_err(config_error("TLS 1.2 cipher suites"))?;
     }
     if framing == Framing::Tls {
-        builder.set_ciphersuites(&tls13_list).map_err(config_error("TLS 1.3 cipher suites"))?;
+        builder
+            .set_ciphersuites(&tls13_list)
+            .map_err(config_error("TLS 1.3 cipher suites"))?;
     }
     if framing == Framing::Dtls {
         builder.set_options(SslOptions::NO_QUERY_MTU);
@@ -233,7 +253,9 @@ pub(crate) struct OpenSslClient {
 
 impl fmt::Debug for OpenSslClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenSslClient").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("OpenSslClient")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -245,7 +267,9 @@ pub(crate) struct OpenSslServer {
 
 impl fmt::Debug for OpenSslServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OpenSslServer").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("OpenSslServer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -335,8 +359,11 @@ impl Engine for OpenSslEngine {
             }
         }
         if !config.psks.is_empty() {
-            let psks: HashMap<Vec<u8>, atls_core::Psk> =
-                config.psks.iter().map(|p| (p.identity.clone(), p.clone())).collect();
+            let psks: HashMap<Vec<u8>, atls_core::Psk> = config
+                .psks
+                .iter()
+                .map(|p| (p.identity.clone(), p.clone()))
+                .collect();
             builder.set_psk_server_callback(move |ssl, identity, key_out| {
                 let Some(psk) = identity.and_then(|id| psks.get(id)) else {
                     return Ok(0);
@@ -370,21 +397,31 @@ impl ClientEndpoint for OpenSslClient {
         ssl.set_connect_state();
         if let Some(name) = &params.server_name {
             match name.parse::<std::net::IpAddr>() {
-                Ok(ip) => ssl.param_mut().set_ip(ip).map_err(config_error("server address"))?,
+                Ok(ip) => ssl
+                    .param_mut()
+                    .set_ip(ip)
+                    .map_err(config_error("server address"))?,
                 Err(_) => {
                     ssl.set_hostname(name).map_err(config_error("server name"))?;
-                    ssl.param_mut().set_host(name).map_err(config_error("server name"))?;
+                    ssl.param_mut()
+                        .set_host(name)
+                        .map_err(config_error("server name"))?;
                 }
             }
         }
         let name = params.server_name.clone().unwrap_or_default();
         if self.config.common.resumption {
-            let resumable = self.cache.lock().ok().and_then(|mut c| c.get_mut(&name).and_then(Vec::pop));
+            let resumable = self
+                .cache
+                .lock()
+                .ok()
+                .and_then(|mut c| c.get_mut(&name).and_then(Vec::pop));
             if let Some(session) = resumable {
                 // SAFETY: the session came from this endpoint's own SSL_CTX.
                 #[allow(unsafe_code)]
                 unsafe {
-                    ssl.set_session(&session).map_err(|e| Error::Engine(e.to_string()))?;
+                    ssl.set_session(&session)
+                        .map_err(|e| Error::Engine(e.to_string()))?;
                 }
             }
         }
@@ -403,7 +440,7 @@ impl ClientEndpoint for OpenSslClient {
                 server_name: params.server_name.clone(),
             },
         );
-        OpenSslSession::new(ssl, &self.config.common, true, self.config.early_data)
+        OpenSslSession::boxed(ssl, &self.config.common, true, self.config.early_data)
     }
 
     fn config(&self) -> &ClientConfig {
@@ -435,7 +472,7 @@ impl ServerEndpoint for OpenSslServer {
             },
         );
         let early = self.config.max_early_data > 0 && self.config.common.resumption;
-        OpenSslSession::new(ssl, &self.config.common, false, early)
+        OpenSslSession::boxed(ssl, &self.config.common, false, early)
     }
 
     fn config(&self) -> &ServerConfig {

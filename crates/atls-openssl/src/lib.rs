@@ -21,7 +21,7 @@
 #![deny(unsafe_code)]
 
 mod context;
-mod sys;
 mod session;
+mod sys;
 
 pub use context::OpenSslEngine;

@@ -121,7 +121,7 @@ fn map_error(ssl: &SslRef, e: &openssl::ssl::Error) -> Error {
 }
 
 impl OpenSslSession {
-    pub(crate) fn new(
+    pub(crate) fn boxed(
         mut ssl: Ssl,
         common: &CommonConfig,
         is_client: bool,
@@ -181,7 +181,9 @@ impl OpenSslSession {
             match self.stream.ssl_read(&mut buf) {
                 Ok(n) => {
                     if self.app_in.len() + n > self.max_buffered {
-                        return Err(Error::Protocol("peer sent more application data than is buffered".into()));
+                        return Err(Error::Protocol(
+                            "peer sent more application data than is buffered".into(),
+                        ));
                     }
                     self.app_in.extend_from_slice(&buf[..n]);
                 }
@@ -312,7 +314,12 @@ impl TlsSession for OpenSslSession {
         out.append(&mut self.early_in);
     }
 
-    fn export_keying_material(&self, label: &[u8], context: Option<&[u8]>, out: &mut [u8]) -> Result<(), Error> {
+    fn export_keying_material(
+        &self,
+        label: &[u8],
+        context: Option<&[u8]>,
+        out: &mut [u8],
+    ) -> Result<(), Error> {
         let label = std::str::from_utf8(label).map_err(|_| Error::Export("label is not UTF-8".into()))?;
         self.stream
             .ssl()

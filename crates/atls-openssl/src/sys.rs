@@ -68,7 +68,10 @@ pub(crate) fn install(ssl: &mut SslRef, initial: Duration, max: Duration) {
 
 /// DTLSv1_get_timeout: the time left on the running timer.
 pub(crate) fn remaining(ssl: &SslRef) -> Option<Duration> {
-    let mut tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    let mut tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
     // SAFETY: DTLS_CTRL_GET_TIMEOUT writes one struct timeval through parg.
     let running = unsafe {
         openssl_sys::SSL_ctrl(

@@ -8,8 +8,8 @@ use std::fmt;
 
 use atls_core::{Certificate, CertifiedKey, Error, PrivateKey};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose,
 };
 
 /// A certificate authority that can issue leaf certificates.
@@ -22,7 +22,9 @@ pub struct DevCa {
 
 impl fmt::Debug for DevCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DevCa").field("cert", &self.cert).finish_non_exhaustive()
+        f.debug_struct("DevCa")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
     }
 }
 
@@ -105,7 +107,9 @@ pub struct IssuedCert {
 
 impl fmt::Debug for IssuedCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedCert").field("cert", &self.cert).finish_non_exhaustive()
+        f.debug_struct("IssuedCert")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
     }
 }
 

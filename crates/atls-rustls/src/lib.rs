@@ -14,7 +14,9 @@ use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::Duration;
 
-use atls_core::engine::{Capabilities, ClientEndpoint, Engine, HandshakeInfo, PeerIdentity, ServerEndpoint, TlsSession};
+use atls_core::engine::{
+    Capabilities, ClientEndpoint, Engine, HandshakeInfo, PeerIdentity, ServerEndpoint, TlsSession,
+};
 use atls_core::{
     Alert, Certificate, CipherSuite, ClientConfig, ClientSessionParams, CommonConfig, Error, Framing,
     NegotiatedCids, ServerConfig, ServerSessionParams, TlsVersion,
@@ -60,7 +62,9 @@ fn provider(common: &CommonConfig) -> Result<Arc<CryptoProvider>, Error> {
                 .unwrap_or(usize::MAX)
         });
         if provider.cipher_suites.is_empty() {
-            return Err(Error::Config("none of the configured cipher suites is available in rustls".into()));
+            return Err(Error::Config(
+                "none of the configured cipher suites is available in rustls".into(),
+            ));
         }
     }
     Ok(Arc::new(provider))
@@ -87,8 +91,14 @@ fn roots(anchors: &[Certificate]) -> Result<RootCertStore, Error> {
     Ok(store)
 }
 
-fn chain_and_key(identity: &atls_core::CertifiedKey) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let chain = identity.chain.iter().map(|c| CertificateDer::from(c.0.clone())).collect();
+fn chain_and_key(
+    identity: &atls_core::CertifiedKey,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = identity
+        .chain
+        .iter()
+        .map(|c| CertificateDer::from(c.0.clone()))
+        .collect();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key.dangerous_der().to_vec()));
     (chain, key)
 }
@@ -100,7 +110,9 @@ struct RustlsClient {
 
 impl fmt::Debug for RustlsClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RustlsClient").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("RustlsClient")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -111,7 +123,9 @@ struct RustlsServer {
 
 impl fmt::Debug for RustlsServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RustlsServer").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("RustlsServer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,9 +180,10 @@ impl Engine for RustlsEngine {
             .map_err(config_error)?;
         let builder = match &config.client_auth_roots {
             Some(anchors) => {
-                let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(anchors)?), provider)
-                    .build()
-                    .map_err(config_error)?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots(anchors)?), provider)
+                        .build()
+                        .map_err(config_error)?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
@@ -200,7 +215,8 @@ impl ClientEndpoint for RustlsClient {
             .clone()
             .ok_or_else(|| Error::Config("the rustls engine needs a server name to verify".into()))?;
         let server_name = ServerName::try_from(name.clone()).map_err(config_error)?;
-        let conn = rustls::ClientConnection::new(Arc::clone(&self.rustls), server_name).map_err(config_error)?;
+        let conn =
+            rustls::ClientConnection::new(Arc::clone(&self.rustls), server_name).map_err(config_error)?;
         Ok(Box::new(RustlsSession::new(
             Connection::Client(conn),
             Some(name),
@@ -220,7 +236,11 @@ impl ClientEndpoint for RustlsClient {
 impl ServerEndpoint for RustlsServer {
     fn accept(&self, _params: &ServerSessionParams) -> Result<Box<dyn TlsSession>, Error> {
         let conn = rustls::ServerConnection::new(Arc::clone(&self.rustls)).map_err(config_error)?;
-        Ok(Box::new(RustlsSession::new(Connection::Server(conn), None, &self.config.common)))
+        Ok(Box::new(RustlsSession::new(
+            Connection::Server(conn),
+            None,
+            &self.config.common,
+        )))
     }
 
     fn config(&self) -> &ServerConfig {
@@ -257,7 +277,9 @@ fn map_error(e: &rustls::Error) -> Error {
     match e {
         rustls::Error::AlertReceived(alert) => Error::AlertReceived(Alert(u8::from(*alert))),
         rustls::Error::InvalidCertificate(reason) => Error::Verification(format!("{reason:?}")),
-        rustls::Error::NoCertificatesPresented => Error::Verification("the peer presented no certificate".into()),
+        rustls::Error::NoCertificatesPresented => {
+            Error::Verification("the peer presented no certificate".into())
+        }
         other => Error::Protocol(other.to_string()),
     }
 }
@@ -301,7 +323,11 @@ impl TlsSession for RustlsSession {
         let result = loop {
             if reader.position() as usize >= reader.get_ref().len() {
                 // Nothing (more) to read: still let a fresh client emit its hello.
-                break self.conn.process_new_packets().map(|_| ()).map_err(|e| map_error(&e));
+                break self
+                    .conn
+                    .process_new_packets()
+                    .map(|_| ())
+                    .map_err(|e| map_error(&e));
             }
             match self.conn.read_tls(&mut reader) {
                 Ok(0) => break Ok(()),
@@ -333,7 +359,9 @@ impl TlsSession for RustlsSession {
                     }
                     Ok(n) => {
                         if self.app_in.len() + n > self.max_buffered {
-                            return Err(Error::Protocol("peer sent more application data than is buffered".into()));
+                            return Err(Error::Protocol(
+                                "peer sent more application data than is buffered".into(),
+                            ));
                         }
                         self.app_in.extend_from_slice(&buf[..n]);
                     }
@@ -377,7 +405,9 @@ impl TlsSession for RustlsSession {
         match client.early_data() {
             Some(mut early) => {
                 let limit = data.len().min(early.bytes_left());
-                early.write(&data[..limit]).map_err(|e| Error::Protocol(e.to_string()))
+                early
+                    .write(&data[..limit])
+                    .map_err(|e| Error::Protocol(e.to_string()))
             }
             None => Ok(0),
         }
@@ -387,7 +417,12 @@ impl TlsSession for RustlsSession {
         out.append(&mut self.early_in);
     }
 
-    fn export_keying_material(&self, label: &[u8], context: Option<&[u8]>, out: &mut [u8]) -> Result<(), Error> {
+    fn export_keying_material(
+        &self,
+        label: &[u8],
+        context: Option<&[u8]>,
+        out: &mut [u8],
+    ) -> Result<(), Error> {
         self.conn
             .export_keying_material(out, label, context)
             .map(|_| ())

@@ -42,7 +42,9 @@ pub fn pki() -> &'static Pki {
     static PKI: OnceLock<Pki> = OnceLock::new();
     PKI.get_or_init(|| {
         let ca = DevCa::new("ATLS test CA").expect("CA");
-        let server = ca.issue_server(&[SERVER_NAME, "localhost", "127.0.0.1"]).expect("server cert");
+        let server = ca
+            .issue_server(&[SERVER_NAME, "localhost", "127.0.0.1"])
+            .expect("server cert");
         let client = ca.issue_client("device-42").expect("client cert");
         let rogue_ca = DevCa::new("Rogue CA").expect("rogue CA");
         let rogue_server = rogue_ca.issue_server(&[SERVER_NAME]).expect("rogue cert");
@@ -134,6 +136,14 @@ pub fn handshake(
 /// Assert a handshake completed on both sides.
 pub fn assert_complete(h: &Handshake) {
     assert!(h.transcript.is_ok(), "handshake failed: {:?}", h.transcript);
-    assert!(h.client.is_handshake_complete(), "client not complete: {:?}", h.client);
-    assert!(h.server.is_handshake_complete(), "server not complete: {:?}", h.server);
+    assert!(
+        h.client.is_handshake_complete(),
+        "client not complete: {:?}",
+        h.client
+    );
+    assert!(
+        h.server.is_handshake_complete(),
+        "server not complete: {:?}",
+        h.server
+    );
 }

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use atls_core::pair::exchange;
 use atls_core::{
-    CipherSuite, ClientSessionParams, Engine, Error, IdSource, PeerIdentity, ProtectionKind, ServerSessionParams,
-    Session, TlsVersion, LABEL_COSE, LABEL_GENERIC, LABEL_OSCORE,
+    CipherSuite, ClientSessionParams, Engine, Error, IdSource, PeerIdentity, ProtectionKind,
+    ServerSessionParams, Session, TlsVersion, LABEL_COSE, LABEL_GENERIC, LABEL_OSCORE,
 };
 use atls_tests::*;
 
@@ -32,9 +32,16 @@ fn handshake_completes_and_reports_what_was_negotiated() {
         assert_eq!(ci.version, version, "{}", engine.name());
         assert_eq!(si.version, version);
         assert_eq!(ci.cipher_suite, si.cipher_suite);
-        assert!(ci.cipher_suite.atls_mapping().is_ok(), "default suites are all mapped");
+        assert!(
+            ci.cipher_suite.atls_mapping().is_ok(),
+            "default suites are all mapped"
+        );
         assert_eq!(ci.server_name.as_deref(), Some(SERVER_NAME));
-        assert_eq!(si.server_name.as_deref(), Some(SERVER_NAME), "server sees the SNI");
+        assert_eq!(
+            si.server_name.as_deref(),
+            Some(SERVER_NAME),
+            "server sees the SNI"
+        );
         match &ci.peer {
             PeerIdentity::Certificates(chain) => assert_eq!(chain[0], pki().server.cert),
             other => panic!("client should see the server chain, got {other:?}"),
@@ -56,7 +63,12 @@ fn atls_exports_match_and_split_into_secret_and_salt() {
             let key_len = ck.algorithms.aead.key_len();
             assert_eq!(ck.master_secret.len(), key_len);
             assert_eq!(ck.master_salt.len(), key_len);
-            assert_eq!(ck.master_secret, sk.master_secret, "{} {version} {kind:?}", engine.name());
+            assert_eq!(
+                ck.master_secret,
+                sk.master_secret,
+                "{} {version} {kind:?}",
+                engine.name()
+            );
             assert_eq!(ck.master_salt, sk.master_salt);
             // The split is exactly the label's export with the empty context.
             let whole = h
@@ -69,11 +81,22 @@ fn atls_exports_match_and_split_into_secret_and_salt() {
         }
         let oscore = h.client.atls_keys(ProtectionKind::Oscore).expect("keys");
         let cose = h.client.atls_keys(ProtectionKind::Cose).expect("keys");
-        assert_ne!(oscore.master_secret, cose.master_secret, "labels separate the keys");
+        assert_ne!(
+            oscore.master_secret, cose.master_secret,
+            "labels separate the keys"
+        );
         // Secrets never print.
         let printed = format!("{oscore:?}");
-        let secret_hex: String = oscore.master_secret.dangerous_as_bytes().iter().map(|b| format!("{b:02x}")).collect();
-        assert!(printed.contains("redacted") && !printed.contains(&secret_hex), "secrets never print");
+        let secret_hex: String = oscore
+            .master_secret
+            .dangerous_as_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(
+            printed.contains("redacted") && !printed.contains(&secret_hex),
+            "secrets never print"
+        );
     });
 }
 
@@ -83,11 +106,28 @@ fn generic_and_caller_labels_export_equal_keys() {
         let (c, s) = endpoints(engine, &client_config(version), engine, &server_config(version));
         let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
         assert_complete(&h);
-        for label in [LABEL_GENERIC, LABEL_OSCORE, LABEL_COSE, b"EXPORTER-my-app".as_slice()] {
+        for label in [
+            LABEL_GENERIC,
+            LABEL_OSCORE,
+            LABEL_COSE,
+            b"EXPORTER-my-app".as_slice(),
+        ] {
             for context in [None, Some(b"".as_slice()), Some(b"ctx".as_slice())] {
-                let a = h.client.export_keying_material(label, context, 48).expect("client export");
-                let b = h.server.export_keying_material(label, context, 48).expect("server export");
-                assert_eq!(a, b, "{} {version} label {:?}", engine.name(), String::from_utf8_lossy(label));
+                let a = h
+                    .client
+                    .export_keying_material(label, context, 48)
+                    .expect("client export");
+                let b = h
+                    .server
+                    .export_keying_material(label, context, 48)
+                    .expect("server export");
+                assert_eq!(
+                    a,
+                    b,
+                    "{} {version} label {:?}",
+                    engine.name(),
+                    String::from_utf8_lossy(label)
+                );
             }
         }
     });
@@ -102,12 +142,24 @@ fn empty_context_differs_from_no_context_in_tls12_only() {
         let (c, s) = endpoints(engine, &client_config(version), engine, &server_config(version));
         let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
         assert_complete(&h);
-        let empty = h.client.export_keying_material(LABEL_OSCORE, Some(b""), 32).expect("export");
-        let none = h.client.export_keying_material(LABEL_OSCORE, None, 32).expect("export");
+        let empty = h
+            .client
+            .export_keying_material(LABEL_OSCORE, Some(b""), 32)
+            .expect("export");
+        let none = h
+            .client
+            .export_keying_material(LABEL_OSCORE, None, 32)
+            .expect("export");
         let keys = h.client.atls_keys(ProtectionKind::Oscore).expect("keys");
         let len = keys.algorithms.export_len();
-        let atls = h.client.export_keying_material(LABEL_OSCORE, Some(b""), len).expect("export");
-        assert_eq!(&atls.dangerous_as_bytes()[..keys.master_secret.len()], keys.master_secret.dangerous_as_bytes());
+        let atls = h
+            .client
+            .export_keying_material(LABEL_OSCORE, Some(b""), len)
+            .expect("export");
+        assert_eq!(
+            &atls.dangerous_as_bytes()[..keys.master_secret.len()],
+            keys.master_secret.dangerous_as_bytes()
+        );
         match version {
             TlsVersion::Tls12 => assert_ne!(empty, none, "{}: TLS 1.2 empty vs none", engine.name()),
             _ => assert_eq!(empty, none, "{}: TLS 1.3 empty equals none", engine.name()),
@@ -125,7 +177,10 @@ fn record_mode_carries_application_data_both_ways_then_closes() {
         let request = b"GET /hello HTTP/1.1\r\nHost: atls.test\r\n\r\n".repeat(100);
         h.client.send(&request).expect("send");
         let flight = h.client.take_flight(now).expect("take").expect("records");
-        assert!(!flight.windows(9).any(|w| w == b"GET /hell"), "records are encrypted");
+        assert!(
+            !flight.windows(9).any(|w| w == b"GET /hell"),
+            "records are encrypted"
+        );
         h.server.push_flight(&flight, now).expect("server push");
         assert_eq!(h.server.take_received(), request);
         h.server.send(b"HTTP/1.1 200 OK\r\n\r\nhello").expect("send");
@@ -136,7 +191,11 @@ fn record_mode_carries_application_data_both_ways_then_closes() {
         h.client.close();
         let close = h.client.take_flight(now).expect("take").expect("close_notify");
         h.server.push_flight(&close, now).expect("server sees close");
-        assert!(h.server.is_closed(), "{} {version}: close_notify ends the server session", engine.name());
+        assert!(
+            h.server.is_closed(),
+            "{} {version}: close_notify ends the server session",
+            engine.name()
+        );
         assert_eq!(h.client.send(b"more"), Err(Error::Closed));
     });
 }
@@ -167,7 +226,10 @@ fn server_requiring_a_client_certificate_rejects_a_client_without_one() {
         let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
         assert!(!h.server.is_handshake_complete());
         assert!(
-            matches!(h.transcript.server_error, Some(Error::Verification(_) | Error::Protocol(_))),
+            matches!(
+                h.transcript.server_error,
+                Some(Error::Verification(_) | Error::Protocol(_))
+            ),
             "{} {version}: {:?}",
             engine.name(),
             h.transcript.server_error
@@ -196,7 +258,10 @@ fn wrong_ca_fails_with_a_verification_error_and_the_server_gets_the_alert() {
             h.transcript.server_error
         );
         assert!(!h.client.is_handshake_complete());
-        assert!(h.client.atls_keys(ProtectionKind::Oscore).is_err(), "no keys from a failed handshake");
+        assert!(
+            h.client.atls_keys(ProtectionKind::Oscore).is_err(),
+            "no keys from a failed handshake"
+        );
     });
 }
 
@@ -239,18 +304,33 @@ fn resumption_then_zero_rtt_early_data() {
             let t = exchange(&mut client, &mut server, now);
             assert!(t.is_ok(), "{} {version}: {t:?}", engine.name());
             let ci = client.handshake_info().expect("info");
-            assert!(ci.resumed, "{} {version}: second handshake resumes", engine.name());
+            assert!(
+                ci.resumed,
+                "{} {version}: second handshake resumes",
+                engine.name()
+            );
             if version == TlsVersion::Tls13 {
                 assert_eq!(written, early.len(), "{}: 0-RTT offered", engine.name());
                 assert!(ci.early_data_accepted, "{}: 0-RTT accepted", engine.name());
-                assert_eq!(server.take_early_data(), early, "{}: server got early data", engine.name());
+                assert_eq!(
+                    server.take_early_data(),
+                    early,
+                    "{}: server got early data",
+                    engine.name()
+                );
             } else {
                 assert_eq!(written, 0, "no 0-RTT in TLS 1.2");
             }
             // Resumed sessions export equal keys too.
             assert_eq!(
-                client.atls_keys(ProtectionKind::Oscore).expect("keys").master_secret,
-                server.atls_keys(ProtectionKind::Oscore).expect("keys").master_secret
+                client
+                    .atls_keys(ProtectionKind::Oscore)
+                    .expect("keys")
+                    .master_secret,
+                server
+                    .atls_keys(ProtectionKind::Oscore)
+                    .expect("keys")
+                    .master_secret
             );
         }
     }
@@ -300,7 +380,12 @@ fn restricting_cipher_suites_negotiates_the_configured_one() {
 #[test]
 fn keys_are_not_available_before_the_handshake_completes() {
     for engine in engines() {
-        let (c, _s) = endpoints(engine, &client_config(TlsVersion::Tls13), engine, &server_config(TlsVersion::Tls13));
+        let (c, _s) = endpoints(
+            engine,
+            &client_config(TlsVersion::Tls13),
+            engine,
+            &server_config(TlsVersion::Tls13),
+        );
         let mut client = Session::client(&*c, &client_params()).expect("client");
         assert!(client.take_flight(Instant::now()).expect("hello").is_some());
         assert_eq!(

@@ -20,12 +20,24 @@ fn cross(client: &dyn atls_core::Engine, server: &dyn atls_core::Engine) {
         for kind in [ProtectionKind::Oscore, ProtectionKind::Cose] {
             let a = h.client.atls_keys(kind).expect("client keys");
             let b = h.server.atls_keys(kind).expect("server keys");
-            assert_eq!(a.master_secret, b.master_secret, "{}→{} {version} {kind:?}", client.name(), server.name());
+            assert_eq!(
+                a.master_secret,
+                b.master_secret,
+                "{}→{} {version} {kind:?}",
+                client.name(),
+                server.name()
+            );
             assert_eq!(a.master_salt, b.master_salt);
             assert_eq!(a.algorithms, b.algorithms);
         }
-        let a = h.client.export_keying_material(LABEL_GENERIC, Some(b""), 64).expect("export");
-        let b = h.server.export_keying_material(LABEL_GENERIC, Some(b""), 64).expect("export");
+        let a = h
+            .client
+            .export_keying_material(LABEL_GENERIC, Some(b""), 64)
+            .expect("export");
+        let b = h
+            .server
+            .export_keying_material(LABEL_GENERIC, Some(b""), 64)
+            .expect("export");
         assert_eq!(a, b);
     }
 }

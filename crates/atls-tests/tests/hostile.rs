@@ -2,6 +2,7 @@
 //! flights give typed errors, never panics, and other sessions (and, for
 //! framing errors, the same session) keep working.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use atls_core::pair::exchange;
@@ -15,7 +16,12 @@ use proptest::prelude::*;
 const VERSIONS: [TlsVersion; 3] = [TlsVersion::Tls12, TlsVersion::Tls13, TlsVersion::Dtls12];
 
 /// Every engine/version pair that exists.
-fn setups() -> Vec<(std::sync::Arc<dyn ClientEndpoint>, std::sync::Arc<dyn ServerEndpoint>, TlsVersion)> {
+/// A client endpoint, a server endpoint and the version they run.
+type Setup = (Arc<dyn ClientEndpoint>, Arc<dyn ServerEndpoint>, TlsVersion);
+/// A bad flight and the error it must produce.
+type BadFlight = (Vec<u8>, fn(&Error) -> bool);
+
+fn setups() -> Vec<Setup> {
     let mut out = Vec::new();
     for engine in engines() {
         for version in VERSIONS {
@@ -44,22 +50,30 @@ fn framing_errors_are_typed_and_leave_the_session_usable() {
         let now = Instant::now();
         let hello = client_hello(&*c);
         let mut server = fresh_server(&*s);
-        let bad: Vec<(Vec<u8>, fn(&Error) -> bool)> = vec![
-            (Vec::new(), |e| matches!(e, Error::MalformedFlight(FlightError::Empty))),
+        let bad: Vec<BadFlight> = vec![
+            (Vec::new(), |e| {
+                matches!(e, Error::MalformedFlight(FlightError::Empty))
+            }),
             (b"POST / HTTP/1.1\r\n\r\n".to_vec(), |e| {
                 matches!(e, Error::MalformedFlight(FlightError::UnknownContentType { .. }))
             }),
             (hello[..hello.len() - 1].to_vec(), |e| {
                 matches!(e, Error::MalformedFlight(FlightError::Truncated { .. }))
             }),
-            (hello[..3].to_vec(), |e| matches!(e, Error::MalformedFlight(FlightError::Truncated { .. }))),
+            (hello[..3].to_vec(), |e| {
+                matches!(e, Error::MalformedFlight(FlightError::Truncated { .. }))
+            }),
             ([hello.as_slice(), &[22]].concat(), |e| {
                 matches!(e, Error::MalformedFlight(FlightError::Truncated { .. }))
             }),
         ];
         for (flight, expected) in bad {
             let err = server.push_flight(&flight, now).expect_err("bad flight");
-            assert!(expected(&err), "{} {version}: unexpected {err:?}", s.engine_name());
+            assert!(
+                expected(&err),
+                "{} {version}: unexpected {err:?}",
+                s.engine_name()
+            );
             assert!(!server.is_closed(), "framing errors never reach the engine");
         }
         // The same session then completes a real handshake.
@@ -82,7 +96,10 @@ fn oversized_flights_are_refused_before_parsing() {
     let huge = [&[23u8, 3, 3, 0x10, 0][..], &vec![0u8; 4096]].concat();
     assert_eq!(
         server.push_flight(&huge, Instant::now()),
-        Err(Error::FlightTooLarge { size: 4101, limit: 4096 })
+        Err(Error::FlightTooLarge {
+            size: 4101,
+            limit: 4096
+        })
     );
     let record_too_long = [23u8, 3, 3, 0xFF, 0xFF];
     assert!(matches!(
@@ -102,7 +119,11 @@ fn duplicated_tls_flight_is_refused_without_harming_the_session() {
         let mut server = fresh_server(&*s);
         let hello = client.take_flight(now).expect("take").expect("hello");
         server.push_flight(&hello, now).expect("first copy");
-        assert_eq!(server.push_flight(&hello, now), Err(Error::DuplicateFlight), "{version}");
+        assert_eq!(
+            server.push_flight(&hello, now),
+            Err(Error::DuplicateFlight),
+            "{version}"
+        );
         let answer = server.take_flight(now).expect("take").expect("answer");
         client.push_flight(&answer, now).expect("client");
         let t = exchange(&mut client, &mut server, now);
@@ -156,13 +177,20 @@ fn out_of_order_flights_give_typed_errors() {
         let mut fresh = fresh_server(&*s);
         let result = fresh.push_flight(&server_first, now);
         if version != TlsVersion::Dtls12 {
-            assert!(matches!(result, Err(Error::Protocol(_))), "{} {version}: {result:?}", s.engine_name());
+            assert!(
+                matches!(result, Err(Error::Protocol(_))),
+                "{} {version}: {result:?}",
+                s.engine_name()
+            );
             assert!(fresh.is_closed(), "a protocol error ends that session");
         }
 
         // A client that has not sent anything cannot receive.
         let mut unstarted = Session::client(&*c, &client_params()).expect("client");
-        assert!(matches!(unstarted.push_flight(&server_first, now), Err(Error::Protocol(_))));
+        assert!(matches!(
+            unstarted.push_flight(&server_first, now),
+            Err(Error::Protocol(_))
+        ));
 
         // Other sessions on the same endpoints are unaffected.
         let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
@@ -179,7 +207,11 @@ fn application_data_before_the_handshake_is_rejected() {
         let mut server = fresh_server(&*s);
         let record = [23u8, 3, 3, 0, 4, 1, 2, 3, 4];
         let result = server.push_flight(&record, Instant::now());
-        assert!(matches!(result, Err(Error::Protocol(_))), "{} {version}: {result:?}", s.engine_name());
+        assert!(
+            matches!(result, Err(Error::Protocol(_))),
+            "{} {version}: {result:?}",
+            s.engine_name()
+        );
     }
 }
 

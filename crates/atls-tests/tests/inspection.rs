@@ -25,19 +25,48 @@ fn client_hello_from_each_engine_shows_sni_versions_and_suites() {
             assert_eq!(first.error, None);
             assert_eq!(first.records[0].content_type, ContentType::Handshake);
             let hello = first.client_hello().expect("ClientHello decoded");
-            assert_eq!(hello.server_name.as_deref(), Some(SERVER_NAME), "{}", engine.name());
-            assert!(hello.cipher_suites.contains(&suite), "{} offers {suite}", engine.name());
-            let expected = if version == TlsVersion::Tls13 { 0x0304 } else { 0x0303 };
-            assert!(hello.versions.contains(&expected), "{} {version}: {:?}", engine.name(), hello.versions);
+            assert_eq!(
+                hello.server_name.as_deref(),
+                Some(SERVER_NAME),
+                "{}",
+                engine.name()
+            );
+            assert!(
+                hello.cipher_suites.contains(&suite),
+                "{} offers {suite}",
+                engine.name()
+            );
+            let expected = if version == TlsVersion::Tls13 {
+                0x0304
+            } else {
+                0x0303
+            };
+            assert!(
+                hello.versions.contains(&expected),
+                "{} {version}: {:?}",
+                engine.name(),
+                hello.versions
+            );
 
-            let reply = h.transcript.flights.iter().find(|f| f.from == Role::Server).expect("server flight");
+            let reply = h
+                .transcript
+                .flights
+                .iter()
+                .find(|f| f.from == Role::Server)
+                .expect("server flight");
             let server = inspect(&reply.bytes);
             let sh = server.server_hello().expect("ServerHello decoded");
             assert_eq!(sh.version, expected, "{}", engine.name());
-            assert_eq!(sh.cipher_suite, h.client.handshake_info().expect("info").cipher_suite);
+            assert_eq!(
+                sh.cipher_suite,
+                h.client.handshake_info().expect("info").cipher_suite
+            );
             if version == TlsVersion::Tls13 {
                 assert!(
-                    server.records.iter().any(|r| r.content_type == ContentType::ApplicationData),
+                    server
+                        .records
+                        .iter()
+                        .any(|r| r.content_type == ContentType::ApplicationData),
                     "TLS 1.3 encrypts the rest of the server flight"
                 );
             }
@@ -64,10 +93,18 @@ fn dtls_client_hello_shows_cids_and_epoch() {
     assert_eq!(first.records[0].epoch, 0);
     let hello = first.client_hello().expect("ClientHello");
     assert_eq!(hello.server_name.as_deref(), Some(SERVER_NAME));
-    assert_eq!(hello.oscore_cid, Some(ConnectionId::new(vec![0xAA, 0xBB]).expect("cid")));
+    assert_eq!(
+        hello.oscore_cid,
+        Some(ConnectionId::new(vec![0xAA, 0xBB]).expect("cid"))
+    );
     assert_eq!(hello.cose_cid, None);
     assert_eq!(hello.legacy_version, 0xFEFD);
     // Records after ChangeCipherSpec are in epoch 1.
-    let last_client = h.transcript.flights.iter().rfind(|f| f.from == Role::Client).expect("flight");
+    let last_client = h
+        .transcript
+        .flights
+        .iter()
+        .rfind(|f| f.from == Role::Client)
+        .expect("flight");
     assert!(inspect(&last_client.bytes).records.iter().any(|r| r.epoch == 1));
 }

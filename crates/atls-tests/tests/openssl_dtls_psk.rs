@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use atls_core::pair::exchange;
 use atls_core::{
-    CipherSuite, ClientConfig, CommonConfig, DtlsConfig, Error, PeerIdentity, ProtectionKind, Psk, ServerConfig,
-    ServerSessionParams, Session, TlsVersion,
+    CipherSuite, ClientConfig, CommonConfig, DtlsConfig, Error, PeerIdentity, ProtectionKind, Psk,
+    ServerConfig, ServerSessionParams, Session, TlsVersion,
 };
 use atls_openssl::OpenSslEngine;
 use atls_tests::*;
@@ -34,13 +34,28 @@ fn dtls12_handshake_exports_equal_keys() {
     );
     let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
     assert_complete(&h);
-    assert_eq!(h.client.handshake_info().expect("info").version, TlsVersion::Dtls12);
     assert_eq!(
-        h.client.atls_keys(ProtectionKind::Oscore).expect("keys").master_secret,
-        h.server.atls_keys(ProtectionKind::Oscore).expect("keys").master_secret
+        h.client.handshake_info().expect("info").version,
+        TlsVersion::Dtls12
     );
-    let empty = h.client.export_keying_material(b"atls-oscore", Some(b""), 32).expect("export");
-    let none = h.client.export_keying_material(b"atls-oscore", None, 32).expect("export");
+    assert_eq!(
+        h.client
+            .atls_keys(ProtectionKind::Oscore)
+            .expect("keys")
+            .master_secret,
+        h.server
+            .atls_keys(ProtectionKind::Oscore)
+            .expect("keys")
+            .master_secret
+    );
+    let empty = h
+        .client
+        .export_keying_material(b"atls-oscore", Some(b""), 32)
+        .expect("export");
+    let none = h
+        .client
+        .export_keying_material(b"atls-oscore", None, 32)
+        .expect("export");
     assert_ne!(empty, none, "DTLS 1.2 distinguishes the empty context");
 }
 
@@ -54,8 +69,14 @@ fn dtls12_records_respect_the_mtu_and_carry_data() {
     let mut h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
     assert_complete(&h);
     for flight in &h.transcript.flights {
-        for record in atls_core::records::split_records(atls_core::Framing::Dtls, &flight.bytes).expect("records") {
-            assert!(record.bytes.len() <= 400, "record of {} bytes over the MTU", record.bytes.len());
+        for record in
+            atls_core::records::split_records(atls_core::Framing::Dtls, &flight.bytes).expect("records")
+        {
+            assert!(
+                record.bytes.len() <= 400,
+                "record of {} bytes over the MTU",
+                record.bytes.len()
+            );
         }
     }
     let now = Instant::now();
@@ -87,11 +108,18 @@ fn dtls12_lost_flight_is_retransmitted_on_the_timer() {
     let lost = client.take_flight(start).expect("take").expect("ClientHello");
     let deadline = client.next_timeout().expect("a DTLS client arms its timer");
     assert!(deadline > start, "the deadline lies ahead");
-    assert!(deadline <= start + timeout + Duration::from_millis(5), "deadline follows the configured schedule");
+    assert!(
+        deadline <= start + timeout + Duration::from_millis(5),
+        "deadline follows the configured schedule"
+    );
 
     // Before the deadline the timer does nothing.
     client.handle_timeout(start).expect("early call");
-    assert_eq!(client.take_flight(start).expect("take"), None, "nothing before the deadline");
+    assert_eq!(
+        client.take_flight(start).expect("take"),
+        None,
+        "nothing before the deadline"
+    );
 
     // Wait out the timer (OpenSSL keeps its own timer on the system clock).
     sleep(deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(20));
@@ -100,12 +128,21 @@ fn dtls12_lost_flight_is_retransmitted_on_the_timer() {
     let retransmitted = client.take_flight(now).expect("take").expect("retransmission");
     let original = atls_core::inspect::inspect(&lost);
     let again = atls_core::inspect::inspect(&retransmitted);
-    assert_eq!(original.client_hello(), again.client_hello(), "the same ClientHello is sent again");
-    assert_ne!(original.records[0].sequence, again.records[0].sequence, "under a new record sequence number");
+    assert_eq!(
+        original.client_hello(),
+        again.client_hello(),
+        "the same ClientHello is sent again"
+    );
+    assert_ne!(
+        original.records[0].sequence, again.records[0].sequence,
+        "under a new record sequence number"
+    );
     let next = client.next_timeout().expect("timer re-armed");
     assert!(next - now >= timeout, "the timer backs off: {:?}", next - now);
 
-    server.push_flight(&retransmitted, now).expect("server receives the retransmission");
+    server
+        .push_flight(&retransmitted, now)
+        .expect("server receives the retransmission");
     let t = exchange(&mut client, &mut server, now);
     assert!(t.is_ok(), "{t:?}");
     assert!(client.is_handshake_complete() && server.is_handshake_complete());
@@ -136,7 +173,10 @@ fn dtls12_lost_server_flight_is_recovered() {
         if client.is_handshake_complete() {
             break;
         }
-        let deadline = client.next_timeout().or(server.next_timeout()).expect("a timer runs");
+        let deadline = client
+            .next_timeout()
+            .or(server.next_timeout())
+            .expect("a timer runs");
         sleep(deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(20));
         let now = Instant::now();
         client.handle_timeout(now).expect("client timer");
@@ -162,7 +202,9 @@ fn dtls12_duplicated_flight_is_absorbed() {
     server.push_flight(&hello, now).expect("push");
     let answer = server.take_flight(now).expect("take").expect("answer");
     // A datagram transport may duplicate: DTLS drops the copy by its replay window.
-    server.push_flight(&hello, now).expect("a duplicate is not an error on DTLS");
+    server
+        .push_flight(&hello, now)
+        .expect("a duplicate is not an error on DTLS");
     let _ = server.take_flight(now).expect("take");
     client.push_flight(&answer, now).expect("push");
     let t = exchange(&mut client, &mut server, now);
@@ -206,22 +248,40 @@ fn psk_aes_128_ccm_8_on_dtls12() {
     let keys = h.client.atls_keys(ProtectionKind::Oscore).expect("keys");
     assert_eq!(keys.algorithms.aead.cose_id(), 10, "AES-CCM-16-64-128");
     assert_eq!(keys.master_secret.len(), 16);
-    assert_eq!(keys.master_secret, h.server.atls_keys(ProtectionKind::Oscore).expect("keys").master_secret);
+    assert_eq!(
+        keys.master_secret,
+        h.server
+            .atls_keys(ProtectionKind::Oscore)
+            .expect("keys")
+            .master_secret
+    );
 }
 
 #[test]
 fn psk_aes_128_ccm_8_on_tls12() {
     let h = psk_pair(TlsVersion::Tls12, "TLS_PSK_WITH_AES_128_CCM_8");
-    assert_eq!(h.client.handshake_info().expect("info").peer, PeerIdentity::Psk(b"device-7".to_vec()));
+    assert_eq!(
+        h.client.handshake_info().expect("info").peer,
+        PeerIdentity::Psk(b"device-7".to_vec())
+    );
 }
 
 #[test]
 fn psk_tls13_aes_128_ccm_8_sha256() {
     let h = psk_pair(TlsVersion::Tls13, "TLS_AES_128_CCM_8_SHA256");
-    assert_eq!(h.server.handshake_info().expect("info").peer, PeerIdentity::Psk(b"device-7".to_vec()));
+    assert_eq!(
+        h.server.handshake_info().expect("info").peer,
+        PeerIdentity::Psk(b"device-7".to_vec())
+    );
     let keys = h.server.atls_keys(ProtectionKind::Cose).expect("keys");
     assert_eq!(keys.algorithms.aead.cose_id(), 10);
-    assert_eq!(keys.master_salt, h.client.atls_keys(ProtectionKind::Cose).expect("keys").master_salt);
+    assert_eq!(
+        keys.master_salt,
+        h.client
+            .atls_keys(ProtectionKind::Cose)
+            .expect("keys")
+            .master_salt
+    );
 }
 
 #[test]
@@ -229,7 +289,12 @@ fn ecdhe_ecdsa_aes_128_ccm_8_on_dtls12() {
     let suite = CipherSuite::from_name("TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8").expect("known");
     let mut cc = client_config(TlsVersion::Dtls12);
     cc.common.cipher_suites = Some(vec![suite]);
-    let (c, s) = endpoints(&OpenSslEngine, &cc, &OpenSslEngine, &server_config(TlsVersion::Dtls12));
+    let (c, s) = endpoints(
+        &OpenSslEngine,
+        &cc,
+        &OpenSslEngine,
+        &server_config(TlsVersion::Dtls12),
+    );
     let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
     assert_complete(&h);
     assert_eq!(h.client.handshake_info().expect("info").cipher_suite, suite);
@@ -238,7 +303,9 @@ fn ecdhe_ecdsa_aes_128_ccm_8_on_dtls12() {
 fn wrong_psk_pair(version: TlsVersion) -> Handshake {
     let common = CommonConfig {
         versions: vec![version],
-        cipher_suites: Some(vec![CipherSuite::from_name("TLS_PSK_WITH_AES_128_CCM_8").expect("known")]),
+        cipher_suites: Some(vec![
+            CipherSuite::from_name("TLS_PSK_WITH_AES_128_CCM_8").expect("known")
+        ]),
         ..CommonConfig::default()
     };
     let cc = ClientConfig {
@@ -279,18 +346,30 @@ fn wrong_psk_never_completes_a_dtls_handshake() {
     assert!(!h.server.is_handshake_complete());
     assert!(!h.client.is_handshake_complete());
     assert!(h.server.atls_keys(ProtectionKind::Oscore).is_err());
-    assert!(h.client.next_timeout().is_some(), "the client keeps its retransmission timer armed");
+    assert!(
+        h.client.next_timeout().is_some(),
+        "the client keeps its retransmission timer armed"
+    );
 }
 
 #[test]
 fn rustls_refuses_what_it_cannot_do_with_a_typed_error() {
     use atls_core::Engine;
     let rustls = atls_rustls::RustlsEngine;
-    let err = rustls.client(&client_config(TlsVersion::Dtls12)).map(|_| ()).unwrap_err();
-    assert!(matches!(err, Error::Unsupported { engine: "rustls", .. }), "{err:?}");
+    let err = rustls
+        .client(&client_config(TlsVersion::Dtls12))
+        .map(|_| ())
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Unsupported { engine: "rustls", .. }),
+        "{err:?}"
+    );
     let cc = ClientConfig {
         psk: Some(psk()),
         ..client_config(TlsVersion::Tls13)
     };
-    assert!(matches!(rustls.client(&cc).map(|_| ()), Err(Error::Unsupported { .. })));
+    assert!(matches!(
+        rustls.client(&cc).map(|_| ()),
+        Err(Error::Unsupported { .. })
+    ));
 }

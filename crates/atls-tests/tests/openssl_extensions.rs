@@ -17,7 +17,12 @@ fn cid(bytes: &[u8]) -> Option<ConnectionId> {
 #[test]
 fn cids_round_trip_and_map_to_sender_and_recipient_ids() {
     for version in ALL {
-        let (c, s) = endpoints(&OpenSslEngine, &client_config(version), &OpenSslEngine, &server_config(version));
+        let (c, s) = endpoints(
+            &OpenSslEngine,
+            &client_config(version),
+            &OpenSslEngine,
+            &server_config(version),
+        );
         let mut cp = client_params();
         cp.oscore_cid = cid(&[0xC1, 0x01]);
         cp.cose_cid = cid(&[0xC2]);
@@ -31,9 +36,21 @@ fn cids_round_trip_and_map_to_sender_and_recipient_ids() {
         let client = h.client.protection_ids(ProtectionKind::Oscore).expect("ids");
         let server = h.server.protection_ids(ProtectionKind::Oscore).expect("ids");
         assert_eq!(client.source, IdSource::Negotiated, "{version}");
-        assert_eq!(client.sender_id, [0x5E, 0x01, 0x02], "{version}: client Sender ID = server CID");
-        assert_eq!(client.recipient_id, [0xC1, 0x01], "{version}: client Recipient ID = own CID");
-        assert_eq!(server.sender_id, [0xC1, 0x01], "{version}: server Sender ID = client CID");
+        assert_eq!(
+            client.sender_id,
+            [0x5E, 0x01, 0x02],
+            "{version}: client Sender ID = server CID"
+        );
+        assert_eq!(
+            client.recipient_id,
+            [0xC1, 0x01],
+            "{version}: client Recipient ID = own CID"
+        );
+        assert_eq!(
+            server.sender_id,
+            [0xC1, 0x01],
+            "{version}: server Sender ID = client CID"
+        );
         assert_eq!(server.recipient_id, [0x5E, 0x01, 0x02]);
 
         let client = h.client.protection_ids(ProtectionKind::Cose).expect("ids");
@@ -51,7 +68,12 @@ fn cids_round_trip_and_map_to_sender_and_recipient_ids() {
         let hello = ch.client_hello().expect("ClientHello");
         assert_eq!(hello.oscore_cid, cid(&[0xC1, 0x01]));
         assert_eq!(hello.cose_cid, cid(&[0xC2]));
-        let server_flight = h.transcript.flights.iter().find(|f| f.from == Role::Server).expect("server flight");
+        let server_flight = h
+            .transcript
+            .flights
+            .iter()
+            .find(|f| f.from == Role::Server)
+            .expect("server flight");
         let sh = inspect(&server_flight.bytes);
         let server_hello = sh.server_hello().expect("ServerHello");
         match version {
@@ -67,7 +89,12 @@ fn cids_round_trip_and_map_to_sender_and_recipient_ids() {
 #[test]
 fn server_does_not_answer_an_extension_the_client_did_not_offer() {
     for version in ALL {
-        let (c, s) = endpoints(&OpenSslEngine, &client_config(version), &OpenSslEngine, &server_config(version));
+        let (c, s) = endpoints(
+            &OpenSslEngine,
+            &client_config(version),
+            &OpenSslEngine,
+            &server_config(version),
+        );
         let mut cp = client_params();
         cp.cose_cid = cid(&[0xC2]);
         let sp = ServerSessionParams {
@@ -77,7 +104,11 @@ fn server_does_not_answer_an_extension_the_client_did_not_offer() {
         let h = handshake(&*c, &cp, &*s, &sp);
         assert_complete(&h);
         let oscore = h.client.protection_ids(ProtectionKind::Oscore).expect("ids");
-        assert_eq!(oscore.source, IdSource::Fallback, "{version}: OSCORE was not offered");
+        assert_eq!(
+            oscore.source,
+            IdSource::Fallback,
+            "{version}: OSCORE was not offered"
+        );
         assert_eq!(oscore.sender_id, b"");
         assert_eq!(oscore.recipient_id, [0x01]);
         let server = h.server.protection_ids(ProtectionKind::Oscore).expect("ids");
@@ -97,7 +128,12 @@ fn server_does_not_answer_an_extension_the_client_did_not_offer() {
 #[test]
 fn client_falls_back_when_the_server_has_no_cid() {
     for version in ALL {
-        let (c, s) = endpoints(&OpenSslEngine, &client_config(version), &OpenSslEngine, &server_config(version));
+        let (c, s) = endpoints(
+            &OpenSslEngine,
+            &client_config(version),
+            &OpenSslEngine,
+            &server_config(version),
+        );
         let mut cp = client_params();
         cp.oscore_cid = cid(&[0xC1]);
         let h = handshake(&*c, &cp, &*s, &ServerSessionParams::default());
@@ -125,7 +161,13 @@ fn code_points_are_configurable() {
     };
     let h = handshake(&*c, &cp, &*s, &sp);
     assert_complete(&h);
-    assert_eq!(h.client.protection_ids(ProtectionKind::Oscore).expect("ids").sender_id, [8]);
+    assert_eq!(
+        h.client
+            .protection_ids(ProtectionKind::Oscore)
+            .expect("ids")
+            .sender_id,
+        [8]
+    );
     let ch = inspect(&h.transcript.flights[0].bytes);
     let hello = ch.client_hello().expect("hello");
     assert!(hello.extensions.contains(&0xFFA0));
@@ -147,7 +189,10 @@ fn mismatched_code_points_fall_back() {
     let h = handshake(&*c, &cp, &*s, &sp);
     assert_complete(&h);
     assert_eq!(
-        h.client.protection_ids(ProtectionKind::Oscore).expect("ids").source,
+        h.client
+            .protection_ids(ProtectionKind::Oscore)
+            .expect("ids")
+            .source,
         IdSource::Fallback
     );
 }

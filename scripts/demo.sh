@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Set up and run `atls demo` on its embedded defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec cargo run --quiet --release -p atls-cli -- demo "$@"

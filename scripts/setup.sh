@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what building and testing ATLS needs on a fresh Debian/Ubuntu machine:
+# a C toolchain, pkg-config and the OpenSSL headers (the OpenSSL engine links the
+# system libssl). Idempotent: installs only what is missing.
+set -euo pipefail
+
+need=()
+command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
+
+if ((${#need[@]})); then
+  echo "setup: installing ${need[*]}" >&2
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install Rust (rustup) first" >&2
+  exit 1
+fi
+
+openssl_version=$(pkg-config --modversion openssl)
+case "$openssl_version" in
+  1.*|0.*) echo "setup: OpenSSL $openssl_version is too old; 3.0 or newer is required" >&2; exit 1 ;;
+esac
