@@ -61,6 +61,7 @@ pub struct Session {
     early_received: Vec<u8>,
     last_flight: Option<(usize, u64)>,
     deadline: Option<Instant>,
+    info: Option<HandshakeInfo>,
     flights_in: u32,
     flights_out: u32,
 }
@@ -111,6 +112,7 @@ impl Session {
             early_received: Vec::new(),
             last_flight: None,
             deadline: None,
+            info: None,
             flights_in: 0,
             flights_out: 0,
         }
@@ -244,13 +246,9 @@ impl Session {
         std::mem::take(&mut self.early_received)
     }
 
-    /// What the handshake negotiated.
-    pub fn handshake_info(&self) -> Option<HandshakeInfo> {
-        if self.state == State::Established || self.state == State::Closed {
-            self.tls.handshake_info()
-        } else {
-            None
-        }
+    /// What the handshake negotiated; `None` until it completes.
+    pub fn handshake_info(&self) -> Option<&HandshakeInfo> {
+        self.info.as_ref()
     }
 
     /// Export keying material with any label (RFC 5705 / RFC 8446 §7.5).
@@ -358,6 +356,12 @@ impl Session {
             return Err(e);
         }
         if self.state == State::Handshaking && !self.tls.is_handshaking() {
+            self.info = self.tls.handshake_info();
+            if self.info.is_none() {
+                let e = Error::Engine("handshake complete but its parameters are unavailable".into());
+                self.state = State::Failed(e.clone());
+                return Err(e);
+            }
             self.state = State::Established;
         }
         if self.state == State::Established {

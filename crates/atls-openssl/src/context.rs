@@ -411,11 +411,15 @@ impl ClientEndpoint for OpenSslClient {
         }
         let name = params.server_name.clone().unwrap_or_default();
         if self.config.common.resumption {
-            let resumable = self
-                .cache
-                .lock()
-                .ok()
-                .and_then(|mut c| c.get_mut(&name).and_then(Vec::pop));
+            // TLS 1.3 tickets are used once (RFC 8446 §C.4); a TLS 1.2 session
+            // is reused as is, and OpenSSL reports no new one after resuming it.
+            let resumable = self.cache.lock().ok().and_then(|mut cache| {
+                let tickets = cache.get_mut(&name)?;
+                match tickets.last()?.protocol_version() {
+                    SslVersion::TLS1_3 => tickets.pop(),
+                    _ => tickets.last().map(|s| s.to_owned()),
+                }
+            });
             if let Some(session) = resumable {
                 // SAFETY: the session came from this endpoint's own SSL_CTX.
                 #[allow(unsafe_code)]

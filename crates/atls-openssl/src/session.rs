@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 
 use atls_core::engine::{HandshakeInfo, PeerIdentity, TlsSession};
 use atls_core::{Alert, Certificate, CipherSuite, CommonConfig, Error, Framing, TlsVersion};
-use openssl::ssl::{ErrorCode, NameType, Ssl, SslRef, SslStream, SslVersion};
+use openssl::ssl::{ErrorCode, NameType, ShutdownState, Ssl, SslRef, SslStream, SslVersion};
 use openssl::x509::X509VerifyResult;
 
 use crate::context::state_index;
@@ -228,6 +228,19 @@ impl OpenSslSession {
         match ssl.ex_data(state_index()).and_then(|s| s.psk_identity.clone()) {
             Some(identity) => PeerIdentity::Psk(identity),
             None => PeerIdentity::Anonymous,
+        }
+    }
+}
+
+impl Drop for OpenSslSession {
+    fn drop(&mut self) {
+        // SSL_free on a session that never exchanged close_notify removes its
+        // SSL_SESSION from the context cache and marks it not resumable. ATLS
+        // sessions usually end by expiry, not close_notify, and that must not
+        // throw away their tickets: record the shutdown as done.
+        if !self.handshaking {
+            self.stream
+                .set_shutdown(ShutdownState::SENT | ShutdownState::RECEIVED);
         }
     }
 }

@@ -210,7 +210,7 @@ fn mutual_certificate_authentication() {
         let (c, s) = endpoints(engine, &cc, engine, &sc);
         let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
         assert_complete(&h);
-        match h.server.handshake_info().expect("info").peer {
+        match &h.server.handshake_info().expect("info").peer {
             PeerIdentity::Certificates(chain) => assert_eq!(chain[0], pki().client.cert, "{}", engine.name()),
             other => panic!("server should see the client chain, got {other:?}"),
         }
@@ -295,6 +295,8 @@ fn resumption_then_zero_rtt_early_data() {
             let first = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
             assert_complete(&first);
             assert!(!first.client.handshake_info().expect("info").resumed);
+            // Sessions usually end by expiry, without close_notify: their tickets must survive.
+            drop(first);
 
             let now = Instant::now();
             let mut client = Session::client(&*c, &client_params()).expect("client");
@@ -334,6 +336,39 @@ fn resumption_then_zero_rtt_early_data() {
             );
         }
     }
+}
+
+#[test]
+fn every_later_handshake_resumes() {
+    each_engine_and_version(|engine, version| {
+        let (c, s) = endpoints(engine, &client_config(version), engine, &server_config(version));
+        let resumed: Vec<bool> = (0..4)
+            .map(|_| {
+                let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
+                assert_complete(&h);
+                h.client.handshake_info().expect("info").resumed
+            })
+            .collect();
+        assert_eq!(resumed, [false, true, true, true], "{} {version}", engine.name());
+    });
+}
+
+#[test]
+fn resumption_can_be_disabled() {
+    each_engine_and_version(|engine, version| {
+        let mut cc = client_config(version);
+        cc.common.resumption = false;
+        let (c, s) = endpoints(engine, &cc, engine, &server_config(version));
+        for _ in 0..2 {
+            let h = handshake(&*c, &client_params(), &*s, &ServerSessionParams::default());
+            assert_complete(&h);
+            assert!(
+                !h.client.handshake_info().expect("info").resumed,
+                "{} {version}",
+                engine.name()
+            );
+        }
+    });
 }
 
 #[test]
