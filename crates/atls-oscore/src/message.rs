@@ -1,0 +1,259 @@
+//! Protecting and verifying CoAP messages (RFC 8613 §4–§8).
+
+use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
+
+use crate::context::{aad, nonce, ReplayWindow, SecurityContext};
+use crate::error::OscoreError;
+use crate::option::{seq_from_piv, OscoreOption};
+
+/// CoAP option number of OSCORE.
+pub const OPTION_OSCORE: u16 = 9;
+/// CoAP option number of Echo (RFC 9175).
+pub const OPTION_ECHO: u16 = 252;
+const OPTION_OBSERVE: u16 = 6;
+/// Largest protected message processed.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Class U options: outer only (RFC 8613 §4.1, Figure 5).
+fn is_outer_only(number: u16) -> bool {
+    matches!(number, 3 | 7 | OPTION_OSCORE | 35 | 39)
+}
+
+/// What a response is bound to: the request's kid and Partial IV.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestBinding {
+    /// The requester's Sender ID.
+    pub kid: Vec<u8>,
+    /// The request's Partial IV.
+    pub piv: Vec<u8>,
+}
+
+fn coap_error(e: impl std::fmt::Debug) -> OscoreError {
+    OscoreError::Coap(format!("{e:?}"))
+}
+
+/// Code || Class E options || 0xFF || payload (§5.3).
+fn encode_plaintext(message: &Packet) -> Result<Vec<u8>, OscoreError> {
+    let mut inner = Packet::new();
+    inner.header.code = message.header.code;
+    for (number, values) in message.options() {
+        if !is_outer_only(*number) {
+            for value in values {
+                inner.add_option(CoapOption::from(*number), value.clone());
+            }
+        }
+    }
+    inner.payload = message.payload.clone();
+    let bytes = inner.to_bytes_unlimited().map_err(coap_error)?;
+    let mut out = Vec::with_capacity(bytes.len().saturating_sub(3));
+    out.push(u8::from(message.header.code));
+    out.extend_from_slice(bytes.get(4..).unwrap_or_default());
+    Ok(out)
+}
+
+/// Rebuild a message from the outer message and the decrypted plaintext.
+fn decode_plaintext(outer: &Packet, plaintext: &[u8]) -> Result<Packet, OscoreError> {
+    let (&code, rest) = plaintext.split_first().ok_or(OscoreError::Decode("empty plaintext"))?;
+    let mut bytes = vec![0x40, code, 0, 0];
+    bytes.extend_from_slice(rest);
+    let inner = Packet::from_bytes(&bytes).map_err(|_| OscoreError::Decode("malformed inner CoAP message"))?;
+    let mut out = Packet::new();
+    out.header = outer.header.clone();
+    out.header.code = inner.header.code;
+    out.set_token(outer.get_token().to_vec());
+    for (number, values) in outer.options() {
+        if is_outer_only(*number) && *number != OPTION_OSCORE {
+            for value in values {
+                out.add_option(CoapOption::from(*number), value.clone());
+            }
+        }
+    }
+    for (number, values) in inner.options() {
+        if !is_outer_only(*number) {
+            for value in values {
+                out.add_option(CoapOption::from(*number), value.clone());
+            }
+        }
+    }
+    out.payload = inner.payload;
+    Ok(out)
+}
+
+/// The outer message around a ciphertext.
+fn outer_message(original: &Packet, is_request: bool, option: Vec<u8>, ciphertext: Vec<u8>) -> Packet {
+    let mut out = Packet::new();
+    out.header = original.header.clone();
+    out.set_token(original.get_token().to_vec());
+    let observe = original.get_option(CoapOption::Observe).is_some();
+    out.header.code = match (is_request, observe) {
+        (true, false) => MessageClass::Request(RequestType::Post),
+        (true, true) => MessageClass::Request(RequestType::Fetch),
+        (false, false) => MessageClass::Response(ResponseType::Changed),
+        (false, true) => MessageClass::Response(ResponseType::Content),
+    };
+    for (number, values) in original.options() {
+        if (is_outer_only(*number) && *number != OPTION_OSCORE) || *number == OPTION_OBSERVE {
+            for value in values {
+                out.add_option(CoapOption::from(*number), value.clone());
+            }
+        }
+    }
+    out.add_option(CoapOption::Oscore, option);
+    out.payload = ciphertext;
+    out
+}
+
+/// The decoded OSCORE option of a message, for looking its context up.
+pub fn oscore_option(message: &Packet) -> Result<OscoreOption, OscoreError> {
+    let values = message.get_option(CoapOption::Oscore).ok_or(OscoreError::NotProtected)?;
+    if values.len() != 1 {
+        return Err(OscoreError::Decode("repeated OSCORE option"));
+    }
+    OscoreOption::decode(values.front().map(Vec::as_slice).unwrap_or_default())
+}
+
+/// Protect a CoAP request (§8.1).
+pub fn protect_request(ctx: &mut SecurityContext, request: &Packet) -> Result<(Packet, RequestBinding), OscoreError> {
+    let seq = ctx.take_sequence_number()?;
+    let piv = SecurityContext::piv(seq);
+    let kid = ctx.sender_id().to_vec();
+    let option = OscoreOption {
+        partial_iv: Some(piv.clone()),
+        kid_context: ctx.id_context().map(<[u8]>::to_vec),
+        kid: Some(kid.clone()),
+    };
+    let mut buf = encode_plaintext(request)?;
+    let nonce = nonce(&kid, &piv, ctx.common_iv())?;
+    ctx.seal(&nonce, &aad(ctx.aead().cose_id(), &kid, &piv), &mut buf)?;
+    let out = outer_message(request, true, option.encode()?, buf);
+    Ok((out, RequestBinding { kid, piv }))
+}
+
+/// Verify and decrypt a CoAP request (§8.2). The caller found `ctx` by the
+/// kid (and kid context) of [`oscore_option`].
+pub fn unprotect_request(
+    ctx: &mut SecurityContext,
+    request: &Packet,
+) -> Result<(Packet, RequestBinding), OscoreError> {
+    if request.payload.len() > MAX_MESSAGE {
+        return Err(OscoreError::Decode("message too large"));
+    }
+    let option = oscore_option(request)?;
+    let (Some(piv), Some(kid)) = (option.partial_iv, option.kid) else {
+        return Err(OscoreError::Decode("a request needs a kid and a Partial IV"));
+    };
+    if kid != ctx.recipient_id() || option.kid_context.as_deref().is_some_and(|c| Some(c) != ctx.id_context()) {
+        return Err(OscoreError::ContextNotFound);
+    }
+    if request.payload.is_empty() {
+        return Err(OscoreError::Decode("no ciphertext"));
+    }
+    let seq = seq_from_piv(&piv)?;
+    let fresh_check = ctx.check_replay(&piv);
+    if matches!(fresh_check, Err(OscoreError::Replay)) {
+        return Err(OscoreError::Replay);
+    }
+    let mut buf = request.payload.clone();
+    let nonce = nonce(&kid, &piv, ctx.common_iv())?;
+    ctx.open(&nonce, &aad(ctx.aead().cose_id(), &kid, &piv), &mut buf)?;
+    let plain = decode_plaintext(request, &buf)?;
+    let binding = RequestBinding { kid, piv };
+    if ctx.replay == ReplayWindow::Uninitialized {
+        // App. B.1.2: only a request echoing our challenge proves freshness.
+        let echoed = plain.get_option(CoapOption::Unknown(OPTION_ECHO)).and_then(|v| v.front());
+        match (&ctx.echo_challenge, echoed) {
+            (Some(challenge), Some(echo)) if challenge == echo => {
+                ctx.replay = ReplayWindow::new(crate::context::DEFAULT_REPLAY_WINDOW);
+                ctx.echo_challenge = None;
+            }
+            _ => return Err(OscoreError::FreshnessRequired),
+        }
+    }
+    ctx.replay.accept(seq)?;
+    Ok((plain, binding))
+}
+
+/// Protect a CoAP response (§8.3). With `own_piv` the response carries the
+/// server's own Partial IV and nonce; otherwise it reuses the request's nonce.
+pub fn protect_response(
+    ctx: &mut SecurityContext,
+    response: &Packet,
+    binding: &RequestBinding,
+    own_piv: bool,
+) -> Result<Packet, OscoreError> {
+    let (option, nonce) = if own_piv {
+        let piv = SecurityContext::piv(ctx.take_sequence_number()?);
+        let n = nonce(ctx.sender_id(), &piv, ctx.common_iv())?;
+        (
+            OscoreOption {
+                partial_iv: Some(piv),
+                ..OscoreOption::default()
+            },
+            n,
+        )
+    } else {
+        (OscoreOption::default(), nonce(&binding.kid, &binding.piv, ctx.common_iv())?)
+    };
+    let mut buf = encode_plaintext(response)?;
+    ctx.seal(&nonce, &aad(ctx.aead().cose_id(), &binding.kid, &binding.piv), &mut buf)?;
+    Ok(outer_message(response, false, option.encode()?, buf))
+}
+
+/// Verify and decrypt a CoAP response to the request `binding` describes (§8.4).
+pub fn unprotect_response(
+    ctx: &mut SecurityContext,
+    response: &Packet,
+    binding: &RequestBinding,
+) -> Result<Packet, OscoreError> {
+    if response.payload.len() > MAX_MESSAGE {
+        return Err(OscoreError::Decode("message too large"));
+    }
+    let option = oscore_option(response)?;
+    if response.payload.is_empty() {
+        return Err(OscoreError::Decode("no ciphertext"));
+    }
+    let nonce = match &option.partial_iv {
+        Some(piv) => nonce(ctx.recipient_id(), piv, ctx.common_iv())?,
+        None => nonce(&binding.kid, &binding.piv, ctx.common_iv())?,
+    };
+    let mut buf = response.payload.clone();
+    ctx.open(&nonce, &aad(ctx.aead().cose_id(), &binding.kid, &binding.piv), &mut buf)?;
+    decode_plaintext(response, &buf)
+}
+
+/// The OSCORE-protected 4.01 (Unauthorized) with an Echo challenge that a
+/// server whose replay window is uninitialised sends (App. B.1.2, RFC 9175).
+/// The response carries the server's own Partial IV: the request may be a replay.
+pub fn protect_echo_challenge(
+    ctx: &mut SecurityContext,
+    request: &Packet,
+    echo: Vec<u8>,
+) -> Result<Packet, OscoreError> {
+    let option = oscore_option(request)?;
+    let (Some(piv), Some(kid)) = (option.partial_iv, option.kid) else {
+        return Err(OscoreError::Decode("a request needs a kid and a Partial IV"));
+    };
+    let mut response = Packet::new();
+    response.header = request.header.clone();
+    response.header.set_type(coap_lite::MessageType::Acknowledgement);
+    response.header.code = MessageClass::Response(ResponseType::Unauthorized);
+    response.set_token(request.get_token().to_vec());
+    response.add_option(CoapOption::Unknown(OPTION_ECHO), echo.clone());
+    let protected = protect_response(ctx, &response, &RequestBinding { kid, piv }, true)?;
+    ctx.echo_challenge = Some(echo);
+    Ok(protected)
+}
+
+/// The unprotected error response RFC 8613 §8.2 prescribes for `error`,
+/// answering `request` (same token; Max-Age 0; diagnostic payload).
+pub fn error_response(request: &Packet, error: &OscoreError) -> Option<Packet> {
+    let ((class, detail), diagnostic) = error.coap_error()?;
+    let mut response = Packet::new();
+    response.header = request.header.clone();
+    response.header.set_type(coap_lite::MessageType::Acknowledgement);
+    response.header.code = MessageClass::from((class << 5) | detail);
+    response.set_token(request.get_token().to_vec());
+    response.add_option(CoapOption::MaxAge, Vec::new());
+    response.payload = diagnostic.as_bytes().to_vec();
+    Some(response)
+}
