@@ -15,6 +15,7 @@
 #![warn(missing_docs)]
 
 pub mod context;
+pub mod cose;
 mod crypto;
 pub mod error;
 pub mod message;

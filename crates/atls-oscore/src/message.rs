@@ -51,9 +51,47 @@ fn encode_plaintext(message: &Packet) -> Result<Vec<u8>, OscoreError> {
     Ok(out)
 }
 
+/// Strictly walk CoAP options and the payload marker (RFC 7252 §3.1):
+/// reserved nibbles, truncated extensions and an empty payload after the
+/// marker are message format errors. (coap-lite's parser is more lenient.)
+fn validate_options(mut bytes: &[u8]) -> Result<(), OscoreError> {
+    const BAD: OscoreError = OscoreError::Decode("malformed inner CoAP options");
+    while let Some((&first, rest)) = bytes.split_first() {
+        if first == 0xFF {
+            return if rest.is_empty() { Err(BAD) } else { Ok(()) };
+        }
+        let (delta, len) = (first >> 4, first & 0x0F);
+        if delta == 15 || len == 15 {
+            return Err(BAD);
+        }
+        let mut rest = rest;
+        let mut extended = |nibble: u8| -> Result<usize, OscoreError> {
+            match nibble {
+                13 => {
+                    let (&b, r) = rest.split_first().ok_or(BAD)?;
+                    rest = r;
+                    Ok(usize::from(b) + 13)
+                }
+                14 => {
+                    let b = rest.get(..2).ok_or(BAD)?;
+                    let v = usize::from(u16::from_be_bytes([b[0], b[1]])) + 269;
+                    rest = &rest[2..];
+                    Ok(v)
+                }
+                n => Ok(usize::from(n)),
+            }
+        };
+        extended(delta)?;
+        let value_len = extended(len)?;
+        bytes = rest.get(value_len..).ok_or(BAD)?;
+    }
+    Ok(())
+}
+
 /// Rebuild a message from the outer message and the decrypted plaintext.
 fn decode_plaintext(outer: &Packet, plaintext: &[u8]) -> Result<Packet, OscoreError> {
     let (&code, rest) = plaintext.split_first().ok_or(OscoreError::Decode("empty plaintext"))?;
+    validate_options(rest)?;
     let mut bytes = vec![0x40, code, 0, 0];
     bytes.extend_from_slice(rest);
     let inner = Packet::from_bytes(&bytes).map_err(|_| OscoreError::Decode("malformed inner CoAP message"))?;
