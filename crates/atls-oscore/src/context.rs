@@ -104,6 +104,17 @@ impl ReplayWindow {
         }
     }
 
+    /// A window whose lower limit is `seq` (App. B.1.2): `seq` and everything
+    /// below it count as seen.
+    pub fn starting_at(size: u32, seq: u64) -> Self {
+        Self::Active {
+            size: size.clamp(1, 64),
+            top: seq,
+            seen: u64::MAX,
+            any: true,
+        }
+    }
+
     /// Whether `seq` would be accepted.
     pub fn check(&self, seq: u64) -> Result<(), OscoreError> {
         match *self {
@@ -163,6 +174,7 @@ pub struct SecurityContext {
     pub replay: ReplayWindow,
     /// Pending Echo challenge issued to the peer (App. B.1.2).
     pub(crate) echo_challenge: Option<Vec<u8>>,
+    pub(crate) window_size: u32,
 }
 
 impl fmt::Debug for SecurityContext {
@@ -320,6 +332,7 @@ impl SecurityContext {
             },
             replay: ReplayWindow::new(p.replay_window),
             echo_challenge: None,
+            window_size: p.replay_window,
         })
     }
 
@@ -395,7 +408,7 @@ fn store_key(p: &ContextParams) -> Vec<u8> {
     let mut h = sha2::Sha256::new();
     h.update(b"atls-oscore-seq\0");
     for part in [&p.master_secret[..], &p.master_salt[..], &p.sender_id, p.id_context.as_deref().unwrap_or(b"\xff")] {
-        h.update((part.len() as u64).to_be_bytes());
+        h.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
         h.update(part);
     }
     h.finalize()[..16].to_vec()

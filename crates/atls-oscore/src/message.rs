@@ -201,8 +201,10 @@ pub fn unprotect_request(
         let echoed = plain.get_option(CoapOption::Unknown(OPTION_ECHO)).and_then(|v| v.front());
         match (&ctx.echo_challenge, echoed) {
             (Some(challenge), Some(echo)) if challenge == echo => {
-                ctx.replay = ReplayWindow::new(crate::context::DEFAULT_REPLAY_WINDOW);
+                // Its Partial IV becomes the lower limit of the window.
+                ctx.replay = ReplayWindow::starting_at(ctx.window_size, seq);
                 ctx.echo_challenge = None;
+                return Ok((plain, binding));
             }
             _ => return Err(OscoreError::FreshnessRequired),
         }
