@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Install what building and testing ATLS needs on a fresh Debian/Ubuntu machine:
 # a C toolchain, pkg-config and the OpenSSL headers (the OpenSSL engine links the
-# system libssl). Idempotent: installs only what is missing.
+# system libssl), and Python with aiocoap, the independent OSCORE peer of the
+# interop tests. Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
+
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
@@ -21,6 +25,13 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2
   exit 1
+fi
+
+# Independent peers for the interop tests: aiocoap (OSCORE).
+if ! python3 -c 'import aiocoap.oscore, cryptography' >/dev/null 2>&1; then
+  echo "setup: installing aiocoap[oscore] (interop peer)" >&2
+  python3 -m pip install --quiet --disable-pip-version-check 'aiocoap[oscore]==0.4.17' \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'aiocoap[oscore]==0.4.17'
 fi
 
 openssl_version=$(pkg-config --modversion openssl)

@@ -298,7 +298,13 @@ impl SecurityContext {
         let key = store_key(params);
         let (start, restarted) = match store.load(&key)? {
             Some(stored) => (stored.saturating_add(interval), true),
-            None => (0, false),
+            None => {
+                // Record the context at once, even if it never sends with its
+                // own Partial IV: a restart must find it and distrust its
+                // (lost) replay window.
+                store.persist(&key, 0)?;
+                (0, false)
+            }
         };
         let mut ctx = Self::build(params, Some((store, key)), interval.max(1), start)?;
         if restarted {

@@ -1,0 +1,256 @@
+//! Interop with an independent OSCORE implementation: aiocoap (Python), over
+//! real UDP sockets on loopback, with the same security context on both
+//! sides, for every AEAD of the ATLS §10 table. Requests and responses verify
+//! in both directions; a restarted Rust server recovers its replay window with
+//! aiocoap's client through Echo.
+//!
+//! Needs `python3` with `aiocoap[oscore]` (installed by scripts/setup.sh).
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use atls_core::{CoseAead, HkdfHash};
+use atls_oscore::*;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use zeroize::Zeroizing;
+
+const AEADS: [(CoseAead, &str); 7] = [
+    (CoseAead::AesCcm16_64_128, "AES-CCM-16-64-128"),
+    (CoseAead::AesCcm16_64_256, "AES-CCM-16-64-256"),
+    (CoseAead::AesCcm16_128_128, "AES-CCM-16-128-128"),
+    (CoseAead::AesCcm16_128_256, "AES-CCM-16-128-256"),
+    (CoseAead::A128Gcm, "A128GCM"),
+    (CoseAead::A256Gcm, "A256GCM"),
+    (CoseAead::ChaCha20Poly1305, "ChaCha20/Poly1305"),
+];
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop/aiocoap_peer.py")
+}
+
+fn require_aiocoap() {
+    let ok = Command::new("python3")
+        .args(["-c", "import aiocoap.oscore, cryptography"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "python3 with aiocoap[oscore] is required: run scripts/setup.sh");
+}
+
+/// Our side's parameters; aiocoap gets the mirror image.
+fn rust_params(aead: CoseAead, hkdf: HkdfHash, rust_is_client: bool) -> ContextParams {
+    let (sender, recipient) = if rust_is_client { (vec![0x0C], vec![0x5E]) } else { (vec![0x5E], vec![0x0C]) };
+    ContextParams {
+        master_secret: Zeroizing::new((0..aead.key_len() as u8).collect()),
+        master_salt: Zeroizing::new(vec![0x9e, 0x7c, 0xa9, 0x22, 0x23, 0x78, 0x63, 0x40]),
+        aead,
+        hkdf,
+        sender_id: sender,
+        recipient_id: recipient,
+        id_context: None,
+        replay_window: 32,
+    }
+}
+
+fn write_aiocoap_context(dir: &Path, ours: &ContextParams, alg: &str, hkdf: &str) {
+    let settings = format!(
+        r#"{{"sender-id_hex": "{}", "recipient-id_hex": "{}", "secret_hex": "{}", "salt_hex": "{}", "algorithm": "{}", "kdf-hashfun": "{}"}}"#,
+        hex::encode(&ours.recipient_id),
+        hex::encode(&ours.sender_id),
+        hex::encode(&*ours.master_secret),
+        hex::encode(&*ours.master_salt),
+        alg,
+        hkdf
+    );
+    std::fs::write(dir.join("settings.json"), settings).expect("settings.json");
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_aiocoap_server(dir: &Path, port: u16) -> Server {
+    let mut child = Command::new("python3")
+        .arg(script())
+        .args(["server", dir.to_str().expect("utf-8"), &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start aiocoap server");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("ready line");
+    assert!(line.starts_with("ready"), "aiocoap server did not start: {line:?}");
+    Server(child)
+}
+
+/// One confirmable request/response exchange over UDP.
+fn exchange(socket: &UdpSocket, request: &Packet) -> Packet {
+    socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    let bytes = request.to_bytes().expect("encode");
+    let mut buf = [0u8; 2048];
+    for _ in 0..5 {
+        socket.send(&bytes).expect("send");
+        if let Ok(n) = socket.recv(&mut buf) {
+            return Packet::from_bytes(&buf[..n]).expect("response");
+        }
+    }
+    panic!("no response from aiocoap");
+}
+
+fn coap_request(code: RequestType, path: &str, payload: &[u8], mid: u16) -> Packet {
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(code);
+    p.header.message_id = mid;
+    p.set_token(mid.to_be_bytes().to_vec());
+    p.add_option(CoapOption::UriPath, path.as_bytes().to_vec());
+    p.payload = payload.to_vec();
+    p
+}
+
+#[test]
+fn rust_client_to_aiocoap_server_on_every_aead() {
+    require_aiocoap();
+    for (aead, alg) in AEADS {
+        let hkdf = if aead.key_len() == 16 { HkdfHash::Sha256 } else { HkdfHash::Sha384 };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ours = rust_params(aead, hkdf, true);
+        write_aiocoap_context(dir.path(), &ours, alg, if hkdf == HkdfHash::Sha256 { "sha256" } else { "sha384" });
+        let port = free_udp_port();
+        let _server = start_aiocoap_server(dir.path(), port);
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket.connect(("127.0.0.1", port)).expect("connect");
+        let mut ctx = SecurityContext::new(&ours).expect("context");
+
+        let (wire, binding) = protect_request(&mut ctx, &coap_request(RequestType::Get, "hello", b"", 1)).expect("protect");
+        let response = exchange(&socket, &wire);
+        let plain = unprotect_response(&mut ctx, &response, &binding).expect("aiocoap's response verifies");
+        assert_eq!(plain.header.code, MessageClass::Response(ResponseType::Content), "{alg}");
+        assert_eq!(plain.payload, b"hello from aiocoap", "{alg}");
+
+        let (wire, binding) =
+            protect_request(&mut ctx, &coap_request(RequestType::Post, "echo", b"ATLS over OSCORE", 2)).expect("protect");
+        let response = exchange(&socket, &wire);
+        let plain = unprotect_response(&mut ctx, &response, &binding).expect("verifies");
+        assert_eq!(plain.header.code, MessageClass::Response(ResponseType::Changed));
+        assert_eq!(plain.payload, b"ATLS over OSCORE", "{alg}");
+
+        // aiocoap refuses a replay of our request.
+        let response = exchange(&socket, &{
+            let mut again = wire.clone();
+            again.header.message_id = 99;
+            again
+        });
+        assert!(
+            matches!(response.header.code, MessageClass::Response(ResponseType::Unauthorized)),
+            "{alg}: aiocoap must reject a replay, got {:?}",
+            response.header.code
+        );
+    }
+}
+
+/// A minimal OSCORE CoAP server on a UDP socket, answering `count` requests.
+fn serve(socket: UdpSocket, mut ctx: SecurityContext, count: usize, echo: Option<Vec<u8>>) -> SecurityContext {
+    socket.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut buf = [0u8; 2048];
+    let mut answered = 0;
+    while answered < count {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else { break };
+        let Ok(request) = Packet::from_bytes(&buf[..n]) else { continue };
+        let mut response = match unprotect_request(&mut ctx, &request) {
+            Ok((plain, binding)) => {
+                let path: Vec<u8> = plain.get_option(CoapOption::UriPath).and_then(|v| v.front().cloned()).unwrap_or_default();
+                let mut inner = Packet::new();
+                inner.header.code = MessageClass::Response(ResponseType::Content);
+                inner.payload = match path.as_slice() {
+                    b"hello" => b"hello from rust".to_vec(),
+                    _ => {
+                        inner.header.code = MessageClass::Response(ResponseType::Changed);
+                        plain.payload.clone()
+                    }
+                };
+                answered += 1;
+                protect_response(&mut ctx, &inner, &binding, false).expect("protect")
+            }
+            Err(OscoreError::FreshnessRequired) => {
+                protect_echo_challenge(&mut ctx, &request, echo.clone().expect("echo value")).expect("challenge")
+            }
+            Err(e) => error_response(&request, &e).expect("an error response"),
+        };
+        response.header.set_type(MessageType::Acknowledgement);
+        response.header.message_id = request.header.message_id;
+        response.set_token(request.get_token().to_vec());
+        socket.send_to(&response.to_bytes().expect("encode"), peer).expect("send");
+    }
+    ctx
+}
+
+fn aiocoap_client(dir: &Path, port: u16, path: &str, method: &str, payload: &str) -> (String, Vec<u8>) {
+    let out = Command::new("python3")
+        .arg(script())
+        .args(["client", dir.to_str().expect("utf-8"), &format!("coap://127.0.0.1:{port}/{path}"), method, payload])
+        .output()
+        .expect("run aiocoap client");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "aiocoap client failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
+    let code = stdout.lines().find_map(|l| l.strip_prefix("code ")).expect("code").to_owned();
+    let payload = hex::decode(stdout.lines().find_map(|l| l.strip_prefix("payload ")).expect("payload")).expect("hex");
+    (code, payload)
+}
+
+#[test]
+fn aiocoap_client_to_rust_server_on_every_aead() {
+    require_aiocoap();
+    for (aead, alg) in AEADS {
+        let hkdf = if aead.key_len() == 16 { HkdfHash::Sha256 } else { HkdfHash::Sha384 };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ours = rust_params(aead, hkdf, false);
+        write_aiocoap_context(dir.path(), &ours, alg, if hkdf == HkdfHash::Sha256 { "sha256" } else { "sha384" });
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = socket.local_addr().expect("addr").port();
+        let ctx = SecurityContext::new(&ours).expect("context");
+        let server = thread::spawn(move || serve(socket, ctx, 2, None));
+        assert_eq!(aiocoap_client(dir.path(), port, "hello", "GET", ""), ("2.05".into(), b"hello from rust".to_vec()), "{alg}");
+        assert_eq!(aiocoap_client(dir.path(), port, "echo", "POST", "from aiocoap"), ("2.04".into(), b"from aiocoap".to_vec()), "{alg}");
+        server.join().expect("server thread");
+    }
+}
+
+#[test]
+fn restarted_rust_server_recovers_with_aiocoaps_echo() {
+    require_aiocoap();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ours = rust_params(CoseAead::AesCcm16_64_128, HkdfHash::Sha256, false);
+    write_aiocoap_context(dir.path(), &ours, "AES-CCM-16-64-128", "sha256");
+    let store: Arc<dyn SequenceStore> = Arc::new(RedbStore::open(&dir.path().join("rust.redb")).expect("store"));
+    // First life: one request served, sequence numbers persisted.
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let port = socket.local_addr().expect("addr").port();
+    let ctx = SecurityContext::with_store(&ours, store.clone(), 16).expect("context");
+    let server = thread::spawn(move || serve(socket, ctx, 1, None));
+    assert_eq!(aiocoap_client(dir.path(), port, "hello", "GET", "").0, "2.05");
+    drop(server.join().expect("server"));
+
+    // Second life: the window is unknown; aiocoap answers the Echo challenge.
+    let socket = UdpSocket::bind(("127.0.0.1", port)).expect("rebind");
+    let ctx = SecurityContext::with_store(&ours, store, 16).expect("restarted");
+    assert_eq!(ctx.replay, ReplayWindow::Uninitialized);
+    let server = thread::spawn(move || serve(socket, ctx, 1, Some(b"\x01\x02\x03\x04\x05\x06\x07\x08".to_vec())));
+    assert_eq!(aiocoap_client(dir.path(), port, "hello", "GET", ""), ("2.05".into(), b"hello from rust".to_vec()));
+    let ctx = server.join().expect("server");
+    assert!(matches!(ctx.replay, ReplayWindow::Active { .. }), "the window is recovered");
+}
