@@ -18,6 +18,7 @@ pub mod context;
 pub mod cose;
 mod crypto;
 pub mod error;
+pub mod http;
 pub mod message;
 pub mod option;
 pub mod store;

@@ -63,8 +63,8 @@ fn oscore_round_trips_on_every_aead_and_hkdf() {
     for aead in AEADS {
         for hkdf in [HkdfHash::Sha256, HkdfHash::Sha384, HkdfHash::Sha512] {
             let (cp, sp) = pair(aead, hkdf);
-            let mut client = SecurityContext::new(&cp).expect("client");
-            let mut server = SecurityContext::new(&sp).expect("server");
+            let mut client = SecurityContext::new_in_memory(&cp).expect("client");
+            let mut server = SecurityContext::new_in_memory(&sp).expect("server");
             let request = get("/sensors/temp");
             let (wire, binding) = protect_request(&mut client, &request).expect("protect");
             assert_eq!(wire.header.code, MessageClass::Request(RequestType::Post), "outer code is POST");
@@ -90,8 +90,8 @@ fn error_code(e: &OscoreError) -> (u8, u8) {
 #[test]
 fn bad_requests_get_the_rfc_errors() {
     let (cp, sp) = pair(CoseAead::AesCcm16_64_128, HkdfHash::Sha256);
-    let mut client = SecurityContext::new(&cp).expect("client");
-    let mut server = SecurityContext::new(&sp).expect("server");
+    let mut client = SecurityContext::new_in_memory(&cp).expect("client");
+    let mut server = SecurityContext::new_in_memory(&sp).expect("server");
     let (wire, _) = protect_request(&mut client, &get("/a")).expect("protect");
 
     // Replay: 4.01 Replay detected.
@@ -103,7 +103,7 @@ fn bad_requests_get_the_rfc_errors() {
     // Wrong key: 4.00 Decryption failed.
     let mut other = cp.clone();
     other.master_secret = Zeroizing::new(vec![0x99; 16]);
-    let mut intruder = SecurityContext::new(&other).expect("ctx");
+    let mut intruder = SecurityContext::new_in_memory(&other).expect("ctx");
     protect_request(&mut intruder, &get("/a")).expect("skip sequence number 0, already seen");
     let (forged, _) = protect_request(&mut intruder, &get("/a")).expect("protect");
     let e = unprotect_request(&mut server, &forged).expect_err("wrong key");
@@ -112,7 +112,7 @@ fn bad_requests_get_the_rfc_errors() {
     // Unknown kid: 4.01 Security context not found.
     let mut stranger_params = cp.clone();
     stranger_params.sender_id = vec![0x77];
-    let mut stranger = SecurityContext::new(&stranger_params).expect("ctx");
+    let mut stranger = SecurityContext::new_in_memory(&stranger_params).expect("ctx");
     let (unknown, _) = protect_request(&mut stranger, &get("/a")).expect("protect");
     let e = unprotect_request(&mut server, &unknown).expect_err("unknown kid");
     assert_eq!(e.coap_error(), Some(((4, 1), "Security context not found")));
@@ -151,8 +151,8 @@ fn bad_requests_get_the_rfc_errors() {
 #[test]
 fn partial_iv_at_or_beyond_2_pow_40_is_refused() {
     let (cp, sp) = pair(CoseAead::AesCcm16_64_128, HkdfHash::Sha256);
-    let mut server = SecurityContext::new(&sp).expect("server");
-    let mut client = SecurityContext::new(&cp).expect("client");
+    let mut server = SecurityContext::new_in_memory(&sp).expect("server");
+    let mut client = SecurityContext::new_in_memory(&cp).expect("client");
     let (wire, _) = protect_request(&mut client, &get("/a")).expect("protect");
     let mut six_byte_piv = wire.clone();
     six_byte_piv.clear_option(CoapOption::Oscore);
@@ -202,7 +202,7 @@ fn malformed_inner_plaintext_is_a_decode_error() {
         wire.header.code = MessageClass::Request(RequestType::Post);
         wire.add_option(CoapOption::Oscore, vec![0x09, 0x00]);
         wire.payload = ct;
-        let mut fresh = SecurityContext::new(&sp).expect("server");
+        let mut fresh = SecurityContext::new_in_memory(&sp).expect("server");
         let e = unprotect_request(&mut fresh, &wire).expect_err("malformed inner message");
         assert_eq!(e.coap_error().map(|c| c.0), Some((4, 2)), "{plaintext:02x?}: {e:?}");
     }
@@ -212,8 +212,8 @@ fn malformed_inner_plaintext_is_a_decode_error() {
 fn cose_profile_round_trips_and_rejects_bad_input() {
     for aead in AEADS {
         let (cp, sp) = pair(aead, HkdfHash::Sha256);
-        let mut client = SecurityContext::new(&cp).expect("client");
-        let mut server = SecurityContext::new(&sp).expect("server");
+        let mut client = SecurityContext::new_in_memory(&cp).expect("client");
+        let mut server = SecurityContext::new_in_memory(&sp).expect("server");
         let (body, binding) = cose::seal_request(&mut client, b"{\"temp\": 21}").expect("seal");
         assert_eq!(cose::request_kid(&body).expect("kid"), Vec::<u8>::new());
         let (plain, sbinding) = cose::open_request(&mut server, &body).expect("open");
@@ -243,7 +243,7 @@ proptest! {
     #[test]
     fn random_messages_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), option in proptest::collection::vec(any::<u8>(), 0..20)) {
         let (_, sp) = pair(CoseAead::AesCcm16_64_128, HkdfHash::Sha256);
-        let mut server = SecurityContext::new(&sp).expect("server");
+        let mut server = SecurityContext::new_in_memory(&sp).expect("server");
         let _ = cose::open_request(&mut server, &bytes);
         if let Ok(mut packet) = Packet::from_bytes(&bytes) {
             packet.add_option(CoapOption::Oscore, option.clone());

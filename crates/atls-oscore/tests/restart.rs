@@ -96,7 +96,7 @@ fn killed_sender_never_reuses_a_sequence_number() {
 fn restarted_server_recovers_its_replay_window_with_echo() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server_store: Arc<dyn SequenceStore> = Arc::new(RedbStore::open(&dir.path().join("server.redb")).expect("store"));
-    let mut client = SecurityContext::new(&params(true)).expect("client");
+    let mut client = SecurityContext::new_in_memory(&params(true)).expect("client");
     let mut server = SecurityContext::with_store(&params(false), server_store.clone(), INTERVAL).expect("server");
 
     let mut before_restart = Vec::new();
@@ -153,7 +153,7 @@ fn in_memory_contexts_start_at_zero_and_a_wrong_echo_is_refused() {
     let store: Arc<dyn SequenceStore> = Arc::new(MemoryStore::default());
     let mut server = SecurityContext::with_store(&params(false), store.clone(), INTERVAL).expect("server");
     assert_eq!(server.replay, ReplayWindow::new(32), "a first start has a fresh window");
-    let mut client = SecurityContext::new(&params(true)).expect("client");
+    let mut client = SecurityContext::new_in_memory(&params(true)).expect("client");
     let (wire, _) = protect_request(&mut client, &request()).expect("protect");
     unprotect_request(&mut server, &wire).expect("accepted");
     protect_response(&mut server, &Packet::new(), &RequestBinding { kid: vec![], piv: vec![0] }, true).expect("resp");

@@ -96,7 +96,7 @@ fn c3_key_derivation_with_id_context() {
 
 /// A client context whose next sequence number is 20, as in C.4–C.6.
 fn client_at_20(p: &ContextParams) -> SecurityContext {
-    let mut ctx = SecurityContext::new(p).expect("context");
+    let mut ctx = SecurityContext::new_in_memory(p).expect("context");
     for _ in 0..20 {
         protect_request(&mut ctx, &Packet::new()).expect("protect");
     }
@@ -117,7 +117,7 @@ fn check_request(p: ContextParams, unprotected: &str, expected: &str) -> (Securi
         recipient_id: p.sender_id.clone(),
         ..p
     };
-    let mut server = SecurityContext::new(&server_params).expect("server");
+    let mut server = SecurityContext::new_in_memory(&server_params).expect("server");
     let wire = Packet::from_bytes(&h(expected)).expect("wire");
     let (plain, server_binding) = unprotect_request(&mut server, &wire).expect("unprotect");
     assert_eq!(plain.to_bytes().expect("encode"), request.to_bytes().expect("encode"));
@@ -157,7 +157,7 @@ fn c6_request_with_kid_context() {
 
 fn response_case(own_piv: bool, expected: &str) {
     let server_params = params("9e7ca92223786340", "01", "", None);
-    let mut server = SecurityContext::new(&server_params).expect("server");
+    let mut server = SecurityContext::new_in_memory(&server_params).expect("server");
     let binding = RequestBinding {
         kid: vec![],
         piv: vec![0x14],
@@ -166,7 +166,7 @@ fn response_case(own_piv: bool, expected: &str) {
     let protected = protect_response(&mut server, &response, &binding, own_piv).expect("protect");
     assert_eq!(hex::encode(protected.to_bytes().expect("encode")), expected);
 
-    let mut client = SecurityContext::new(&params("9e7ca92223786340", "", "01", None)).expect("client");
+    let mut client = SecurityContext::new_in_memory(&params("9e7ca92223786340", "", "01", None)).expect("client");
     let plain = unprotect_response(&mut client, &Packet::from_bytes(&h(expected)).expect("wire"), &binding)
         .expect("unprotect");
     assert_eq!(plain.payload, b"Hello World!");
