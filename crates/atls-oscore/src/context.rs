@@ -281,8 +281,11 @@ pub fn aad(alg: i64, request_kid: &[u8], request_piv: &[u8]) -> Vec<u8> {
 }
 
 impl SecurityContext {
-    /// Derive a context that keeps its sequence numbers in memory only.
-    pub fn new(params: &ContextParams) -> Result<Self, OscoreError> {
+    /// Derive a context that keeps its sequence numbers in memory only: after
+    /// a restart it would reuse nonces with the same keys. Only for contexts
+    /// that never outlive the process (a client whose ATLS session is redone
+    /// on restart, tests); servers use [`SecurityContext::with_store`].
+    pub fn new_in_memory(params: &ContextParams) -> Result<Self, OscoreError> {
         Self::build(params, None, DEFAULT_PERSIST_INTERVAL, 0)
     }
 
