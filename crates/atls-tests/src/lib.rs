@@ -2,6 +2,8 @@
 //! PKI and configuration builders. Not published.
 #![forbid(unsafe_code)]
 
+pub mod aiocoap;
+
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 

@@ -6,10 +6,7 @@
 //!
 //! Needs `python3` with `aiocoap[oscore]` (installed by scripts/setup.sh).
 
-use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -17,6 +14,7 @@ use std::time::Duration;
 use atls_core::{CoseAead, HkdfHash};
 use atls_oscore::*;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use atls_tests::aiocoap::*;
 use zeroize::Zeroizing;
 
 const AEADS: [(CoseAead, &str); 7] = [
@@ -29,16 +27,15 @@ const AEADS: [(CoseAead, &str); 7] = [
     (CoseAead::ChaCha20Poly1305, "ChaCha20/Poly1305"),
 ];
 
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop/aiocoap_peer.py")
-}
-
-fn require_aiocoap() {
-    let ok = Command::new("python3")
-        .args(["-c", "import aiocoap.oscore, cryptography"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "python3 with aiocoap[oscore] is required: run scripts/setup.sh");
+fn coap_request(code: RequestType, path: &str, payload: &[u8], mid: u16) -> Packet {
+    let mut p = Packet::new();
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(code);
+    p.header.message_id = mid;
+    p.set_token(mid.to_be_bytes().to_vec());
+    p.add_option(CoapOption::UriPath, path.as_bytes().to_vec());
+    p.payload = payload.to_vec();
+    p
 }
 
 /// Our side's parameters; aiocoap gets the mirror image.
@@ -54,72 +51,6 @@ fn rust_params(aead: CoseAead, hkdf: HkdfHash, rust_is_client: bool) -> ContextP
         id_context: None,
         replay_window: 32,
     }
-}
-
-fn write_aiocoap_context(dir: &Path, ours: &ContextParams, alg: &str, hkdf: &str) {
-    let settings = format!(
-        r#"{{"sender-id_hex": "{}", "recipient-id_hex": "{}", "secret_hex": "{}", "salt_hex": "{}", "algorithm": "{}", "kdf-hashfun": "{}"}}"#,
-        hex::encode(&ours.recipient_id),
-        hex::encode(&ours.sender_id),
-        hex::encode(&*ours.master_secret),
-        hex::encode(&*ours.master_salt),
-        alg,
-        hkdf
-    );
-    std::fs::write(dir.join("settings.json"), settings).expect("settings.json");
-}
-
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_aiocoap_server(dir: &Path, port: u16) -> Server {
-    let mut child = Command::new("python3")
-        .arg(script())
-        .args(["server", dir.to_str().expect("utf-8"), &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start aiocoap server");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("ready line");
-    assert!(line.starts_with("ready"), "aiocoap server did not start: {line:?}");
-    Server(child)
-}
-
-/// One confirmable request/response exchange over UDP.
-fn exchange(socket: &UdpSocket, request: &Packet) -> Packet {
-    socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
-    let bytes = request.to_bytes().expect("encode");
-    let mut buf = [0u8; 2048];
-    for _ in 0..5 {
-        socket.send(&bytes).expect("send");
-        if let Ok(n) = socket.recv(&mut buf) {
-            return Packet::from_bytes(&buf[..n]).expect("response");
-        }
-    }
-    panic!("no response from aiocoap");
-}
-
-fn coap_request(code: RequestType, path: &str, payload: &[u8], mid: u16) -> Packet {
-    let mut p = Packet::new();
-    p.header.set_type(MessageType::Confirmable);
-    p.header.code = MessageClass::Request(code);
-    p.header.message_id = mid;
-    p.set_token(mid.to_be_bytes().to_vec());
-    p.add_option(CoapOption::UriPath, path.as_bytes().to_vec());
-    p.payload = payload.to_vec();
-    p
 }
 
 #[test]
@@ -197,19 +128,6 @@ fn serve(socket: UdpSocket, mut ctx: SecurityContext, count: usize, echo: Option
         socket.send_to(&response.to_bytes().expect("encode"), peer).expect("send");
     }
     ctx
-}
-
-fn aiocoap_client(dir: &Path, port: u16, path: &str, method: &str, payload: &str) -> (String, Vec<u8>) {
-    let out = Command::new("python3")
-        .arg(script())
-        .args(["client", dir.to_str().expect("utf-8"), &format!("coap://127.0.0.1:{port}/{path}"), method, payload])
-        .output()
-        .expect("run aiocoap client");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "aiocoap client failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
-    let code = stdout.lines().find_map(|l| l.strip_prefix("code ")).expect("code").to_owned();
-    let payload = hex::decode(stdout.lines().find_map(|l| l.strip_prefix("payload ")).expect("payload")).expect("hex");
-    (code, payload)
 }
 
 #[test]
