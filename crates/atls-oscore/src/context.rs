@@ -246,38 +246,107 @@ pub fn derive_keys(p: &ContextParams) -> Result<DerivedKeys, OscoreError> {
     })
 }
 
+/// An AEAD nonce: 12 or 13 bytes, on the stack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nonce {
+    bytes: [u8; 13],
+    len: usize,
+}
+
+impl std::ops::Deref for Nonce {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl AsRef<[u8]> for Nonce {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 /// The AEAD nonce of §5.2 from an ID, a Partial IV and the Common IV.
-pub fn nonce(id: &[u8], piv: &[u8], common_iv: &[u8]) -> Result<Vec<u8>, OscoreError> {
+pub fn nonce(id: &[u8], piv: &[u8], common_iv: &[u8]) -> Result<Nonce, OscoreError> {
     let n = common_iv.len();
-    let id_space = n.checked_sub(6).ok_or(OscoreError::Unsupported("nonce too short".into()))?;
+    if !(12..=13).contains(&n) {
+        return Err(OscoreError::Unsupported("nonce length".into()));
+    }
+    let id_space = n - 6;
     if id.len() > id_space || piv.len() > 5 {
         return Err(OscoreError::Decode("ID or Partial IV too long for the nonce"));
     }
-    let mut out = vec![0u8; n];
-    out[0] = u8::try_from(id.len()).unwrap_or(0);
+    let mut out = [0u8; 13];
+    out[0] = id.len() as u8;
     out[1 + id_space - id.len()..1 + id_space].copy_from_slice(id);
-    out[n - piv.len()..].copy_from_slice(piv);
+    out[n - piv.len()..n].copy_from_slice(piv);
     for (o, iv) in out.iter_mut().zip(common_iv) {
         *o ^= iv;
     }
-    Ok(out)
+    Ok(Nonce { bytes: out, len: n })
+}
+
+/// CBOR head of major type `major` with argument `value` (RFC 8949 §3).
+fn cbor_head(out: &mut Vec<u8>, major: u8, value: u64) {
+    let m = major << 5;
+    match value {
+        0..=23 => out.push(m | value as u8),
+        24..=0xFF => out.extend_from_slice(&[m | 24, value as u8]),
+        0x100..=0xFFFF => {
+            out.push(m | 25);
+            out.extend_from_slice(&(value as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(m | 26);
+            out.extend_from_slice(&(value as u32).to_be_bytes());
+        }
+    }
+}
+
+fn cbor_int(out: &mut Vec<u8>, value: i64) {
+    if value >= 0 {
+        cbor_head(out, 0, value.unsigned_abs());
+    } else {
+        cbor_head(out, 1, value.unsigned_abs() - 1);
+    }
+}
+
+fn cbor_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    cbor_head(out, 2, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Length of a CBOR head for argument `value`.
+fn cbor_head_len(value: usize) -> usize {
+    match value {
+        0..=23 => 1,
+        24..=0xFF => 2,
+        0x100..=0xFFFF => 3,
+        _ => 5,
+    }
 }
 
 /// The AAD of §5.4: Enc_structure ["Encrypt0", h'', external_aad] with
 /// external_aad = bstr .cbor [1, [alg], request_kid, request_piv, I options].
+/// Encoded directly into one buffer: it is on every message's path.
 pub fn aad(alg: i64, request_kid: &[u8], request_piv: &[u8]) -> Vec<u8> {
-    let aad_array = cbor(&Value::Array(vec![
-        Value::Integer(1.into()),
-        Value::Array(vec![Value::Integer(alg.into())]),
-        Value::Bytes(request_kid.to_vec()),
-        Value::Bytes(request_piv.to_vec()),
-        Value::Bytes(Vec::new()),
-    ]));
-    cbor(&Value::Array(vec![
-        Value::Text("Encrypt0".into()),
-        Value::Bytes(Vec::new()),
-        Value::Bytes(aad_array),
-    ]))
+    let alg_len = cbor_head_len(usize::try_from(if alg < 0 { -1 - alg } else { alg }).unwrap_or(usize::MAX));
+    let array_len = 3
+        + alg_len
+        + cbor_head_len(request_kid.len())
+        + request_kid.len()
+        + cbor_head_len(request_piv.len())
+        + request_piv.len()
+        + 1;
+    let mut out = Vec::with_capacity(11 + cbor_head_len(array_len) + array_len);
+    out.extend_from_slice(b"\x83\x68Encrypt0\x40");
+    cbor_head(&mut out, 2, array_len as u64);
+    out.extend_from_slice(&[0x85, 0x01, 0x81]);
+    cbor_int(&mut out, alg);
+    cbor_bytes(&mut out, request_kid);
+    cbor_bytes(&mut out, request_piv);
+    out.push(0x40);
+    out
 }
 
 impl SecurityContext {

@@ -4,7 +4,7 @@ use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 
 use crate::context::{aad, nonce, ReplayWindow, SecurityContext};
 use crate::error::OscoreError;
-use crate::option::{seq_from_piv, OscoreOption};
+use crate::option::{seq_from_piv, OptionRef, OscoreOption};
 
 /// CoAP option number of OSCORE.
 pub const OPTION_OSCORE: u16 = 9;
@@ -28,37 +28,65 @@ pub struct RequestBinding {
     pub piv: Vec<u8>,
 }
 
-fn coap_error(e: impl std::fmt::Debug) -> OscoreError {
-    OscoreError::Coap(format!("{e:?}"))
-}
-
-/// Code || Class E options || 0xFF || payload (§5.3).
-fn encode_plaintext(message: &Packet) -> Result<Vec<u8>, OscoreError> {
-    let mut inner = Packet::new();
-    inner.header.code = message.header.code;
-    for (number, values) in message.options() {
-        if !is_outer_only(*number) {
-            for value in values {
-                inner.add_option(CoapOption::from(*number), value.clone());
+/// Append one CoAP option (RFC 7252 §3.1) after option number `previous`.
+fn encode_option(out: &mut Vec<u8>, previous: u16, number: u16, value: &[u8]) {
+    fn nibble(v: usize, ext: &mut [u8; 2]) -> (u8, usize) {
+        match v {
+            0..=12 => (v as u8, 0),
+            13..=268 => {
+                ext[0] = (v - 13) as u8;
+                (13, 1)
+            }
+            _ => {
+                *ext = ((v - 269) as u16).to_be_bytes();
+                (14, 2)
             }
         }
     }
-    inner.payload = message.payload.clone();
-    let bytes = inner.to_bytes_unlimited().map_err(coap_error)?;
-    let mut out = Vec::with_capacity(bytes.len().saturating_sub(3));
+    let (mut dext, mut lext) = ([0u8; 2], [0u8; 2]);
+    let (d, dn) = nibble(usize::from(number - previous), &mut dext);
+    let (l, ln) = nibble(value.len(), &mut lext);
+    out.push((d << 4) | l);
+    out.extend_from_slice(&dext[..dn]);
+    out.extend_from_slice(&lext[..ln]);
+    out.extend_from_slice(value);
+}
+
+/// Code || Class E options || 0xFF || payload (§5.3), encoded directly.
+fn encode_plaintext(message: &Packet) -> Result<Vec<u8>, OscoreError> {
+    let mut out = Vec::with_capacity(message.payload.len() + 64);
     out.push(u8::from(message.header.code));
-    out.extend_from_slice(bytes.get(4..).unwrap_or_default());
+    let mut previous = 0u16;
+    for (number, values) in message.options() {
+        if is_outer_only(*number) {
+            continue;
+        }
+        for value in values {
+            if value.len() > 65_000 {
+                return Err(OscoreError::Coap("option value too long".into()));
+            }
+            encode_option(&mut out, previous, *number, value);
+            previous = *number;
+        }
+    }
+    if !message.payload.is_empty() {
+        out.push(0xFF);
+        out.extend_from_slice(&message.payload);
+    }
     Ok(out)
 }
 
-/// Strictly walk CoAP options and the payload marker (RFC 7252 §3.1):
+/// Strictly parse CoAP options and the payload marker (RFC 7252 §3.1):
 /// reserved nibbles, truncated extensions and an empty payload after the
-/// marker are message format errors. (coap-lite's parser is more lenient.)
-fn validate_options(mut bytes: &[u8]) -> Result<(), OscoreError> {
+/// marker are message format errors (coap-lite's own parser is more
+/// lenient). Returns the options in order and the payload.
+fn parse_options(mut bytes: &[u8]) -> Result<(Vec<(u16, &[u8])>, &[u8]), OscoreError> {
     const BAD: OscoreError = OscoreError::Decode("malformed inner CoAP options");
+    let mut options = Vec::new();
+    let mut number = 0u16;
     while let Some((&first, rest)) = bytes.split_first() {
         if first == 0xFF {
-            return if rest.is_empty() { Err(BAD) } else { Ok(()) };
+            return if rest.is_empty() { Err(BAD) } else { Ok((options, rest)) };
         }
         let (delta, len) = (first >> 4, first & 0x0F);
         if delta == 15 || len == 15 {
@@ -81,23 +109,23 @@ fn validate_options(mut bytes: &[u8]) -> Result<(), OscoreError> {
                 n => Ok(usize::from(n)),
             }
         };
-        extended(delta)?;
+        let delta = extended(delta)?;
         let value_len = extended(len)?;
-        bytes = rest.get(value_len..).ok_or(BAD)?;
+        number = u16::try_from(usize::from(number) + delta).map_err(|_| BAD)?;
+        let value = rest.get(..value_len).ok_or(BAD)?;
+        options.push((number, value));
+        bytes = &rest[value_len..];
     }
-    Ok(())
+    Ok((options, &[]))
 }
 
 /// Rebuild a message from the outer message and the decrypted plaintext.
 fn decode_plaintext(outer: &Packet, plaintext: &[u8]) -> Result<Packet, OscoreError> {
     let (&code, rest) = plaintext.split_first().ok_or(OscoreError::Decode("empty plaintext"))?;
-    validate_options(rest)?;
-    let mut bytes = vec![0x40, code, 0, 0];
-    bytes.extend_from_slice(rest);
-    let inner = Packet::from_bytes(&bytes).map_err(|_| OscoreError::Decode("malformed inner CoAP message"))?;
+    let (options, payload) = parse_options(rest)?;
     let mut out = Packet::new();
     out.header = outer.header.clone();
-    out.header.code = inner.header.code;
+    out.header.code = MessageClass::from(code);
     out.set_token(outer.get_token().to_vec());
     for (number, values) in outer.options() {
         if is_outer_only(*number) && *number != OPTION_OSCORE {
@@ -106,14 +134,12 @@ fn decode_plaintext(outer: &Packet, plaintext: &[u8]) -> Result<Packet, OscoreEr
             }
         }
     }
-    for (number, values) in inner.options() {
-        if !is_outer_only(*number) {
-            for value in values {
-                out.add_option(CoapOption::from(*number), value.clone());
-            }
+    for (number, value) in options {
+        if !is_outer_only(number) {
+            out.add_option(CoapOption::from(number), value.to_vec());
         }
     }
-    out.payload = inner.payload;
+    out.payload = payload.to_vec();
     Ok(out)
 }
 
@@ -141,30 +167,40 @@ fn outer_message(original: &Packet, is_request: bool, option: Vec<u8>, ciphertex
     out
 }
 
-/// The decoded OSCORE option of a message, for looking its context up.
-pub fn oscore_option(message: &Packet) -> Result<OscoreOption, OscoreError> {
+fn option_value(message: &Packet) -> Result<&[u8], OscoreError> {
     let values = message.get_option(CoapOption::Oscore).ok_or(OscoreError::NotProtected)?;
     if values.len() != 1 {
         return Err(OscoreError::Decode("repeated OSCORE option"));
     }
-    OscoreOption::decode(values.front().map(Vec::as_slice).unwrap_or_default())
+    Ok(values.front().map(Vec::as_slice).unwrap_or_default())
+}
+
+/// The decoded OSCORE option of a message, for looking its context up.
+pub fn oscore_option(message: &Packet) -> Result<OscoreOption, OscoreError> {
+    OscoreOption::decode(option_value(message)?)
 }
 
 /// Protect a CoAP request (§8.1).
 pub fn protect_request(ctx: &mut SecurityContext, request: &Packet) -> Result<(Packet, RequestBinding), OscoreError> {
     let seq = ctx.take_sequence_number()?;
     let piv = SecurityContext::piv(seq);
-    let kid = ctx.sender_id().to_vec();
-    let option = OscoreOption {
-        partial_iv: Some(piv.clone()),
-        kid_context: ctx.id_context().map(<[u8]>::to_vec),
-        kid: Some(kid.clone()),
-    };
+    let kid = ctx.sender_id();
+    // The OSCORE option: flags (k, h, n), Partial IV, kid context, kid (§6.1).
+    let mut option = Vec::with_capacity(1 + piv.len() + kid.len() + 1);
+    let context = ctx.id_context();
+    option.push(u8::try_from(piv.len()).unwrap_or(0) | 0x08 | if context.is_some() { 0x10 } else { 0 });
+    option.extend_from_slice(&piv);
+    if let Some(c) = context {
+        option.push(u8::try_from(c.len()).map_err(|_| OscoreError::Unsupported("kid context over 255 bytes".into()))?);
+        option.extend_from_slice(c);
+    }
+    option.extend_from_slice(kid);
     let mut buf = encode_plaintext(request)?;
-    let nonce = nonce(&kid, &piv, ctx.common_iv())?;
-    ctx.seal(&nonce, &aad(ctx.aead().cose_id(), &kid, &piv), &mut buf)?;
-    let out = outer_message(request, true, option.encode()?, buf);
-    Ok((out, RequestBinding { kid, piv }))
+    buf.reserve(ctx.aead().tag_len());
+    let nonce = nonce(kid, &piv, ctx.common_iv())?;
+    ctx.seal(&nonce, &aad(ctx.aead().cose_id(), kid, &piv), &mut buf)?;
+    let binding = RequestBinding { kid: kid.to_vec(), piv };
+    Ok((outer_message(request, true, option, buf), binding))
 }
 
 /// Verify and decrypt a CoAP request (§8.2). The caller found `ctx` by the
@@ -176,26 +212,29 @@ pub fn unprotect_request(
     if request.payload.len() > MAX_MESSAGE {
         return Err(OscoreError::Decode("message too large"));
     }
-    let option = oscore_option(request)?;
+    let option = OptionRef::parse(option_value(request)?)?;
     let (Some(piv), Some(kid)) = (option.partial_iv, option.kid) else {
         return Err(OscoreError::Decode("a request needs a kid and a Partial IV"));
     };
-    if kid != ctx.recipient_id() || option.kid_context.as_deref().is_some_and(|c| Some(c) != ctx.id_context()) {
+    if kid != ctx.recipient_id() || option.kid_context.is_some_and(|c| Some(c) != ctx.id_context()) {
         return Err(OscoreError::ContextNotFound);
     }
     if request.payload.is_empty() {
         return Err(OscoreError::Decode("no ciphertext"));
     }
-    let seq = seq_from_piv(&piv)?;
-    let fresh_check = ctx.check_replay(&piv);
+    let seq = seq_from_piv(piv)?;
+    let fresh_check = ctx.check_replay(piv);
     if matches!(fresh_check, Err(OscoreError::Replay)) {
         return Err(OscoreError::Replay);
     }
     let mut buf = request.payload.clone();
-    let nonce = nonce(&kid, &piv, ctx.common_iv())?;
-    ctx.open(&nonce, &aad(ctx.aead().cose_id(), &kid, &piv), &mut buf)?;
+    let nonce = nonce(kid, piv, ctx.common_iv())?;
+    ctx.open(&nonce, &aad(ctx.aead().cose_id(), kid, piv), &mut buf)?;
     let plain = decode_plaintext(request, &buf)?;
-    let binding = RequestBinding { kid, piv };
+    let binding = RequestBinding {
+        kid: kid.to_vec(),
+        piv: piv.to_vec(),
+    };
     if ctx.replay == ReplayWindow::Uninitialized {
         // App. B.1.2: only a request echoing our challenge proves freshness.
         let echoed = plain.get_option(CoapOption::Unknown(OPTION_ECHO)).and_then(|v| v.front());
@@ -235,6 +274,7 @@ pub fn protect_response(
         (OscoreOption::default(), nonce(&binding.kid, &binding.piv, ctx.common_iv())?)
     };
     let mut buf = encode_plaintext(response)?;
+    buf.reserve(ctx.aead().tag_len());
     ctx.seal(&nonce, &aad(ctx.aead().cose_id(), &binding.kid, &binding.piv), &mut buf)?;
     Ok(outer_message(response, false, option.encode()?, buf))
 }
@@ -248,11 +288,11 @@ pub fn unprotect_response(
     if response.payload.len() > MAX_MESSAGE {
         return Err(OscoreError::Decode("message too large"));
     }
-    let option = oscore_option(response)?;
+    let option = OptionRef::parse(option_value(response)?)?;
     if response.payload.is_empty() {
         return Err(OscoreError::Decode("no ciphertext"));
     }
-    let nonce = match &option.partial_iv {
+    let nonce = match option.partial_iv {
         Some(piv) => nonce(ctx.recipient_id(), piv, ctx.common_iv())?,
         None => nonce(&binding.kid, &binding.piv, ctx.common_iv())?,
     };

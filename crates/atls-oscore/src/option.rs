@@ -48,6 +48,29 @@ impl OscoreOption {
 
     /// Decode, rejecting reserved bits, reserved PIV lengths and truncation.
     pub fn decode(value: &[u8]) -> Result<Self, OscoreError> {
+        let fields = OptionRef::parse(value)?;
+        Ok(Self {
+            partial_iv: fields.partial_iv.map(<[u8]>::to_vec),
+            kid_context: fields.kid_context.map(<[u8]>::to_vec),
+            kid: fields.kid.map(<[u8]>::to_vec),
+        })
+    }
+}
+
+/// The fields of an OSCORE option, borrowed from the option value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OptionRef<'a> {
+    /// Partial IV.
+    pub partial_iv: Option<&'a [u8]>,
+    /// kid context.
+    pub kid_context: Option<&'a [u8]>,
+    /// kid.
+    pub kid: Option<&'a [u8]>,
+}
+
+impl<'a> OptionRef<'a> {
+    /// Parse without copying (see [`OscoreOption::decode`]).
+    pub fn parse(value: &'a [u8]) -> Result<Self, OscoreError> {
         let Some((&flags, mut rest)) = value.split_first() else {
             return Ok(Self::default());
         };
@@ -61,17 +84,17 @@ impl OscoreOption {
         let mut out = Self::default();
         if n > 0 {
             let piv = rest.get(..n).ok_or(OscoreError::Decode("truncated Partial IV"))?;
-            out.partial_iv = Some(piv.to_vec());
+            out.partial_iv = Some(piv);
             rest = &rest[n..];
         }
         if flags & 0x10 != 0 {
             let (&s, after) = rest.split_first().ok_or(OscoreError::Decode("truncated kid context"))?;
             let ctx = after.get(..usize::from(s)).ok_or(OscoreError::Decode("truncated kid context"))?;
-            out.kid_context = Some(ctx.to_vec());
+            out.kid_context = Some(ctx);
             rest = &after[usize::from(s)..];
         }
         if flags & 0x08 != 0 {
-            out.kid = Some(rest.to_vec());
+            out.kid = Some(rest);
         } else if !rest.is_empty() {
             return Err(OscoreError::Decode("trailing bytes in the OSCORE option"));
         }
