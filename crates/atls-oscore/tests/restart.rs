@@ -166,3 +166,41 @@ fn in_memory_contexts_start_at_zero_and_a_wrong_echo_is_refused() {
     let (wire, _) = protect_request(&mut client, &forged).expect("protect");
     assert_eq!(unprotect_request(&mut server, &wire).map(|_| ()), Err(OscoreError::FreshnessRequired));
 }
+
+#[test]
+fn established_contexts_survive_a_restart_when_saved() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let mut p = params(false);
+    p.id_context = Some(vec![0xAB, 0xCD]);
+    p.aead = CoseAead::ChaCha20Poly1305;
+    p.hkdf = HkdfHash::Sha384;
+    p.master_secret = Zeroizing::new(vec![3; 32]);
+    let mut client_params = params(true);
+    client_params.id_context = p.id_context.clone();
+    client_params.aead = p.aead;
+    client_params.hkdf = p.hkdf;
+    client_params.master_secret = p.master_secret.clone();
+    let mut client = SecurityContext::new_in_memory(&client_params).expect("client");
+    {
+        let store = Arc::new(RedbStore::open(&path).expect("store"));
+        store.save_context(b"cid-5e", &p).expect("save");
+        let mut server = SecurityContext::with_store(&p, store, INTERVAL).expect("server");
+        let (wire, _) = protect_request(&mut client, &request()).expect("protect");
+        unprotect_request(&mut server, &wire).expect("accepted");
+    }
+    // A new process: the context comes back from the state directory.
+    let store = Arc::new(RedbStore::open(&path).expect("reopen"));
+    let restored = store.load_context(b"cid-5e").expect("load").expect("present");
+    assert_eq!(
+        atls_oscore::context::derive_keys(&restored).expect("keys"),
+        atls_oscore::context::derive_keys(&p).expect("keys")
+    );
+    let server = SecurityContext::with_store(&restored, store.clone(), INTERVAL).expect("server");
+    assert_eq!(server.replay, ReplayWindow::Uninitialized, "replay state is not trusted after a restart");
+    assert!(server.next_sequence_number() >= INTERVAL);
+    assert!(store.load_context(b"other").expect("load").is_none());
+    store.remove_context(b"cid-5e").expect("remove");
+    assert!(store.load_context(b"cid-5e").expect("load").is_none());
+    assert!(!format!("{restored:?}").contains("0303"), "secrets never print");
+}
