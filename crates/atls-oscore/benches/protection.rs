@@ -17,7 +17,11 @@ use coap_lite::{CoapOption, MessageClass, Packet, RequestType};
 use zeroize::Zeroizing;
 
 fn params(aead: CoseAead, client: bool) -> ContextParams {
-    let (s, r) = if client { (vec![0x01], vec![0x02]) } else { (vec![0x02], vec![0x01]) };
+    let (s, r) = if client {
+        (vec![0x01], vec![0x02])
+    } else {
+        (vec![0x02], vec![0x01])
+    };
     ContextParams {
         master_secret: Zeroizing::new(vec![1; aead.key_len()]),
         master_salt: Zeroizing::new(vec![2; aead.key_len()]),
@@ -57,8 +61,12 @@ fn bare<A: AeadInPlace + KeyInit>(key: &[u8], nonce_len: usize, payload: &[u8]) 
         || {
             buf.clear();
             buf.extend_from_slice(payload);
-            cipher.encrypt_in_place(GenericArray::from_slice(&nonce), &aad, &mut buf).expect("seal");
-            cipher.decrypt_in_place(GenericArray::from_slice(&nonce), &aad, &mut buf).expect("open");
+            cipher
+                .encrypt_in_place(GenericArray::from_slice(&nonce), &aad, &mut buf)
+                .expect("seal");
+            cipher
+                .decrypt_in_place(GenericArray::from_slice(&nonce), &aad, &mut buf)
+                .expect("open");
             black_box(&buf);
         },
         20_000,
@@ -67,13 +75,22 @@ fn bare<A: AeadInPlace + KeyInit>(key: &[u8], nonce_len: usize, payload: &[u8]) 
 
 fn main() {
     let _ = Duration::ZERO;
-    println!("{:<20} {:>6} {:>10} {:>12} {:>8} {:>12} {:>8}", "AEAD", "bytes", "bare ns", "OSCORE ns", "ratio", "COSE ns", "ratio");
-    for aead in [CoseAead::AesCcm16_64_128, CoseAead::A128Gcm, CoseAead::ChaCha20Poly1305] {
+    println!(
+        "{:<20} {:>6} {:>10} {:>12} {:>8} {:>12} {:>8}",
+        "AEAD", "bytes", "bare ns", "OSCORE ns", "ratio", "COSE ns", "ratio"
+    );
+    for aead in [
+        CoseAead::AesCcm16_64_128,
+        CoseAead::A128Gcm,
+        CoseAead::ChaCha20Poly1305,
+    ] {
         for size in [64usize, 1024] {
             let payload = vec![0xA5u8; size];
             let key = vec![1u8; aead.key_len()];
             let bare_ns = match aead {
-                CoseAead::AesCcm16_64_128 => bare::<ccm::Ccm<aes::Aes128, ccm::consts::U8, ccm::consts::U13>>(&key, 13, &payload),
+                CoseAead::AesCcm16_64_128 => {
+                    bare::<ccm::Ccm<aes::Aes128, ccm::consts::U8, ccm::consts::U13>>(&key, 13, &payload)
+                }
                 CoseAead::A128Gcm => bare::<aes_gcm::Aes128Gcm>(&key, 12, &payload),
                 _ => bare::<chacha20poly1305::ChaCha20Poly1305>(&key, 12, &payload),
             };

@@ -237,7 +237,13 @@ pub fn derive_keys(p: &ContextParams) -> Result<DerivedKeys, OscoreError> {
     let key_len = p.aead.key_len();
     let ctx = p.id_context.as_deref();
     let derive = |id: &[u8], kind: &str, len: usize| {
-        hkdf(p.hkdf, &p.master_salt, &p.master_secret, &info(id, ctx, alg, kind, len), len)
+        hkdf(
+            p.hkdf,
+            &p.master_salt,
+            &p.master_secret,
+            &info(id, ctx, alg, kind, len),
+            len,
+        )
     };
     Ok(DerivedKeys {
         sender_key: Zeroizing::new(derive(&p.sender_id, "Key", key_len)?),
@@ -327,7 +333,7 @@ fn cbor_head_len(value: usize) -> usize {
 }
 
 /// The AAD of §5.4: Enc_structure ["Encrypt0", h'', external_aad] with
-/// external_aad = bstr .cbor [1, [alg], request_kid, request_piv, I options].
+/// `external_aad = bstr .cbor [1, [alg], request_kid, request_piv, I options]`.
 /// Encoded directly into one buffer: it is on every message's path.
 pub fn aad(alg: i64, request_kid: &[u8], request_piv: &[u8]) -> Vec<u8> {
     let alg_len = cbor_head_len(usize::try_from(if alg < 0 { -1 - alg } else { alg }).unwrap_or(usize::MAX));
@@ -392,7 +398,9 @@ impl SecurityContext {
         start: u64,
     ) -> Result<Self, OscoreError> {
         if p.sender_id.len() > p.aead.nonce_len() - 6 || p.recipient_id.len() > p.aead.nonce_len() - 6 {
-            return Err(OscoreError::Unsupported("Sender/Recipient ID longer than nonce length - 6".into()));
+            return Err(OscoreError::Unsupported(
+                "Sender/Recipient ID longer than nonce length - 6".into(),
+            ));
         }
         let keys = derive_keys(p)?;
         Ok(Self {
@@ -485,7 +493,12 @@ fn store_key(p: &ContextParams) -> Vec<u8> {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(b"atls-oscore-seq\0");
-    for part in [&p.master_secret[..], &p.master_salt[..], &p.sender_id, p.id_context.as_deref().unwrap_or(b"\xff")] {
+    for part in [
+        &p.master_secret[..],
+        &p.master_salt[..],
+        &p.sender_id,
+        p.id_context.as_deref().unwrap_or(b"\xff"),
+    ] {
         h.update(u64::try_from(part.len()).unwrap_or(u64::MAX).to_be_bytes());
         h.update(part);
     }
@@ -504,7 +517,11 @@ mod tests {
         w.accept(3).expect("older, unseen");
         assert_eq!(w.accept(3), Err(OscoreError::Replay));
         w.accept(100).expect("jump ahead");
-        assert_eq!(w.check(68), Err(OscoreError::Replay), "100 - 68 = 32 is outside a window of 32");
+        assert_eq!(
+            w.check(68),
+            Err(OscoreError::Replay),
+            "100 - 68 = 32 is outside a window of 32"
+        );
         w.accept(69).expect("inside the window");
         assert_eq!(w.check(69), Err(OscoreError::Replay));
         assert!(w.check(101).is_ok());

@@ -13,7 +13,9 @@
 //! - the nonce of RFC 8613 §5.2 from the sender's ID and the Partial IV;
 //! - untagged COSE_Encrypt0 (the media type says what it is; tag 16 is accepted).
 
-use coset::{iana, CborSerializable, CoseEncrypt0, CoseEncrypt0Builder, Header, HeaderBuilder, TaggedCborSerializable};
+use coset::{
+    iana, CborSerializable, CoseEncrypt0, CoseEncrypt0Builder, Header, HeaderBuilder, TaggedCborSerializable,
+};
 
 use atls_core::CoseAead;
 use ciborium::Value;
@@ -62,7 +64,13 @@ pub fn message_algorithm(message: &CoseEncrypt0) -> Result<CoseAead, OscoreError
 /// RFC 8152 §5.3: with no protected attributes the Enc_structure carries a
 /// zero-length bstr, however the sender encoded the empty map (`h'a0'`).
 fn normalized(message: &CoseEncrypt0) -> std::borrow::Cow<'_, CoseEncrypt0> {
-    if message.protected.header.is_empty() && message.protected.original_data.as_ref().is_some_and(|d| !d.is_empty()) {
+    if message.protected.header.is_empty()
+        && message
+            .protected
+            .original_data
+            .as_ref()
+            .is_some_and(|d| !d.is_empty())
+    {
         let mut m = message.clone();
         m.protected.original_data = None;
         std::borrow::Cow::Owned(m)
@@ -72,7 +80,12 @@ fn normalized(message: &CoseEncrypt0) -> std::borrow::Cow<'_, CoseEncrypt0> {
 }
 
 /// Decrypt a COSE_Encrypt0 with a raw key and explicit nonce.
-pub fn decrypt0(message: &CoseEncrypt0, key: &[u8], nonce: &[u8], external_aad: &[u8]) -> Result<Vec<u8>, OscoreError> {
+pub fn decrypt0(
+    message: &CoseEncrypt0,
+    key: &[u8],
+    nonce: &[u8],
+    external_aad: &[u8],
+) -> Result<Vec<u8>, OscoreError> {
     let aead = AeadKey::new(message_algorithm(message)?, key)?;
     normalized(message).decrypt_ciphertext(
         external_aad,
@@ -119,10 +132,18 @@ fn iana_alg(alg: CoseAead) -> Result<iana::Algorithm, OscoreError> {
 }
 
 fn external_aad(binding: &RequestBinding) -> Vec<u8> {
-    cbor(&Value::Array(vec![Value::Bytes(binding.kid.clone()), Value::Bytes(binding.piv.clone())]))
+    cbor(&Value::Array(vec![
+        Value::Bytes(binding.kid.clone()),
+        Value::Bytes(binding.piv.clone()),
+    ]))
 }
 
-fn seal(ctx: &mut SecurityContext, kid: Option<&[u8]>, binding: Option<&RequestBinding>, plaintext: &[u8]) -> Result<(Vec<u8>, RequestBinding), OscoreError> {
+fn seal(
+    ctx: &mut SecurityContext,
+    kid: Option<&[u8]>,
+    binding: Option<&RequestBinding>,
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, RequestBinding), OscoreError> {
     let seq = ctx.take_sequence_number()?;
     let piv = SecurityContext::piv(seq);
     let own = RequestBinding {
@@ -154,17 +175,28 @@ pub fn request_kid(bytes: &[u8]) -> Result<Vec<u8>, OscoreError> {
 }
 
 /// Protect a request body.
-pub fn seal_request(ctx: &mut SecurityContext, plaintext: &[u8]) -> Result<(Vec<u8>, RequestBinding), OscoreError> {
+pub fn seal_request(
+    ctx: &mut SecurityContext,
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, RequestBinding), OscoreError> {
     let kid = ctx.sender_id().to_vec();
     seal(ctx, Some(&kid), None, plaintext)
 }
 
 /// Protect a response body bound to `request`.
-pub fn seal_response(ctx: &mut SecurityContext, plaintext: &[u8], request: &RequestBinding) -> Result<Vec<u8>, OscoreError> {
+pub fn seal_response(
+    ctx: &mut SecurityContext,
+    plaintext: &[u8],
+    request: &RequestBinding,
+) -> Result<Vec<u8>, OscoreError> {
     seal(ctx, None, Some(request), plaintext).map(|(bytes, _)| bytes)
 }
 
-fn open(ctx: &mut SecurityContext, bytes: &[u8], request: Option<&RequestBinding>) -> Result<(Vec<u8>, RequestBinding), OscoreError> {
+fn open(
+    ctx: &mut SecurityContext,
+    bytes: &[u8],
+    request: Option<&RequestBinding>,
+) -> Result<(Vec<u8>, RequestBinding), OscoreError> {
     let message = parse_encrypt0(bytes)?;
     if message_algorithm(&message)? != ctx.aead() {
         return Err(OscoreError::Decode("algorithm differs from the context's"));
@@ -183,10 +215,14 @@ fn open(ctx: &mut SecurityContext, bytes: &[u8], request: Option<&RequestBinding
     }
     let aad = external_aad(request.unwrap_or(&binding));
     let nonce = nonce(ctx.recipient_id(), &piv, ctx.common_iv())?;
-    let plaintext = message.decrypt_ciphertext(&aad, || OscoreError::Decode("no ciphertext"), |ct, enc_aad| {
-        let mut buf = ct.to_vec();
-        ctx.open(&nonce, enc_aad, &mut buf).map(|()| buf)
-    })?;
+    let plaintext = message.decrypt_ciphertext(
+        &aad,
+        || OscoreError::Decode("no ciphertext"),
+        |ct, enc_aad| {
+            let mut buf = ct.to_vec();
+            ctx.open(&nonce, enc_aad, &mut buf).map(|()| buf)
+        },
+    )?;
     if request.is_none() {
         ctx.replay.accept(seq)?;
     }
@@ -194,12 +230,19 @@ fn open(ctx: &mut SecurityContext, bytes: &[u8], request: Option<&RequestBinding
 }
 
 /// Verify and decrypt a request body; returns the binding for the response.
-pub fn open_request(ctx: &mut SecurityContext, bytes: &[u8]) -> Result<(Vec<u8>, RequestBinding), OscoreError> {
+pub fn open_request(
+    ctx: &mut SecurityContext,
+    bytes: &[u8],
+) -> Result<(Vec<u8>, RequestBinding), OscoreError> {
     open(ctx, bytes, None)
 }
 
 /// Verify and decrypt a response body to `request`.
-pub fn open_response(ctx: &mut SecurityContext, bytes: &[u8], request: &RequestBinding) -> Result<Vec<u8>, OscoreError> {
+pub fn open_response(
+    ctx: &mut SecurityContext,
+    bytes: &[u8],
+    request: &RequestBinding,
+) -> Result<Vec<u8>, OscoreError> {
     open(ctx, bytes, Some(request)).map(|(plaintext, _)| plaintext)
 }
 

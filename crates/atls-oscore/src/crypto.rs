@@ -41,16 +41,24 @@ impl AeadKey {
             return Err(bad_key(()));
         }
         Ok(match alg {
-            CoseAead::AesCcm16_64_128 => Self::Ccm64_128(Box::new(AesCcm16_64_128::new_from_slice(key).map_err(bad_key)?)),
-            CoseAead::AesCcm16_64_256 => Self::Ccm64_256(Box::new(AesCcm16_64_256::new_from_slice(key).map_err(bad_key)?)),
+            CoseAead::AesCcm16_64_128 => {
+                Self::Ccm64_128(Box::new(AesCcm16_64_128::new_from_slice(key).map_err(bad_key)?))
+            }
+            CoseAead::AesCcm16_64_256 => {
+                Self::Ccm64_256(Box::new(AesCcm16_64_256::new_from_slice(key).map_err(bad_key)?))
+            }
             CoseAead::AesCcm16_128_128 => {
                 Self::Ccm128_128(Box::new(AesCcm16_128_128::new_from_slice(key).map_err(bad_key)?))
             }
             CoseAead::AesCcm16_128_256 => {
                 Self::Ccm128_256(Box::new(AesCcm16_128_256::new_from_slice(key).map_err(bad_key)?))
             }
-            CoseAead::A128Gcm => Self::Gcm128(Box::new(aes_gcm::Aes128Gcm::new_from_slice(key).map_err(bad_key)?)),
-            CoseAead::A256Gcm => Self::Gcm256(Box::new(aes_gcm::Aes256Gcm::new_from_slice(key).map_err(bad_key)?)),
+            CoseAead::A128Gcm => Self::Gcm128(Box::new(
+                aes_gcm::Aes128Gcm::new_from_slice(key).map_err(bad_key)?,
+            )),
+            CoseAead::A256Gcm => Self::Gcm256(Box::new(
+                aes_gcm::Aes256Gcm::new_from_slice(key).map_err(bad_key)?,
+            )),
             CoseAead::ChaCha20Poly1305 => Self::ChaCha(Box::new(
                 chacha20poly1305::ChaCha20Poly1305::new_from_slice(key).map_err(bad_key)?,
             )),
@@ -72,13 +80,27 @@ impl AeadKey {
         }
         let fail = |_| OscoreError::Coap("encryption failed".into());
         match self {
-            Self::Ccm64_128(c) => c.encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Ccm64_256(c) => c.encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Ccm128_128(c) => c.encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Ccm128_256(c) => c.encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Gcm128(c) => c.encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Gcm256(c) => c.encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::ChaCha(c) => c.encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
+            Self::Ccm64_128(c) => c
+                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Ccm64_256(c) => c
+                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Ccm128_128(c) => c
+                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Ccm128_256(c) => c
+                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Gcm128(c) => c
+                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Gcm256(c) => c
+                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::ChaCha(c) => c
+                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
         }
     }
 
@@ -89,25 +111,51 @@ impl AeadKey {
         }
         let fail = |_| OscoreError::Decryption;
         match self {
-            Self::Ccm64_128(c) => c.decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Ccm64_256(c) => c.decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Ccm128_128(c) => c.decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Ccm128_256(c) => c.decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Gcm128(c) => c.decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::Gcm256(c) => c.decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
-            Self::ChaCha(c) => c.decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer).map_err(fail),
+            Self::Ccm64_128(c) => c
+                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Ccm64_256(c) => c
+                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Ccm128_128(c) => c
+                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Ccm128_256(c) => c
+                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Gcm128(c) => c
+                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::Gcm256(c) => c
+                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
+            Self::ChaCha(c) => c
+                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
+                .map_err(fail),
         }
     }
 }
 
 /// HKDF-Extract then Expand (RFC 5869).
-pub(crate) fn hkdf(hash: HkdfHash, salt: &[u8], ikm: &[u8], info: &[u8], len: usize) -> Result<Vec<u8>, OscoreError> {
+pub(crate) fn hkdf(
+    hash: HkdfHash,
+    salt: &[u8],
+    ikm: &[u8],
+    info: &[u8],
+    len: usize,
+) -> Result<Vec<u8>, OscoreError> {
     let mut out = vec![0u8; len];
     let too_long = |_| OscoreError::Unsupported("HKDF output too long".into());
     match hash {
-        HkdfHash::Sha256 => hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), ikm).expand(info, &mut out).map_err(too_long)?,
-        HkdfHash::Sha384 => hkdf::Hkdf::<sha2::Sha384>::new(Some(salt), ikm).expand(info, &mut out).map_err(too_long)?,
-        HkdfHash::Sha512 => hkdf::Hkdf::<sha2::Sha512>::new(Some(salt), ikm).expand(info, &mut out).map_err(too_long)?,
+        HkdfHash::Sha256 => hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), ikm)
+            .expand(info, &mut out)
+            .map_err(too_long)?,
+        HkdfHash::Sha384 => hkdf::Hkdf::<sha2::Sha384>::new(Some(salt), ikm)
+            .expand(info, &mut out)
+            .map_err(too_long)?,
+        HkdfHash::Sha512 => hkdf::Hkdf::<sha2::Sha512>::new(Some(salt), ikm)
+            .expand(info, &mut out)
+            .map_err(too_long)?,
         _ => return Err(OscoreError::Unsupported("HKDF hash".into())),
     }
     Ok(out)

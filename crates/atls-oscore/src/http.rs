@@ -89,7 +89,9 @@ fn oscore_body_and_option(headers: &http::HeaderMap, body: &[u8]) -> Result<Vec<
 
 /// §11.3: the outer CoAP request of an OSCORE-protected HTTP request.
 pub fn request_from_http(request: &Request<Vec<u8>>) -> Result<Packet, OscoreError> {
-    if request.method() != Method::POST && request.method() != Method::from_bytes(b"FETCH").map_err(coap_err)? {
+    if request.method() != Method::POST
+        && request.method() != Method::from_bytes(b"FETCH").map_err(coap_err)?
+    {
         return Err(OscoreError::Decode("an OSCORE request is POST (or FETCH)"));
     }
     let option = oscore_body_and_option(request.headers(), request.body())?;
@@ -132,11 +134,17 @@ const FORMATS: &[(u16, &str)] = &[
 ];
 
 fn format_of(media: &str) -> Option<u16> {
-    let normalized: String = media.chars().filter(|c| !c.is_whitespace()).collect::<String>().to_ascii_lowercase();
+    let normalized: String = media
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
     let bare = normalized.split(';').next().unwrap_or_default();
     FORMATS
         .iter()
-        .find(|(_, m)| *m == normalized || (bare == "text/plain" && *m == "text/plain;charset=utf-8") || *m == bare)
+        .find(|(_, m)| {
+            *m == normalized || (bare == "text/plain" && *m == "text/plain;charset=utf-8") || *m == bare
+        })
         .map(|(f, _)| *f)
 }
 
@@ -191,7 +199,12 @@ pub fn coap_request_from_http(request: &Request<Vec<u8>>) -> Result<Packet, Osco
         "FETCH" => RequestType::Fetch,
         "PATCH" => RequestType::Patch,
         "IPATCH" => RequestType::IPatch,
-        _ => return Err(OscoreError::Coap(format!("method {} has no CoAP code", request.method()))),
+        _ => {
+            return Err(OscoreError::Coap(format!(
+                "method {} has no CoAP code",
+                request.method()
+            )))
+        }
     };
     let mut packet = Packet::new();
     packet.header.code = MessageClass::Request(code);
@@ -205,11 +218,21 @@ pub fn coap_request_from_http(request: &Request<Vec<u8>>) -> Result<Packet, Osco
             packet.add_option(CoapOption::UriQuery, percent_decode(param));
         }
     }
-    if let Some(ct) = request.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
-        let format = format_of(ct).ok_or_else(|| OscoreError::Coap(format!("Content-Type {ct} has no CoAP Content-Format")))?;
+    if let Some(ct) = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        let format = format_of(ct)
+            .ok_or_else(|| OscoreError::Coap(format!("Content-Type {ct} has no CoAP Content-Format")))?;
         packet.add_option(CoapOption::ContentFormat, uint_option(format));
     }
-    if let Some(accept) = request.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).and_then(format_of) {
+    if let Some(accept) = request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(format_of)
+    {
         packet.add_option(CoapOption::Accept, uint_option(accept));
     }
     packet.payload = request.body().clone();
@@ -247,10 +270,18 @@ pub fn http_request_from_coap(packet: &Packet) -> Result<Request<Vec<u8>>, Oscor
         target.push_str(&queries.join("&"));
     }
     let mut builder = Request::builder().method(method).uri(target);
-    if let Some(media) = packet.get_option(CoapOption::ContentFormat).and_then(|v| v.front()).and_then(|f| media_of(f)) {
+    if let Some(media) = packet
+        .get_option(CoapOption::ContentFormat)
+        .and_then(|v| v.front())
+        .and_then(|f| media_of(f))
+    {
         builder = builder.header(header::CONTENT_TYPE, media);
     }
-    if let Some(media) = packet.get_option(CoapOption::Accept).and_then(|v| v.front()).and_then(|f| media_of(f)) {
+    if let Some(media) = packet
+        .get_option(CoapOption::Accept)
+        .and_then(|v| v.front())
+        .and_then(|f| media_of(f))
+    {
         builder = builder.header(header::ACCEPT, media);
     }
     builder.body(packet.payload.clone()).map_err(coap_err)
@@ -291,7 +322,6 @@ fn code_of(status: StatusCode, method_is_get: bool) -> ResponseType {
         200 | 203 if method_is_get => ResponseType::Content,
         200..=299 => ResponseType::Changed,
         304 => ResponseType::Valid,
-        400 => ResponseType::BadRequest,
         401 => ResponseType::Unauthorized,
         403 => ResponseType::Forbidden,
         404 => ResponseType::NotFound,
@@ -312,7 +342,11 @@ fn code_of(status: StatusCode, method_is_get: bool) -> ResponseType {
 /// RFC 8075 simple form: the HTTP response of an inner CoAP response.
 pub fn http_response_from_coap(packet: &Packet) -> Result<Response<Vec<u8>>, OscoreError> {
     let mut builder = Response::builder().status(status_of(packet.header.code));
-    if let Some(media) = packet.get_option(CoapOption::ContentFormat).and_then(|v| v.front()).and_then(|f| media_of(f)) {
+    if let Some(media) = packet
+        .get_option(CoapOption::ContentFormat)
+        .and_then(|v| v.front())
+        .and_then(|f| media_of(f))
+    {
         builder = builder.header(header::CONTENT_TYPE, media);
     }
     builder.body(packet.payload.clone()).map_err(coap_err)
@@ -323,7 +357,11 @@ pub fn http_response_from_coap(packet: &Packet) -> Result<Response<Vec<u8>>, Osc
 pub fn coap_response_from_http(response: &Response<Vec<u8>>, method: &Method) -> Result<Packet, OscoreError> {
     let mut packet = Packet::new();
     packet.header.code = MessageClass::Response(code_of(response.status(), method == Method::GET));
-    if let Some(ct) = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+    if let Some(ct) = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
         if let Some(format) = format_of(ct) {
             packet.add_option(CoapOption::ContentFormat, uint_option(format));
         }
@@ -358,7 +396,12 @@ mod tests {
             .body(b"{}".to_vec())
             .expect("request");
         let coap = coap_request_from_http(&req).expect("map");
-        let paths: Vec<_> = coap.get_option(CoapOption::UriPath).expect("path").iter().cloned().collect();
+        let paths: Vec<_> = coap
+            .get_option(CoapOption::UriPath)
+            .expect("path")
+            .iter()
+            .cloned()
+            .collect();
         assert_eq!(paths, vec![b"sensors".to_vec(), b"t emp".to_vec()]);
         let back = http_request_from_coap(&coap).expect("map back");
         assert_eq!(back.method(), Method::POST);
@@ -368,7 +411,11 @@ mod tests {
         assert_eq!(back.headers()[header::ACCEPT], "application/cbor");
         assert_eq!(back.body(), b"{}");
 
-        let unknown = Request::builder().method("CONNECT").uri("/").body(Vec::new()).expect("request");
+        let unknown = Request::builder()
+            .method("CONNECT")
+            .uri("/")
+            .body(Vec::new())
+            .expect("request");
         assert!(coap_request_from_http(&unknown).is_err());
         let odd_type = Request::builder()
             .method("POST")
@@ -381,15 +428,25 @@ mod tests {
 
     #[test]
     fn outer_messages_need_the_oscore_media_type_and_header() {
-        let plain = Request::builder().method("POST").uri("/").body(b"x".to_vec()).expect("req");
-        assert_eq!(request_from_http(&plain).map(|_| ()), Err(OscoreError::NotProtected));
+        let plain = Request::builder()
+            .method("POST")
+            .uri("/")
+            .body(b"x".to_vec())
+            .expect("req");
+        assert_eq!(
+            request_from_http(&plain).map(|_| ()),
+            Err(OscoreError::NotProtected)
+        );
         let no_header = Request::builder()
             .method("POST")
             .uri("/")
             .header("content-type", CONTENT_TYPE_OSCORE)
             .body(b"x".to_vec())
             .expect("req");
-        assert_eq!(request_from_http(&no_header).map(|_| ()), Err(OscoreError::NotProtected));
+        assert_eq!(
+            request_from_http(&no_header).map(|_| ()),
+            Err(OscoreError::NotProtected)
+        );
         let get = Request::builder()
             .method("GET")
             .uri("/")

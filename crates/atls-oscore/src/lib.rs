@@ -26,8 +26,8 @@ pub mod store;
 pub use context::{ContextParams, ReplayWindow, SecurityContext};
 pub use error::OscoreError;
 pub use message::{
-    error_response, oscore_option, protect_echo_challenge, protect_request, protect_response, unprotect_request,
-    unprotect_response, RequestBinding,
+    error_response, oscore_option, protect_echo_challenge, protect_request, protect_response,
+    unprotect_request, unprotect_response, RequestBinding,
 };
 pub use option::OscoreOption;
 pub use store::{MemoryStore, RedbStore, SequenceStore};

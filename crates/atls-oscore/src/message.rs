@@ -80,13 +80,20 @@ fn encode_plaintext(message: &Packet) -> Result<Vec<u8>, OscoreError> {
 /// reserved nibbles, truncated extensions and an empty payload after the
 /// marker are message format errors (coap-lite's own parser is more
 /// lenient). Returns the options in order and the payload.
-fn parse_options(mut bytes: &[u8]) -> Result<(Vec<(u16, &[u8])>, &[u8]), OscoreError> {
+/// Inner options (number, value) in order, and the payload.
+type ParsedOptions<'a> = (Vec<(u16, &'a [u8])>, &'a [u8]);
+
+fn parse_options(mut bytes: &[u8]) -> Result<ParsedOptions<'_>, OscoreError> {
     const BAD: OscoreError = OscoreError::Decode("malformed inner CoAP options");
     let mut options = Vec::new();
     let mut number = 0u16;
     while let Some((&first, rest)) = bytes.split_first() {
         if first == 0xFF {
-            return if rest.is_empty() { Err(BAD) } else { Ok((options, rest)) };
+            return if rest.is_empty() {
+                Err(BAD)
+            } else {
+                Ok((options, rest))
+            };
         }
         let (delta, len) = (first >> 4, first & 0x0F);
         if delta == 15 || len == 15 {
@@ -121,7 +128,9 @@ fn parse_options(mut bytes: &[u8]) -> Result<(Vec<(u16, &[u8])>, &[u8]), OscoreE
 
 /// Rebuild a message from the outer message and the decrypted plaintext.
 fn decode_plaintext(outer: &Packet, plaintext: &[u8]) -> Result<Packet, OscoreError> {
-    let (&code, rest) = plaintext.split_first().ok_or(OscoreError::Decode("empty plaintext"))?;
+    let (&code, rest) = plaintext
+        .split_first()
+        .ok_or(OscoreError::Decode("empty plaintext"))?;
     let (options, payload) = parse_options(rest)?;
     let mut out = Packet::new();
     out.header = outer.header.clone();
@@ -168,7 +177,9 @@ fn outer_message(original: &Packet, is_request: bool, option: Vec<u8>, ciphertex
 }
 
 fn option_value(message: &Packet) -> Result<&[u8], OscoreError> {
-    let values = message.get_option(CoapOption::Oscore).ok_or(OscoreError::NotProtected)?;
+    let values = message
+        .get_option(CoapOption::Oscore)
+        .ok_or(OscoreError::NotProtected)?;
     if values.len() != 1 {
         return Err(OscoreError::Decode("repeated OSCORE option"));
     }
@@ -181,7 +192,10 @@ pub fn oscore_option(message: &Packet) -> Result<OscoreOption, OscoreError> {
 }
 
 /// Protect a CoAP request (§8.1).
-pub fn protect_request(ctx: &mut SecurityContext, request: &Packet) -> Result<(Packet, RequestBinding), OscoreError> {
+pub fn protect_request(
+    ctx: &mut SecurityContext,
+    request: &Packet,
+) -> Result<(Packet, RequestBinding), OscoreError> {
     let seq = ctx.take_sequence_number()?;
     let piv = SecurityContext::piv(seq);
     let kid = ctx.sender_id();
@@ -191,7 +205,10 @@ pub fn protect_request(ctx: &mut SecurityContext, request: &Packet) -> Result<(P
     option.push(u8::try_from(piv.len()).unwrap_or(0) | 0x08 | if context.is_some() { 0x10 } else { 0 });
     option.extend_from_slice(&piv);
     if let Some(c) = context {
-        option.push(u8::try_from(c.len()).map_err(|_| OscoreError::Unsupported("kid context over 255 bytes".into()))?);
+        option.push(
+            u8::try_from(c.len())
+                .map_err(|_| OscoreError::Unsupported("kid context over 255 bytes".into()))?,
+        );
         option.extend_from_slice(c);
     }
     option.extend_from_slice(kid);
@@ -199,7 +216,10 @@ pub fn protect_request(ctx: &mut SecurityContext, request: &Packet) -> Result<(P
     buf.reserve(ctx.aead().tag_len());
     let nonce = nonce(kid, &piv, ctx.common_iv())?;
     ctx.seal(&nonce, &aad(ctx.aead().cose_id(), kid, &piv), &mut buf)?;
-    let binding = RequestBinding { kid: kid.to_vec(), piv };
+    let binding = RequestBinding {
+        kid: kid.to_vec(),
+        piv,
+    };
     Ok((outer_message(request, true, option, buf), binding))
 }
 
@@ -237,7 +257,9 @@ pub fn unprotect_request(
     };
     if ctx.replay == ReplayWindow::Uninitialized {
         // App. B.1.2: only a request echoing our challenge proves freshness.
-        let echoed = plain.get_option(CoapOption::Unknown(OPTION_ECHO)).and_then(|v| v.front());
+        let echoed = plain
+            .get_option(CoapOption::Unknown(OPTION_ECHO))
+            .and_then(|v| v.front());
         match (&ctx.echo_challenge, echoed) {
             (Some(challenge), Some(echo)) if challenge == echo => {
                 // Its Partial IV becomes the lower limit of the window.
@@ -271,11 +293,18 @@ pub fn protect_response(
             n,
         )
     } else {
-        (OscoreOption::default(), nonce(&binding.kid, &binding.piv, ctx.common_iv())?)
+        (
+            OscoreOption::default(),
+            nonce(&binding.kid, &binding.piv, ctx.common_iv())?,
+        )
     };
     let mut buf = encode_plaintext(response)?;
     buf.reserve(ctx.aead().tag_len());
-    ctx.seal(&nonce, &aad(ctx.aead().cose_id(), &binding.kid, &binding.piv), &mut buf)?;
+    ctx.seal(
+        &nonce,
+        &aad(ctx.aead().cose_id(), &binding.kid, &binding.piv),
+        &mut buf,
+    )?;
     Ok(outer_message(response, false, option.encode()?, buf))
 }
 
@@ -297,7 +326,11 @@ pub fn unprotect_response(
         None => nonce(&binding.kid, &binding.piv, ctx.common_iv())?,
     };
     let mut buf = response.payload.clone();
-    ctx.open(&nonce, &aad(ctx.aead().cose_id(), &binding.kid, &binding.piv), &mut buf)?;
+    ctx.open(
+        &nonce,
+        &aad(ctx.aead().cose_id(), &binding.kid, &binding.piv),
+        &mut buf,
+    )?;
     decode_plaintext(response, &buf)
 }
 

@@ -36,7 +36,8 @@ impl OscoreOption {
         let mut out = vec![flags];
         out.extend_from_slice(piv);
         if let Some(ctx) = &self.kid_context {
-            let len = u8::try_from(ctx.len()).map_err(|_| OscoreError::Decode("kid context over 255 bytes"))?;
+            let len =
+                u8::try_from(ctx.len()).map_err(|_| OscoreError::Decode("kid context over 255 bytes"))?;
             out.push(len);
             out.extend_from_slice(ctx);
         }
@@ -88,8 +89,12 @@ impl<'a> OptionRef<'a> {
             rest = &rest[n..];
         }
         if flags & 0x10 != 0 {
-            let (&s, after) = rest.split_first().ok_or(OscoreError::Decode("truncated kid context"))?;
-            let ctx = after.get(..usize::from(s)).ok_or(OscoreError::Decode("truncated kid context"))?;
+            let (&s, after) = rest
+                .split_first()
+                .ok_or(OscoreError::Decode("truncated kid context"))?;
+            let ctx = after
+                .get(..usize::from(s))
+                .ok_or(OscoreError::Decode("truncated kid context"))?;
             out.kid_context = Some(ctx);
             rest = &after[usize::from(s)..];
         }
@@ -134,25 +139,34 @@ mod tests {
         // C.6: kid context.
         let v = hex::decode("19140837cbf3210017a2d3").expect("hex");
         let o = OscoreOption::decode(&v).expect("valid");
-        assert_eq!(o.kid_context.as_deref(), Some(&hex::decode("37cbf3210017a2d3").expect("hex")[..]));
+        assert_eq!(
+            o.kid_context.as_deref(),
+            Some(&hex::decode("37cbf3210017a2d3").expect("hex")[..])
+        );
         assert_eq!(o.encode().expect("encode"), v);
         // C.7: empty.
         assert_eq!(OscoreOption::decode(&[]).expect("valid"), OscoreOption::default());
-        assert_eq!(OscoreOption::default().encode().expect("encode"), Vec::<u8>::new());
+        assert_eq!(
+            OscoreOption::default().encode().expect("encode"),
+            Vec::<u8>::new()
+        );
     }
 
     #[test]
     fn malformed_options_are_decode_errors() {
         for bad in [
-            &[0x20][..],                  // reserved bit
-            &[0x06, 1, 2, 3, 4, 5, 6],    // PIV length 6 is reserved
-            &[0x03, 1],                   // truncated PIV
-            &[0x10],                      // kid context flag without its length
-            &[0x11, 0x01, 0x05, 0xAA],    // kid context shorter than announced
-            &[0x01, 0x01, 0xFF],          // trailing bytes without kid flag
-            &[0x00, 0x01],                // flags zero but trailing bytes
+            &[0x20][..],               // reserved bit
+            &[0x06, 1, 2, 3, 4, 5, 6], // PIV length 6 is reserved
+            &[0x03, 1],                // truncated PIV
+            &[0x10],                   // kid context flag without its length
+            &[0x11, 0x01, 0x05, 0xAA], // kid context shorter than announced
+            &[0x01, 0x01, 0xFF],       // trailing bytes without kid flag
+            &[0x00, 0x01],             // flags zero but trailing bytes
         ] {
-            assert!(matches!(OscoreOption::decode(bad), Err(OscoreError::Decode(_))), "{bad:02x?}");
+            assert!(
+                matches!(OscoreOption::decode(bad), Err(OscoreError::Decode(_))),
+                "{bad:02x?}"
+            );
         }
     }
 

@@ -1,9 +1,9 @@
 //! Durable sender sequence numbers (RFC 8613 Appendix B.1.1).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Mutex;
-use std::collections::HashMap;
 
 use atls_core::{CoseAead, HkdfHash};
 use ciborium::Value;
@@ -30,7 +30,12 @@ pub struct MemoryStore {
 
 impl SequenceStore for MemoryStore {
     fn load(&self, context: &[u8]) -> Result<Option<u64>, OscoreError> {
-        Ok(self.values.lock().map_err(|_| OscoreError::Store("poisoned".into()))?.get(context).copied())
+        Ok(self
+            .values
+            .lock()
+            .map_err(|_| OscoreError::Store("poisoned".into()))?
+            .get(context)
+            .copied())
     }
 
     fn persist(&self, context: &[u8], seq: u64) -> Result<(), OscoreError> {
@@ -133,7 +138,9 @@ fn encode_params(p: &ContextParams) -> Vec<u8> {
 fn decode_params(bytes: &[u8]) -> Result<ContextParams, OscoreError> {
     let corrupt = || OscoreError::Store("stored context is corrupt".into());
     let value: Value = ciborium::from_reader(bytes).map_err(|_| corrupt())?;
-    let Value::Array(items) = value else { return Err(corrupt()) };
+    let Value::Array(items) = value else {
+        return Err(corrupt());
+    };
     let bytes_at = |i: usize| match items.get(i) {
         Some(Value::Bytes(b)) => Ok(b.clone()),
         _ => Err(corrupt()),

@@ -18,7 +18,10 @@ fn vectors() -> Vec<(String, Value)> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .map(|p| {
             let text = std::fs::read_to_string(&p).expect("read");
-            (p.file_name().expect("name").to_string_lossy().into_owned(), serde_json::from_str(&text).expect("json"))
+            (
+                p.file_name().expect("name").to_string_lossy().into_owned(),
+                serde_json::from_str(&text).expect("json"),
+            )
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -29,22 +32,39 @@ fn vectors() -> Vec<(String, Value)> {
 fn in_atls_table(alg: &str) -> bool {
     matches!(
         alg,
-        "AES-CCM-16-128/64" | "AES-CCM-16-256/64" | "AES-CCM-16-128/128" | "AES-CCM-16-256/128" | "A128GCM" | "A256GCM" | "ChaCha-Poly1305"
+        "AES-CCM-16-128/64"
+            | "AES-CCM-16-256/64"
+            | "AES-CCM-16-128/128"
+            | "AES-CCM-16-256/128"
+            | "A128GCM"
+            | "A256GCM"
+            | "ChaCha-Poly1305"
     )
 }
 
 fn alg_name(v: &Value) -> String {
     let enc = &v["input"]["encrypted"];
-    enc["protected"]["alg"].as_str().or(enc["unprotected"]["alg"].as_str()).unwrap_or("").to_owned()
+    enc["protected"]["alg"]
+        .as_str()
+        .or(enc["unprotected"]["alg"].as_str())
+        .unwrap_or("")
+        .to_owned()
 }
 
 fn key(v: &Value) -> Vec<u8> {
-    let k = v["input"]["encrypted"]["recipients"][0]["key"]["k"].as_str().expect("k");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(k).expect("base64url key")
+    let k = v["input"]["encrypted"]["recipients"][0]["key"]["k"]
+        .as_str()
+        .expect("k");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(k)
+        .expect("base64url key")
 }
 
 fn external(v: &Value) -> Vec<u8> {
-    v["input"]["encrypted"]["external"].as_str().map(|h| hex::decode(h).expect("hex")).unwrap_or_default()
+    v["input"]["encrypted"]["external"]
+        .as_str()
+        .map(|h| hex::decode(h).expect("hex"))
+        .unwrap_or_default()
 }
 
 #[test]
@@ -58,8 +78,13 @@ fn every_atls_aead_decrypts_and_reencrypts_its_examples() {
         let expected = hex::decode(v["output"]["cbor"].as_str().expect("cbor")).expect("hex");
         let message = parse_encrypt0(&expected).unwrap_or_else(|e| panic!("{name}: {e}"));
         let nonce = message.unprotected.iv.clone();
-        let plaintext = decrypt0(&message, &key(&v), &nonce, &external(&v)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(plaintext, v["input"]["plaintext"].as_str().expect("plaintext").as_bytes(), "{name}");
+        let plaintext =
+            decrypt0(&message, &key(&v), &nonce, &external(&v)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            plaintext,
+            v["input"]["plaintext"].as_str().expect("plaintext").as_bytes(),
+            "{name}"
+        );
 
         // Encrypting the same input with the same headers gives the same bytes.
         let alg_id = message_algorithm(&message).expect("alg");
@@ -83,14 +108,20 @@ fn every_atls_aead_decrypts_and_reencrypts_its_examples() {
         assert_eq!(hex::encode(bytes), hex::encode(&expected), "{name}");
         covered.insert(alg_id.cose_id());
     }
-    assert_eq!(covered, BTreeSet::from([1, 3, 10, 11, 24, 30, 31]), "one example per AEAD of the §10 table");
+    assert_eq!(
+        covered,
+        BTreeSet::from([1, 3, 10, 11, 24, 30, 31]),
+        "one example per AEAD of the §10 table"
+    );
 }
 
 #[test]
 fn failure_cases_are_rejected() {
     let mut checked = 0;
     for (name, v) in vectors() {
-        let Some(failures) = v["input"].get("failures") else { continue };
+        let Some(failures) = v["input"].get("failures") else {
+            continue;
+        };
         let must_fail = !name.starts_with("enc-pass");
         let bytes = hex::decode(v["output"]["cbor"].as_str().expect("cbor")).expect("hex");
         let result = parse_encrypt0(&bytes).and_then(|message| {

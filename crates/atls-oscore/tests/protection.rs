@@ -67,14 +67,32 @@ fn oscore_round_trips_on_every_aead_and_hkdf() {
             let mut server = SecurityContext::new_in_memory(&sp).expect("server");
             let request = get("/sensors/temp");
             let (wire, binding) = protect_request(&mut client, &request).expect("protect");
-            assert_eq!(wire.header.code, MessageClass::Request(RequestType::Post), "outer code is POST");
-            assert!(wire.get_option(CoapOption::UriPath).is_none(), "Uri-Path travels encrypted");
-            assert!(wire.get_option(CoapOption::UriHost).is_some(), "Uri-Host stays outer");
+            assert_eq!(
+                wire.header.code,
+                MessageClass::Request(RequestType::Post),
+                "outer code is POST"
+            );
+            assert!(
+                wire.get_option(CoapOption::UriPath).is_none(),
+                "Uri-Path travels encrypted"
+            );
+            assert!(
+                wire.get_option(CoapOption::UriHost).is_some(),
+                "Uri-Host stays outer"
+            );
             let (plain, sbinding) = unprotect_request(&mut server, &wire).expect("unprotect");
-            assert_eq!(plain.to_bytes().expect("enc"), request.to_bytes().expect("enc"), "{aead:?}");
+            assert_eq!(
+                plain.to_bytes().expect("enc"),
+                request.to_bytes().expect("enc"),
+                "{aead:?}"
+            );
             for own_piv in [false, true] {
-                let response = protect_response(&mut server, &content(b"21.5 C"), &sbinding, own_piv).expect("protect");
-                assert_eq!(response.header.code, MessageClass::Response(ResponseType::Changed));
+                let response =
+                    protect_response(&mut server, &content(b"21.5 C"), &sbinding, own_piv).expect("protect");
+                assert_eq!(
+                    response.header.code,
+                    MessageClass::Response(ResponseType::Changed)
+                );
                 let plain = unprotect_response(&mut client, &response, &binding).expect("unprotect");
                 assert_eq!(plain.payload, b"21.5 C");
                 assert_eq!(plain.header.code, MessageClass::Response(ResponseType::Content));
@@ -118,7 +136,13 @@ fn bad_requests_get_the_rfc_errors() {
     assert_eq!(e.coap_error(), Some(((4, 1), "Security context not found")));
 
     // Garbled or truncated OSCORE options: 4.02 Bad Option.
-    for value in [vec![0x20], vec![0x0B, 0x00], vec![0x06, 1, 2, 3, 4, 5, 6], vec![0x19, 0x14], vec![0x01, 0x14]] {
+    for value in [
+        vec![0x20],
+        vec![0x0B, 0x00],
+        vec![0x06, 1, 2, 3, 4, 5, 6],
+        vec![0x19, 0x14],
+        vec![0x01, 0x14],
+    ] {
         let mut bad = wire.clone();
         bad.clear_option(CoapOption::Oscore);
         bad.add_option(CoapOption::Oscore, value.clone());
@@ -134,16 +158,25 @@ fn bad_requests_get_the_rfc_errors() {
     let (fresh, _) = protect_request(&mut client, &get("/b")).expect("protect");
     let mut tampered = fresh.clone();
     tampered.payload[0] ^= 1;
-    assert_eq!(error_code(&unprotect_request(&mut server, &tampered).expect_err("tampered")), (4, 0));
+    assert_eq!(
+        error_code(&unprotect_request(&mut server, &tampered).expect_err("tampered")),
+        (4, 0)
+    );
     let mut truncated = fresh.clone();
     truncated.payload.truncate(3);
-    assert_eq!(error_code(&unprotect_request(&mut server, &truncated).expect_err("truncated")), (4, 0));
+    assert_eq!(
+        error_code(&unprotect_request(&mut server, &truncated).expect_err("truncated")),
+        (4, 0)
+    );
     // The genuine message still verifies: failed attempts did not touch the window.
     unprotect_request(&mut server, &fresh).expect("genuine");
 
     // The error responses are plain CoAP with the diagnostic payload.
     let response = error_response(&fresh, &OscoreError::Replay).expect("response");
-    assert_eq!(response.header.code, MessageClass::Response(ResponseType::Unauthorized));
+    assert_eq!(
+        response.header.code,
+        MessageClass::Response(ResponseType::Unauthorized)
+    );
     assert_eq!(response.payload, b"Replay detected");
     assert!(response.get_option(CoapOption::Oscore).is_none());
 }
@@ -157,13 +190,19 @@ fn partial_iv_at_or_beyond_2_pow_40_is_refused() {
     let mut six_byte_piv = wire.clone();
     six_byte_piv.clear_option(CoapOption::Oscore);
     six_byte_piv.add_option(CoapOption::Oscore, vec![0x0E, 1, 0, 0, 0, 0, 0]);
-    assert_eq!(error_code(&unprotect_request(&mut server, &six_byte_piv).expect_err("2^40")), (4, 2));
+    assert_eq!(
+        error_code(&unprotect_request(&mut server, &six_byte_piv).expect_err("2^40")),
+        (4, 2)
+    );
 
     // A sender refuses to go past 2^40 - 1.
     let mut at_limit = SecurityContext::with_store(&cp, Arc::new(FixedStore((1 << 40) - 2)), 1).expect("ctx");
     assert_eq!(at_limit.next_sequence_number(), (1 << 40) - 1);
     protect_request(&mut at_limit, &get("/a")).expect("the last number");
-    assert_eq!(protect_request(&mut at_limit, &get("/a")).map(|_| ()), Err(OscoreError::SequenceExhausted));
+    assert_eq!(
+        protect_request(&mut at_limit, &get("/a")).map(|_| ()),
+        Err(OscoreError::SequenceExhausted)
+    );
 }
 
 /// A store that claims `0.0` was persisted for every context.
@@ -196,7 +235,13 @@ fn malformed_inner_plaintext_is_a_decode_error() {
     for plaintext in [vec![0x01, 0xF0, 0x00], vec![0x01, 0x0D], vec![0x01, 0xFF]] {
         let cipher = aes_gcm::Aes128Gcm::new_from_slice(&client_keys.sender_key).expect("key");
         let ct = cipher
-            .encrypt(aes_gcm::Nonce::from_slice(&nonce), Payload { msg: &plaintext, aad: &aad })
+            .encrypt(
+                aes_gcm::Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &plaintext,
+                    aad: &aad,
+                },
+            )
             .expect("encrypt");
         let mut wire = get("/");
         wire.header.code = MessageClass::Request(RequestType::Post);
@@ -204,7 +249,11 @@ fn malformed_inner_plaintext_is_a_decode_error() {
         wire.payload = ct;
         let mut fresh = SecurityContext::new_in_memory(&sp).expect("server");
         let e = unprotect_request(&mut fresh, &wire).expect_err("malformed inner message");
-        assert_eq!(e.coap_error().map(|c| c.0), Some((4, 2)), "{plaintext:02x?}: {e:?}");
+        assert_eq!(
+            e.coap_error().map(|c| c.0),
+            Some((4, 2)),
+            "{plaintext:02x?}: {e:?}"
+        );
     }
 }
 
@@ -218,21 +267,43 @@ fn cose_profile_round_trips_and_rejects_bad_input() {
         assert_eq!(cose::request_kid(&body).expect("kid"), Vec::<u8>::new());
         let (plain, sbinding) = cose::open_request(&mut server, &body).expect("open");
         assert_eq!(plain, b"{\"temp\": 21}");
-        assert_eq!(cose::open_request(&mut server, &body).map(|_| ()), Err(OscoreError::Replay), "{aead:?}");
+        assert_eq!(
+            cose::open_request(&mut server, &body).map(|_| ()),
+            Err(OscoreError::Replay),
+            "{aead:?}"
+        );
         let response = cose::seal_response(&mut server, b"ok", &sbinding).expect("seal");
-        assert_eq!(cose::open_response(&mut client, &response, &binding).expect("open"), b"ok");
+        assert_eq!(
+            cose::open_response(&mut client, &response, &binding).expect("open"),
+            b"ok"
+        );
 
         // A response bound to another request does not verify.
-        let other = RequestBinding { kid: vec![], piv: vec![0x63] };
-        assert_eq!(cose::open_response(&mut client, &response, &other), Err(OscoreError::Decryption));
+        let other = RequestBinding {
+            kid: vec![],
+            piv: vec![0x63],
+        };
+        assert_eq!(
+            cose::open_response(&mut client, &response, &other),
+            Err(OscoreError::Decryption)
+        );
         // Garbage, truncation and a tag flip.
-        assert!(matches!(cose::open_request(&mut server, b"\xff\x00garbage"), Err(OscoreError::Decode(_))));
-        assert!(matches!(cose::open_request(&mut server, &body[..body.len() / 2]), Err(OscoreError::Decode(_))));
+        assert!(matches!(
+            cose::open_request(&mut server, b"\xff\x00garbage"),
+            Err(OscoreError::Decode(_))
+        ));
+        assert!(matches!(
+            cose::open_request(&mut server, &body[..body.len() / 2]),
+            Err(OscoreError::Decode(_))
+        ));
         let (body2, _) = cose::seal_request(&mut client, b"x").expect("seal");
         let mut flipped = body2.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x80;
-        assert_eq!(cose::open_request(&mut server, &flipped), Err(OscoreError::Decryption));
+        assert_eq!(
+            cose::open_request(&mut server, &flipped),
+            Err(OscoreError::Decryption)
+        );
         cose::open_request(&mut server, &body2).expect("the genuine one still verifies");
     }
 }

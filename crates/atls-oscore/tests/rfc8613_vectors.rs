@@ -23,13 +23,26 @@ fn params(salt: &str, sender: &str, recipient: &str, id_context: Option<&str>) -
     }
 }
 
-fn check_derivation(p: &ContextParams, sender_key: &str, recipient_key: &str, iv: &str, sender_nonce: &str, recipient_nonce: &str) {
+fn check_derivation(
+    p: &ContextParams,
+    sender_key: &str,
+    recipient_key: &str,
+    iv: &str,
+    sender_nonce: &str,
+    recipient_nonce: &str,
+) {
     let keys = derive_keys(p).expect("derive");
     assert_eq!(hex::encode(&*keys.sender_key), sender_key);
     assert_eq!(hex::encode(&*keys.recipient_key), recipient_key);
     assert_eq!(hex::encode(&keys.common_iv), iv);
-    assert_eq!(hex::encode(nonce(&p.sender_id, &[0], &keys.common_iv).expect("nonce")), sender_nonce);
-    assert_eq!(hex::encode(nonce(&p.recipient_id, &[0], &keys.common_iv).expect("nonce")), recipient_nonce);
+    assert_eq!(
+        hex::encode(nonce(&p.sender_id, &[0], &keys.common_iv).expect("nonce")),
+        sender_nonce
+    );
+    assert_eq!(
+        hex::encode(nonce(&p.recipient_id, &[0], &keys.common_iv).expect("nonce")),
+        recipient_nonce
+    );
 }
 
 #[test]
@@ -50,8 +63,14 @@ fn c1_key_derivation_with_master_salt() {
         "4722d4dd6d944169eefb54987c",
         "4622d4dd6d944168eefb54987c",
     );
-    assert_eq!(hex::encode(atls_oscore::context::info_for_tests(&[], None, 10, "Key", 16)), "8540f60a634b657910");
-    assert_eq!(hex::encode(atls_oscore::context::info_for_tests(&[], None, 10, "IV", 13)), "8540f60a6249560d");
+    assert_eq!(
+        hex::encode(atls_oscore::context::info_for_tests(&[], None, 10, "Key", 16)),
+        "8540f60a634b657910"
+    );
+    assert_eq!(
+        hex::encode(atls_oscore::context::info_for_tests(&[], None, 10, "IV", 13)),
+        "8540f60a6249560d"
+    );
 }
 
 #[test]
@@ -120,10 +139,16 @@ fn check_request(p: ContextParams, unprotected: &str, expected: &str) -> (Securi
     let mut server = SecurityContext::new_in_memory(&server_params).expect("server");
     let wire = Packet::from_bytes(&h(expected)).expect("wire");
     let (plain, server_binding) = unprotect_request(&mut server, &wire).expect("unprotect");
-    assert_eq!(plain.to_bytes().expect("encode"), request.to_bytes().expect("encode"));
+    assert_eq!(
+        plain.to_bytes().expect("encode"),
+        request.to_bytes().expect("encode")
+    );
     assert_eq!(server_binding, binding);
     // And a replay of it is refused.
-    assert_eq!(unprotect_request(&mut server, &wire).map(|_| ()), Err(OscoreError::Replay));
+    assert_eq!(
+        unprotect_request(&mut server, &wire).map(|_| ()),
+        Err(OscoreError::Replay)
+    );
     (server, wire)
 }
 
@@ -134,7 +159,10 @@ fn c4_request_with_empty_sender_id() {
         "44015d1f00003974396c6f63616c686f737483747631",
         "44025d1f00003974396c6f63616c686f7374620914ff612f1092f1776f1c1668b3825e",
     );
-    assert_eq!(hex::encode(aad(10, &[], &[0x14])), "8368456e63727970743040488501810a40411440");
+    assert_eq!(
+        hex::encode(aad(10, &[], &[0x14])),
+        "8368456e63727970743040488501810a40411440"
+    );
 }
 
 #[test]
@@ -166,19 +194,33 @@ fn response_case(own_piv: bool, expected: &str) {
     let protected = protect_response(&mut server, &response, &binding, own_piv).expect("protect");
     assert_eq!(hex::encode(protected.to_bytes().expect("encode")), expected);
 
-    let mut client = SecurityContext::new_in_memory(&params("9e7ca92223786340", "", "01", None)).expect("client");
-    let plain = unprotect_response(&mut client, &Packet::from_bytes(&h(expected)).expect("wire"), &binding)
-        .expect("unprotect");
+    let mut client =
+        SecurityContext::new_in_memory(&params("9e7ca92223786340", "", "01", None)).expect("client");
+    let plain = unprotect_response(
+        &mut client,
+        &Packet::from_bytes(&h(expected)).expect("wire"),
+        &binding,
+    )
+    .expect("unprotect");
     assert_eq!(plain.payload, b"Hello World!");
-    assert_eq!(plain.to_bytes().expect("encode"), response.to_bytes().expect("encode"));
+    assert_eq!(
+        plain.to_bytes().expect("encode"),
+        response.to_bytes().expect("encode")
+    );
 }
 
 #[test]
 fn c7_response_without_partial_iv() {
-    response_case(false, "64445d1f0000397490ffdbaad1e9a7e7b2a813d3c31524378303cdafae119106");
+    response_case(
+        false,
+        "64445d1f0000397490ffdbaad1e9a7e7b2a813d3c31524378303cdafae119106",
+    );
 }
 
 #[test]
 fn c8_response_with_partial_iv() {
-    response_case(true, "64445d1f00003974920100ff4d4c13669384b67354b2b6175ff4b8658c666a6cf88e");
+    response_case(
+        true,
+        "64445d1f00003974920100ff4d4c13669384b67354b2b6175ff4b8658c666a6cf88e",
+    );
 }

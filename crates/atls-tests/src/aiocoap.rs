@@ -21,7 +21,10 @@ pub fn require_aiocoap() {
         .args(["-c", "import aiocoap.oscore, cryptography"])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "python3 with aiocoap[oscore] is required: run scripts/setup.sh");
+    assert!(
+        ok,
+        "python3 with aiocoap[oscore] is required: run scripts/setup.sh"
+    );
 }
 
 /// Write aiocoap's settings.json for the mirror image of `ours`.
@@ -40,7 +43,11 @@ pub fn write_aiocoap_context(dir: &Path, ours: &ContextParams, alg: &str, hkdf: 
 
 /// A UDP port free right now on loopback.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    UdpSocket::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A running aiocoap server, killed on drop.
@@ -66,13 +73,18 @@ pub fn start_aiocoap_server(dir: &Path, port: u16) -> Server {
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).expect("ready line");
-    assert!(line.starts_with("ready"), "aiocoap server did not start: {line:?}");
+    assert!(
+        line.starts_with("ready"),
+        "aiocoap server did not start: {line:?}"
+    );
     Server(child)
 }
 
 /// One confirmable request/response exchange over UDP.
 pub fn exchange(socket: &UdpSocket, request: &Packet) -> Packet {
-    socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     let bytes = request.to_bytes().expect("encode");
     let mut buf = [0u8; 2048];
     for _ in 0..5 {
@@ -87,13 +99,32 @@ pub fn exchange(socket: &UdpSocket, request: &Packet) -> Packet {
 pub fn aiocoap_client(dir: &Path, port: u16, path: &str, method: &str, payload: &str) -> (String, Vec<u8>) {
     let out = Command::new("python3")
         .arg(script())
-        .args(["client", dir.to_str().expect("utf-8"), &format!("coap://127.0.0.1:{port}/{path}"), method, payload])
+        .args([
+            "client",
+            dir.to_str().expect("utf-8"),
+            &format!("coap://127.0.0.1:{port}/{path}"),
+            method,
+            payload,
+        ])
         .output()
         .expect("run aiocoap client");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "aiocoap client failed: {stdout} {}", String::from_utf8_lossy(&out.stderr));
-    let code = stdout.lines().find_map(|l| l.strip_prefix("code ")).expect("code").to_owned();
-    let payload = hex::decode(stdout.lines().find_map(|l| l.strip_prefix("payload ")).expect("payload")).expect("hex");
+    assert!(
+        out.status.success(),
+        "aiocoap client failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("code "))
+        .expect("code")
+        .to_owned();
+    let payload = hex::decode(
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("payload "))
+            .expect("payload"),
+    )
+    .expect("hex");
     (code, payload)
 }
-

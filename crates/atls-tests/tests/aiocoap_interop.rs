@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use atls_core::{CoseAead, HkdfHash};
 use atls_oscore::*;
-use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use atls_tests::aiocoap::*;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use zeroize::Zeroizing;
 
 const AEADS: [(CoseAead, &str); 7] = [
@@ -40,7 +40,11 @@ fn coap_request(code: RequestType, path: &str, payload: &[u8], mid: u16) -> Pack
 
 /// Our side's parameters; aiocoap gets the mirror image.
 fn rust_params(aead: CoseAead, hkdf: HkdfHash, rust_is_client: bool) -> ContextParams {
-    let (sender, recipient) = if rust_is_client { (vec![0x0C], vec![0x5E]) } else { (vec![0x5E], vec![0x0C]) };
+    let (sender, recipient) = if rust_is_client {
+        (vec![0x0C], vec![0x5E])
+    } else {
+        (vec![0x5E], vec![0x0C])
+    };
     ContextParams {
         master_secret: Zeroizing::new((0..aead.key_len() as u8).collect()),
         master_salt: Zeroizing::new(vec![0x9e, 0x7c, 0xa9, 0x22, 0x23, 0x78, 0x63, 0x40]),
@@ -57,24 +61,45 @@ fn rust_params(aead: CoseAead, hkdf: HkdfHash, rust_is_client: bool) -> ContextP
 fn rust_client_to_aiocoap_server_on_every_aead() {
     require_aiocoap();
     for (aead, alg) in AEADS {
-        let hkdf = if aead.key_len() == 16 { HkdfHash::Sha256 } else { HkdfHash::Sha384 };
+        let hkdf = if aead.key_len() == 16 {
+            HkdfHash::Sha256
+        } else {
+            HkdfHash::Sha384
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let ours = rust_params(aead, hkdf, true);
-        write_aiocoap_context(dir.path(), &ours, alg, if hkdf == HkdfHash::Sha256 { "sha256" } else { "sha384" });
+        write_aiocoap_context(
+            dir.path(),
+            &ours,
+            alg,
+            if hkdf == HkdfHash::Sha256 {
+                "sha256"
+            } else {
+                "sha384"
+            },
+        );
         let port = free_udp_port();
         let _server = start_aiocoap_server(dir.path(), port);
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
         socket.connect(("127.0.0.1", port)).expect("connect");
         let mut ctx = SecurityContext::new_in_memory(&ours).expect("context");
 
-        let (wire, binding) = protect_request(&mut ctx, &coap_request(RequestType::Get, "hello", b"", 1)).expect("protect");
+        let (wire, binding) =
+            protect_request(&mut ctx, &coap_request(RequestType::Get, "hello", b"", 1)).expect("protect");
         let response = exchange(&socket, &wire);
         let plain = unprotect_response(&mut ctx, &response, &binding).expect("aiocoap's response verifies");
-        assert_eq!(plain.header.code, MessageClass::Response(ResponseType::Content), "{alg}");
+        assert_eq!(
+            plain.header.code,
+            MessageClass::Response(ResponseType::Content),
+            "{alg}"
+        );
         assert_eq!(plain.payload, b"hello from aiocoap", "{alg}");
 
-        let (wire, binding) =
-            protect_request(&mut ctx, &coap_request(RequestType::Post, "echo", b"ATLS over OSCORE", 2)).expect("protect");
+        let (wire, binding) = protect_request(
+            &mut ctx,
+            &coap_request(RequestType::Post, "echo", b"ATLS over OSCORE", 2),
+        )
+        .expect("protect");
         let response = exchange(&socket, &wire);
         let plain = unprotect_response(&mut ctx, &response, &binding).expect("verifies");
         assert_eq!(plain.header.code, MessageClass::Response(ResponseType::Changed));
@@ -87,7 +112,10 @@ fn rust_client_to_aiocoap_server_on_every_aead() {
             again
         });
         assert!(
-            matches!(response.header.code, MessageClass::Response(ResponseType::Unauthorized)),
+            matches!(
+                response.header.code,
+                MessageClass::Response(ResponseType::Unauthorized)
+            ),
             "{alg}: aiocoap must reject a replay, got {:?}",
             response.header.code
         );
@@ -95,16 +123,30 @@ fn rust_client_to_aiocoap_server_on_every_aead() {
 }
 
 /// A minimal OSCORE CoAP server on a UDP socket, answering `count` requests.
-fn serve(socket: UdpSocket, mut ctx: SecurityContext, count: usize, echo: Option<Vec<u8>>) -> SecurityContext {
-    socket.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+fn serve(
+    socket: UdpSocket,
+    mut ctx: SecurityContext,
+    count: usize,
+    echo: Option<Vec<u8>>,
+) -> SecurityContext {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
     let mut buf = [0u8; 2048];
     let mut answered = 0;
     while answered < count {
-        let Ok((n, peer)) = socket.recv_from(&mut buf) else { break };
-        let Ok(request) = Packet::from_bytes(&buf[..n]) else { continue };
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+            break;
+        };
+        let Ok(request) = Packet::from_bytes(&buf[..n]) else {
+            continue;
+        };
         let mut response = match unprotect_request(&mut ctx, &request) {
             Ok((plain, binding)) => {
-                let path: Vec<u8> = plain.get_option(CoapOption::UriPath).and_then(|v| v.front().cloned()).unwrap_or_default();
+                let path: Vec<u8> = plain
+                    .get_option(CoapOption::UriPath)
+                    .and_then(|v| v.front().cloned())
+                    .unwrap_or_default();
                 let mut inner = Packet::new();
                 inner.header.code = MessageClass::Response(ResponseType::Content);
                 inner.payload = match path.as_slice() {
@@ -118,14 +160,17 @@ fn serve(socket: UdpSocket, mut ctx: SecurityContext, count: usize, echo: Option
                 protect_response(&mut ctx, &inner, &binding, false).expect("protect")
             }
             Err(OscoreError::FreshnessRequired) => {
-                protect_echo_challenge(&mut ctx, &request, echo.clone().expect("echo value")).expect("challenge")
+                protect_echo_challenge(&mut ctx, &request, echo.clone().expect("echo value"))
+                    .expect("challenge")
             }
             Err(e) => error_response(&request, &e).expect("an error response"),
         };
         response.header.set_type(MessageType::Acknowledgement);
         response.header.message_id = request.header.message_id;
         response.set_token(request.get_token().to_vec());
-        socket.send_to(&response.to_bytes().expect("encode"), peer).expect("send");
+        socket
+            .send_to(&response.to_bytes().expect("encode"), peer)
+            .expect("send");
     }
     ctx
 }
@@ -134,16 +179,37 @@ fn serve(socket: UdpSocket, mut ctx: SecurityContext, count: usize, echo: Option
 fn aiocoap_client_to_rust_server_on_every_aead() {
     require_aiocoap();
     for (aead, alg) in AEADS {
-        let hkdf = if aead.key_len() == 16 { HkdfHash::Sha256 } else { HkdfHash::Sha384 };
+        let hkdf = if aead.key_len() == 16 {
+            HkdfHash::Sha256
+        } else {
+            HkdfHash::Sha384
+        };
         let dir = tempfile::tempdir().expect("tempdir");
         let ours = rust_params(aead, hkdf, false);
-        write_aiocoap_context(dir.path(), &ours, alg, if hkdf == HkdfHash::Sha256 { "sha256" } else { "sha384" });
+        write_aiocoap_context(
+            dir.path(),
+            &ours,
+            alg,
+            if hkdf == HkdfHash::Sha256 {
+                "sha256"
+            } else {
+                "sha384"
+            },
+        );
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
         let port = socket.local_addr().expect("addr").port();
         let ctx = SecurityContext::new_in_memory(&ours).expect("context");
         let server = thread::spawn(move || serve(socket, ctx, 2, None));
-        assert_eq!(aiocoap_client(dir.path(), port, "hello", "GET", ""), ("2.05".into(), b"hello from rust".to_vec()), "{alg}");
-        assert_eq!(aiocoap_client(dir.path(), port, "echo", "POST", "from aiocoap"), ("2.04".into(), b"from aiocoap".to_vec()), "{alg}");
+        assert_eq!(
+            aiocoap_client(dir.path(), port, "hello", "GET", ""),
+            ("2.05".into(), b"hello from rust".to_vec()),
+            "{alg}"
+        );
+        assert_eq!(
+            aiocoap_client(dir.path(), port, "echo", "POST", "from aiocoap"),
+            ("2.04".into(), b"from aiocoap".to_vec()),
+            "{alg}"
+        );
         server.join().expect("server thread");
     }
 }
@@ -154,7 +220,8 @@ fn restarted_rust_server_recovers_with_aiocoaps_echo() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ours = rust_params(CoseAead::AesCcm16_64_128, HkdfHash::Sha256, false);
     write_aiocoap_context(dir.path(), &ours, "AES-CCM-16-64-128", "sha256");
-    let store: Arc<dyn SequenceStore> = Arc::new(RedbStore::open(&dir.path().join("rust.redb")).expect("store"));
+    let store: Arc<dyn SequenceStore> =
+        Arc::new(RedbStore::open(&dir.path().join("rust.redb")).expect("store"));
     // First life: one request served, sequence numbers persisted.
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
     let port = socket.local_addr().expect("addr").port();
@@ -167,10 +234,17 @@ fn restarted_rust_server_recovers_with_aiocoaps_echo() {
     let socket = UdpSocket::bind(("127.0.0.1", port)).expect("rebind");
     let ctx = SecurityContext::with_store(&ours, store, 16).expect("restarted");
     assert_eq!(ctx.replay, ReplayWindow::Uninitialized);
-    let server = thread::spawn(move || serve(socket, ctx, 1, Some(b"\x01\x02\x03\x04\x05\x06\x07\x08".to_vec())));
-    assert_eq!(aiocoap_client(dir.path(), port, "hello", "GET", ""), ("2.05".into(), b"hello from rust".to_vec()));
+    let server =
+        thread::spawn(move || serve(socket, ctx, 1, Some(b"\x01\x02\x03\x04\x05\x06\x07\x08".to_vec())));
+    assert_eq!(
+        aiocoap_client(dir.path(), port, "hello", "GET", ""),
+        ("2.05".into(), b"hello from rust".to_vec())
+    );
     let ctx = server.join().expect("server");
-    assert!(matches!(ctx.replay, ReplayWindow::Active { .. }), "the window is recovered");
+    assert!(
+        matches!(ctx.replay, ReplayWindow::Active { .. }),
+        "the window is recovered"
+    );
 }
 
 /// The HTTP endpoint of RFC 8613 §11.4: OSCORE terminated in HTTP, the inner
@@ -185,7 +259,9 @@ fn http_endpoint(ctx: &mut SecurityContext, request: &::http::Request<Vec<u8>>) 
                 .status(200)
                 .header("content-type", "text/plain;charset=utf-8")
                 .body(b"hello over HTTP".to_vec()),
-            ("POST", "/echo") => ::http::Response::builder().status(200).body(inner_http.body().clone()),
+            ("POST", "/echo") => ::http::Response::builder()
+                .status(200)
+                .body(inner_http.body().clone()),
             _ => ::http::Response::builder().status(404).body(Vec::new()),
         }
         .expect("response");
@@ -200,7 +276,10 @@ fn http_endpoint(ctx: &mut SecurityContext, request: &::http::Request<Vec<u8>>) 
             (4, 0) | (4, 2) => 400,
             _ => 500,
         };
-        ::http::Response::builder().status(status).body(text.as_bytes().to_vec()).expect("response")
+        ::http::Response::builder()
+            .status(status)
+            .body(text.as_bytes().to_vec())
+            .expect("response")
     })
 }
 
@@ -217,10 +296,14 @@ fn aiocoap_client_through_the_http_mapping() {
     let gateway = thread::spawn(move || {
         let mut ctx = SecurityContext::new_in_memory(&ours).expect("context");
         let mut seen_http = Vec::new();
-        socket.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
         let mut buf = [0u8; 2048];
         while seen_http.len() < 2 {
-            let Ok((n, peer)) = socket.recv_from(&mut buf) else { break };
+            let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                break;
+            };
             let request = Packet::from_bytes(&buf[..n]).expect("coap");
             let http_request = atls_oscore::http::request_to_http(&request, "/").expect("to http");
             let http_response = http_endpoint(&mut ctx, &http_request);
@@ -229,12 +312,20 @@ fn aiocoap_client_through_the_http_mapping() {
             response.header.set_type(MessageType::Acknowledgement);
             response.header.message_id = request.header.message_id;
             response.set_token(request.get_token().to_vec());
-            socket.send_to(&response.to_bytes().expect("encode"), peer).expect("send");
+            socket
+                .send_to(&response.to_bytes().expect("encode"), peer)
+                .expect("send");
         }
         seen_http
     });
-    assert_eq!(aiocoap_client(dir.path(), port, "hello", "GET", ""), ("2.05".into(), b"hello over HTTP".to_vec()));
-    assert_eq!(aiocoap_client(dir.path(), port, "echo", "POST", "via http").1, b"via http".to_vec());
+    assert_eq!(
+        aiocoap_client(dir.path(), port, "hello", "GET", ""),
+        ("2.05".into(), b"hello over HTTP".to_vec())
+    );
+    assert_eq!(
+        aiocoap_client(dir.path(), port, "echo", "POST", "via http").1,
+        b"via http".to_vec()
+    );
     let seen = gateway.join().expect("gateway");
     for (request, status) in seen {
         // What crossed HTTP: POST /, application/oscore, the OSCORE header, no inner path.
@@ -242,7 +333,10 @@ fn aiocoap_client_through_the_http_mapping() {
         assert_eq!(request.uri().path(), "/");
         assert_eq!(request.headers()["content-type"], "application/oscore");
         assert!(request.headers().contains_key("oscore"));
-        assert!(!request.body().windows(5).any(|w| w == b"hello"), "the inner request is encrypted");
+        assert!(
+            !request.body().windows(5).any(|w| w == b"hello"),
+            "the inner request is encrypted"
+        );
         assert_eq!(status, ::http::StatusCode::OK);
     }
 }
@@ -263,12 +357,21 @@ fn rust_http_client_through_the_http_mapping_to_aiocoap() {
 
     for (mid, (method, path, body, expected)) in [
         ("GET", "/hello", &b""[..], &b"hello from aiocoap"[..]),
-        ("POST", "/echo", &b"HTTP all the way"[..], &b"HTTP all the way"[..]),
+        (
+            "POST",
+            "/echo",
+            &b"HTTP all the way"[..],
+            &b"HTTP all the way"[..],
+        ),
     ]
     .into_iter()
     .enumerate()
     {
-        let inner = ::http::Request::builder().method(method).uri(path).body(body.to_vec()).expect("request");
+        let inner = ::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .body(body.to_vec())
+            .expect("request");
         let coap = atls_oscore::http::coap_request_from_http(&inner).expect("simple form");
         let (outer, binding) = protect_request(&mut ctx, &coap).expect("protect");
         let on_the_wire = atls_oscore::http::request_to_http(&outer, "/").expect("to http");

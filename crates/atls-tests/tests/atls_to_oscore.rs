@@ -7,13 +7,20 @@ use std::net::UdpSocket;
 
 use atls_core::{ConnectionId, HkdfHash, IdSource, ProtectionKind, ServerSessionParams, Session, TlsVersion};
 use atls_openssl::OpenSslEngine;
-use atls_oscore::{cose, protect_request, protect_response, unprotect_request, unprotect_response, ContextParams, SecurityContext};
+use atls_oscore::{
+    cose, protect_request, protect_response, unprotect_request, unprotect_response, ContextParams,
+    SecurityContext,
+};
 use atls_rustls::RustlsEngine;
 use atls_tests::aiocoap::*;
 use atls_tests::*;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 
-fn sessions(client: &dyn atls_core::Engine, server: &dyn atls_core::Engine, version: TlsVersion) -> (Session, Session) {
+fn sessions(
+    client: &dyn atls_core::Engine,
+    server: &dyn atls_core::Engine,
+    version: TlsVersion,
+) -> (Session, Session) {
     let (c, s) = endpoints(client, &client_config(version), server, &server_config(version));
     let mut cp = client_params();
     cp.oscore_cid = Some(ConnectionId::new(vec![0xC1]).expect("cid"));
@@ -43,16 +50,27 @@ fn get(path: &str) -> Packet {
 #[test]
 fn oscore_and_cose_from_every_engine_pairing() {
     for (client_engine, server_engine) in [
-        (&OpenSslEngine as &dyn atls_core::Engine, &OpenSslEngine as &dyn atls_core::Engine),
+        (
+            &OpenSslEngine as &dyn atls_core::Engine,
+            &OpenSslEngine as &dyn atls_core::Engine,
+        ),
         (&RustlsEngine, &RustlsEngine),
         (&RustlsEngine, &OpenSslEngine),
         (&OpenSslEngine, &RustlsEngine),
     ] {
         for version in [TlsVersion::Tls12, TlsVersion::Tls13] {
             let (client, server) = sessions(client_engine, server_engine, version);
-            let negotiated = client_engine.capabilities().atls_extensions && server_engine.capabilities().atls_extensions;
-            let expected = if negotiated { IdSource::Negotiated } else { IdSource::Fallback };
-            assert_eq!(client.protection_ids(ProtectionKind::Oscore).expect("ids").source, expected);
+            let negotiated =
+                client_engine.capabilities().atls_extensions && server_engine.capabilities().atls_extensions;
+            let expected = if negotiated {
+                IdSource::Negotiated
+            } else {
+                IdSource::Fallback
+            };
+            assert_eq!(
+                client.protection_ids(ProtectionKind::Oscore).expect("ids").source,
+                expected
+            );
 
             let mut c = context(&client, ProtectionKind::Oscore);
             let mut s = context(&server, ProtectionKind::Oscore);
@@ -61,12 +79,23 @@ fn oscore_and_cose_from_every_engine_pairing() {
             }
             let (wire, binding) = protect_request(&mut c, &get("temperature")).expect("protect");
             let (plain, sb) = unprotect_request(&mut s, &wire).expect("server verifies");
-            assert_eq!(plain.get_option(CoapOption::UriPath).and_then(|v| v.front()).expect("path"), b"temperature");
+            assert_eq!(
+                plain
+                    .get_option(CoapOption::UriPath)
+                    .and_then(|v| v.front())
+                    .expect("path"),
+                b"temperature"
+            );
             let mut answer = Packet::new();
             answer.header.code = MessageClass::Response(ResponseType::Content);
             answer.payload = b"22.1".to_vec();
             let response = protect_response(&mut s, &answer, &sb, false).expect("protect");
-            assert_eq!(unprotect_response(&mut c, &response, &binding).expect("client verifies").payload, b"22.1");
+            assert_eq!(
+                unprotect_response(&mut c, &response, &binding)
+                    .expect("client verifies")
+                    .payload,
+                b"22.1"
+            );
 
             let mut c = context(&client, ProtectionKind::Cose);
             let mut s = context(&server, ProtectionKind::Cose);
@@ -74,7 +103,10 @@ fn oscore_and_cose_from_every_engine_pairing() {
             let (plain, sb) = cose::open_request(&mut s, &body).expect("open");
             assert_eq!(plain, b"cose request");
             let reply = cose::seal_response(&mut s, b"cose response", &sb).expect("seal");
-            assert_eq!(cose::open_response(&mut c, &reply, &binding).expect("open"), b"cose response");
+            assert_eq!(
+                cose::open_response(&mut c, &reply, &binding).expect("open"),
+                b"cose response"
+            );
         }
     }
 }
@@ -125,7 +157,13 @@ fn aiocoap_keyed_from_the_atls_export_talks_to_the_atls_client() {
         request.set_token(vec![7]);
         let (wire, binding) = protect_request(&mut ours, &request).expect("protect");
         let response = exchange(&socket, &wire);
-        let plain = unprotect_response(&mut ours, &response, &binding).expect("aiocoap answered with the same keys");
-        assert_eq!(plain.payload, b"hello from aiocoap", "{} {version}", engine.name());
+        let plain =
+            unprotect_response(&mut ours, &response, &binding).expect("aiocoap answered with the same keys");
+        assert_eq!(
+            plain.payload,
+            b"hello from aiocoap",
+            "{} {version}",
+            engine.name()
+        );
     }
 }
