@@ -273,3 +273,165 @@ fn established_contexts_survive_a_restart_when_saved() {
     assert!(store.load_context(b"cid-5e").expect("load").is_none());
     assert!(!format!("{restored:?}").contains("0303"), "secrets never print");
 }
+
+const SERVER_CHILD_ENV: &str = "ATLS_OSCORE_RESTART_SERVER_STORE";
+
+/// Not a test on its own: a killed-and-restarted OSCORE server. It serves
+/// OSCORE over UDP on the port it prints, persisting to the given store,
+/// answering an uninitialised window with an Echo challenge.
+#[test]
+fn child_server_until_killed() {
+    let Ok(path) = std::env::var(SERVER_CHILD_ENV) else {
+        return;
+    };
+    let port: u16 = std::env::var("ATLS_OSCORE_RESTART_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    let store = Arc::new(RedbStore::open(path.as_ref()).expect("store"));
+    let mut ctx = SecurityContext::with_store(&params(false), store, INTERVAL).expect("context");
+    let socket = std::net::UdpSocket::bind(("127.0.0.1", port)).expect("bind");
+    println!("port {}", socket.local_addr().expect("addr").port());
+    let mut buf = [0u8; 2048];
+    let mut challenges = 0u8;
+    loop {
+        let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let Ok(request) = Packet::from_bytes(&buf[..n]) else {
+            continue;
+        };
+        let mut response = match unprotect_request(&mut ctx, &request) {
+            Ok((_, binding)) => {
+                let mut inner = Packet::new();
+                inner.header.code = MessageClass::Response(ResponseType::Content);
+                inner.payload = b"fresh".to_vec();
+                protect_response(&mut ctx, &inner, &binding, false).expect("protect")
+            }
+            Err(OscoreError::FreshnessRequired) => {
+                challenges += 1;
+                protect_echo_challenge(&mut ctx, &request, vec![0xEC, challenges]).expect("challenge")
+            }
+            Err(e) => error_response(&request, &e).expect("error response"),
+        };
+        response.header.message_id = request.header.message_id;
+        socket
+            .send_to(&response.to_bytes().expect("encode"), peer)
+            .expect("send");
+    }
+}
+
+/// A server child process, SIGKILLed when dropped so that a failing test
+/// leaves nothing running.
+struct ServerProcess(std::process::Child);
+
+impl ServerProcess {
+    fn kill(&mut self) {
+        self.0.kill().expect("SIGKILL");
+        self.0.wait().expect("reap");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_server(path: &std::path::Path, port: u16) -> (ServerProcess, u16) {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "child_server_until_killed",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(SERVER_CHILD_ENV, path)
+        .env("ATLS_OSCORE_RESTART_PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn server");
+    let stdout = child.stdout.take().expect("stdout");
+    let child = ServerProcess(child);
+    let port = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.rsplit_once("port ").and_then(|(_, p)| p.trim().parse().ok()))
+        .expect("the server reports its port");
+    (child, port)
+}
+
+fn send(socket: &std::net::UdpSocket, message: &Packet) -> Packet {
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .expect("timeout");
+    let mut buf = [0u8; 2048];
+    for _ in 0..10 {
+        socket.send(&message.to_bytes().expect("encode")).expect("send");
+        if let Ok(n) = socket.recv(&mut buf) {
+            return Packet::from_bytes(&buf[..n]).expect("response");
+        }
+    }
+    panic!("no answer from the server process");
+}
+
+/// The server process is SIGKILLed and started again on the same store: a
+/// request recorded before the kill is refused when replayed, and the client
+/// recovers through the Echo challenge.
+#[test]
+fn killed_server_recovers_its_replay_window_with_echo() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("server.redb");
+    let (mut server, port) = spawn_server(&path, 0);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    socket.connect(("127.0.0.1", port)).expect("connect");
+    let mut client = SecurityContext::new_in_memory(&params(true)).expect("client");
+
+    let mut recorded = Vec::new();
+    for _ in 0..3 {
+        let (wire, binding) = protect_request(&mut client, &request()).expect("protect");
+        let answer = unprotect_response(&mut client, &send(&socket, &wire), &binding).expect("verified");
+        assert_eq!(answer.payload, b"fresh");
+        recorded.push(wire);
+    }
+    server.kill();
+    let (mut server, _) = spawn_server(&path, port);
+
+    // A replay of a request from before the kill: challenged, never served.
+    let replay = send(&socket, &recorded[1]);
+    assert_ne!(replay.payload, b"fresh".to_vec());
+    assert!(
+        replay.get_option(CoapOption::Oscore).is_some(),
+        "the challenge is OSCORE-protected"
+    );
+
+    // A new request is challenged, then accepted with the echoed value.
+    let (wire, binding) = protect_request(&mut client, &request()).expect("protect");
+    let challenge = unprotect_response(&mut client, &send(&socket, &wire), &binding).expect("verified");
+    assert_eq!(
+        challenge.header.code,
+        MessageClass::Response(ResponseType::Unauthorized)
+    );
+    let echo = challenge
+        .get_option(CoapOption::Unknown(OPTION_ECHO))
+        .and_then(|v| v.front())
+        .expect("Echo")
+        .clone();
+    let mut retry = request();
+    retry.add_option(CoapOption::Unknown(OPTION_ECHO), echo);
+    let (wire, binding) = protect_request(&mut client, &retry).expect("protect");
+    let answer = unprotect_response(&mut client, &send(&socket, &wire), &binding).expect("verified");
+    assert_eq!(answer.header.code, MessageClass::Response(ResponseType::Content));
+    assert_eq!(answer.payload, b"fresh");
+
+    // The old requests stay refused: below the window's new lower limit.
+    let replay = send(&socket, &recorded[2]);
+    assert_eq!(
+        replay.header.code,
+        MessageClass::Response(ResponseType::Unauthorized)
+    );
+    assert_eq!(replay.payload, b"Replay detected");
+    server.kill();
+}
