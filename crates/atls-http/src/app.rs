@@ -1,0 +1,184 @@
+//! Inner applications for `atls serve`: the built-in resources, and a
+//! reverse proxy to an upstream HTTP application.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use axum::extract::Extension;
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use tower::Service;
+
+use crate::server::AtlsPeer;
+
+/// Largest body the built-in `/echo` returns.
+const MAX_ECHO: usize = 1024 * 1024;
+
+/// `GET /hello` → `hello`; `POST /echo` → the body; `GET /session` → JSON
+/// describing the ATLS session of the request.
+pub fn builtin() -> Router {
+    Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        .route(
+            "/echo",
+            post(|body: Body| async move {
+                match Limited::new(body, MAX_ECHO).collect().await {
+                    Ok(b) => Response::new(Body::from(b.to_bytes())),
+                    Err(_) => {
+                        let mut r = Response::new(Body::from("body too large\n"));
+                        *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+                        r
+                    }
+                }
+            }),
+        )
+        .route("/session", get(session))
+}
+
+async fn session(peer: Option<Extension<AtlsPeer>>) -> Response<Body> {
+    let Some(Extension(peer)) = peer else {
+        let mut r = Response::new(Body::from("no ATLS session\n"));
+        *r.status_mut() = StatusCode::FORBIDDEN;
+        return r;
+    };
+    let json = serde_json::to_vec(&peer).unwrap_or_default();
+    let mut r = Response::new(Body::from(json));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "early-data",
+];
+
+/// A reverse proxy: every inner request goes to `upstream` (scheme, host,
+/// port and an optional path prefix), with the ATLS peer described in
+/// `ATLS-*` request headers the upstream can trust as far as it trusts this
+/// hop. Early-data requests carry `Early-Data: 1` (RFC 8470).
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: reqwest::Client,
+    base: reqwest::Url,
+    limit: usize,
+}
+
+impl Upstream {
+    /// A proxy to `base`.
+    pub fn new(base: &str) -> Result<Self, String> {
+        let base = reqwest::Url::parse(base).map_err(|e| format!("upstream URL {base}: {e}"))?;
+        if base.scheme() != "http" {
+            return Err(format!(
+                "upstream URL {base}: only http:// upstreams are supported"
+            ));
+        }
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            base,
+            limit: 4 * 1024 * 1024,
+        })
+    }
+
+    async fn forward(self, request: Request<Body>) -> Response<Body> {
+        let peer = request.extensions().get::<AtlsPeer>().cloned();
+        let (parts, body) = request.into_parts();
+        let Ok(body) = Limited::new(body, self.limit)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+        else {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+        };
+        let mut url = self.base.clone();
+        let prefix = self.base.path().trim_end_matches('/');
+        url.set_path(&format!("{prefix}{}", parts.uri.path()));
+        url.set_query(parts.uri.query());
+        let mut builder = self.client.request(parts.method, url);
+        for (name, value) in &parts.headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) && !name.as_str().starts_with("atls-") {
+                builder = builder.header(name, value);
+            }
+        }
+        if parts.headers.contains_key("early-data") {
+            builder = builder.header("early-data", "1");
+        }
+        if let Some(peer) = peer {
+            builder = builder
+                .header("atls-mode", peer.mode.name())
+                .header("atls-tls-version", peer.tls_version)
+                .header("atls-cipher-suite", peer.cipher_suite.as_str());
+            if let crate::server::PeerSummary::Psk { identity } = &peer.peer {
+                if let Ok(v) = HeaderValue::from_str(identity) {
+                    builder = builder.header("atls-psk-identity", v);
+                }
+            }
+        }
+        let response = match builder.body(body).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                return error(StatusCode::BAD_GATEWAY, "upstream unreachable");
+            }
+        };
+        let status = response.status();
+        let headers = response.headers().clone();
+        let Ok(body) = response.bytes().await else {
+            return error(StatusCode::BAD_GATEWAY, "upstream response failed");
+        };
+        if body.len() > self.limit {
+            return error(StatusCode::BAD_GATEWAY, "upstream response too large");
+        }
+        let mut out = Response::new(Body::from(body));
+        *out.status_mut() = status;
+        for (name, value) in &headers {
+            if !HOP_BY_HOP.contains(&name.as_str()) {
+                out.headers_mut().append(name, value.clone());
+            }
+        }
+        out
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    let mut r = Response::new(Body::from(Bytes::from(format!("{message}\n"))));
+    *r.status_mut() = status;
+    r
+}
+
+impl Service<Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.forward(request).await) })
+    }
+}
