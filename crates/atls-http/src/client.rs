@@ -176,7 +176,7 @@ impl rustls::client::danger::ServerCertVerifier for NoTransportVerification {
     }
 }
 
-fn transport_tls(options: &ClientOptions) -> Result<rustls::ClientConfig, ClientError> {
+pub(crate) fn transport_tls(options: &ClientOptions) -> Result<rustls::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -89,8 +89,21 @@ pub fn exchange(socket: &UdpSocket, request: &Packet) -> Packet {
     let mut buf = [0u8; 2048];
     for _ in 0..5 {
         socket.send(&bytes).expect("send");
-        if let Ok(n) = socket.recv(&mut buf) {
-            return Packet::from_bytes(&buf[..n]).expect("response");
+        // A slow peer first acknowledges with an empty ACK, then sends the
+        // response separately (RFC 7252 §5.2.2), as a CON we must ACK.
+        while let Ok(n) = socket.recv(&mut buf) {
+            let packet = Packet::from_bytes(&buf[..n]).expect("response");
+            if packet.header.code == coap_lite::MessageClass::Empty {
+                continue;
+            }
+            if packet.header.get_type() == coap_lite::MessageType::Confirmable {
+                let mut ack = Packet::new();
+                ack.header.set_type(coap_lite::MessageType::Acknowledgement);
+                ack.header.code = coap_lite::MessageClass::Empty;
+                ack.header.message_id = packet.header.message_id;
+                let _ = socket.send(&ack.to_bytes().expect("encode"));
+            }
+            return packet;
         }
     }
     panic!("no response from aiocoap");

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::Request;
 use tower::Layer;
 
-pub use atls_tests::{client_config, engines, server_config, SERVER_NAME};
+pub use atls_tests::{client_config, engines, pki, server_config, SERVER_NAME};
 
 /// A running `atls serve` equivalent on loopback.
 pub struct TestServer {
