@@ -4,8 +4,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod common;
 mod demo;
 mod inspect;
+mod request;
+mod serve;
 
 /// Application-Layer TLS (draft-friel-tls-atls): end-to-end TLS through
 /// gateways and middleboxes that terminate transport TLS.
@@ -23,6 +26,22 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Show what a middlebox can read from an ATLS payload, without keys.
     Inspect(inspect::InspectArgs),
+    /// Terminate ATLS over HTTP in front of the built-in resources or an
+    /// upstream HTTP application.
+    Serve(serve::ServeArgs),
+    /// Make one ATLS-protected HTTP request; the body goes to stdout, the
+    /// inner status to stderr.
+    Request(request::RequestArgs),
+}
+
+/// Log to stderr, filtered by `RUST_LOG` (default: info).
+pub(crate) fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -30,6 +49,8 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Demo(demo::DemoArgs::default())) {
         Command::Demo(args) => demo::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Request(args) => return request::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

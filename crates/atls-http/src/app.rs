@@ -91,7 +91,9 @@ impl Upstream {
             ));
         }
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls(crate::client::transport_tls(&crate::ClientOptions::default()).map_err(|e| e.to_string())?)
+            .use_preconfigured_tls(
+                crate::client::transport_tls(&crate::ClientOptions::default()).map_err(|e| e.to_string())?,
+            )
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())
             .build()

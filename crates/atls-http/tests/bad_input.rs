@@ -15,14 +15,24 @@ fn raw() -> reqwest::Client {
         .expect("versions")
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-    reqwest::Client::builder().use_preconfigured_tls(tls).no_proxy().build().expect("client")
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .no_proxy()
+        .build()
+        .expect("client")
 }
 
 /// A real ClientHello from a fresh client session.
 fn client_hello() -> Vec<u8> {
-    let endpoint = engines()[0].client(&client_config(TlsVersion::Tls13)).expect("endpoint");
-    let mut session = atls_core::Session::client(endpoint.as_ref(), &atls_tests::client_params()).expect("session");
-    session.take_flight(std::time::Instant::now()).expect("flight").expect("ClientHello")
+    let endpoint = engines()[0]
+        .client(&client_config(TlsVersion::Tls13))
+        .expect("endpoint");
+    let mut session =
+        atls_core::Session::client(endpoint.as_ref(), &atls_tests::client_params()).expect("session");
+    session
+        .take_flight(std::time::Instant::now())
+        .expect("flight")
+        .expect("ClientHello")
 }
 
 async fn post_atls(url: &str, body: Vec<u8>, cookie: Option<&str>) -> reqwest::Response {
@@ -48,10 +58,20 @@ async fn bad_inputs_get_their_status_and_other_sessions_keep_working() {
         let url = server.url();
         let bystanders: Vec<_> = Mode::ALL
             .iter()
-            .map(|mode| client(engine, &client_config(TlsVersion::Tls13), &url, mode_options(*mode)))
+            .map(|mode| {
+                client(
+                    engine,
+                    &client_config(TlsVersion::Tls13),
+                    &url,
+                    mode_options(*mode),
+                )
+            })
             .collect();
         for c in &bystanders {
-            assert_eq!(c.send(get("/hello")).await.expect("bystander").body().as_ref(), b"hello");
+            assert_eq!(
+                c.send(get("/hello")).await.expect("bystander").body().as_ref(),
+                b"hello"
+            );
         }
 
         // 415: another content type.
@@ -69,7 +89,11 @@ async fn bad_inputs_get_their_status_and_other_sessions_keep_working() {
         assert_eq!(r.status(), 413);
 
         // 400: not TLS records (and truncated records).
-        for body in [b"GET / HTTP/1.1\r\n\r\n".to_vec(), vec![], client_hello()[..20].to_vec()] {
+        for body in [
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            vec![],
+            client_hello()[..20].to_vec(),
+        ] {
             let r = post_atls(&url, body, None).await;
             assert_eq!(r.status(), 400);
         }
@@ -129,7 +153,10 @@ async fn bad_inputs_get_their_status_and_other_sessions_keep_working() {
 
         // Meanwhile the established sessions were never disturbed.
         for c in &bystanders {
-            let echo = c.send(post("/echo", b"still here")).await.expect("bystander after the abuse");
+            let echo = c
+                .send(post("/echo", b"still here"))
+                .await
+                .expect("bystander after the abuse");
             assert_eq!(echo.body().as_ref(), b"still here", "{}", c.mode());
         }
     }
@@ -149,14 +176,23 @@ async fn a_refused_handshake_names_the_alert() {
             ..client_config(TlsVersion::Tls12)
         };
         let c = client(engine, &client_cfg, &server.url(), mode_options(Mode::Oscore));
-        let error = c.send(get("/hello")).await.expect_err("the server distrusts our certificate");
+        let error = c
+            .send(get("/hello"))
+            .await
+            .expect_err("the server distrusts our certificate");
         assert_eq!(error.layer(), atls_http::Layer::Handshake, "{error}");
         match error {
             ClientError::HandshakeRefused { status, alert } => {
                 assert_eq!(status, 400);
                 let alert = alert.expect("the alert travelled in the body");
                 assert!(
-                    [Alert::UNKNOWN_CA, Alert::BAD_CERTIFICATE, Alert(46), Alert::DECRYPT_ERROR].contains(&alert),
+                    [
+                        Alert::UNKNOWN_CA,
+                        Alert::BAD_CERTIFICATE,
+                        Alert(46),
+                        Alert::DECRYPT_ERROR
+                    ]
+                    .contains(&alert),
                     "{}: {alert:?}",
                     engine.name()
                 );
@@ -175,7 +211,12 @@ async fn expired_sessions_get_404_and_the_client_handshakes_again() {
         ..ServerLimits::default()
     };
     let server = serve(engines()[0], &server_config(TlsVersion::Tls13), limits).await;
-    let c = client(engines()[0], &client_config(TlsVersion::Tls13), &server.url(), mode_options(Mode::Oscore));
+    let c = client(
+        engines()[0],
+        &client_config(TlsVersion::Tls13),
+        &server.url(),
+        mode_options(Mode::Oscore),
+    );
     c.send(get("/hello")).await.expect("first");
     tokio::time::sleep(Duration::from_millis(600)).await;
     let again = c.send_traced(get("/hello")).await.expect("after expiry");

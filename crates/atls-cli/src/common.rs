@@ -1,0 +1,78 @@
+//! Options shared by `serve` and `request`: engines, versions, PEM files,
+//! the state directory.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use atls_core::{Certificate, CertifiedKey, Engine, PrivateKey, Psk, TlsVersion};
+use atls_openssl::OpenSslEngine;
+use atls_rustls::RustlsEngine;
+
+/// The engine called `name`.
+pub(crate) fn engine(name: &str) -> anyhow::Result<&'static dyn Engine> {
+    match name {
+        "openssl" => Ok(&OpenSslEngine),
+        "rustls" => Ok(&RustlsEngine),
+        other => bail!("unknown engine {other:?} (openssl, rustls)"),
+    }
+}
+
+/// The versions `--tls-version` selects (both when absent).
+pub(crate) fn versions(version: Option<&str>) -> anyhow::Result<Vec<TlsVersion>> {
+    Ok(match version {
+        None => vec![TlsVersion::Tls13, TlsVersion::Tls12],
+        Some("1.3") => vec![TlsVersion::Tls13],
+        Some("1.2") => vec![TlsVersion::Tls12],
+        Some(other) => bail!("unknown TLS version {other:?} (1.2, 1.3)"),
+    })
+}
+
+pub(crate) fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+pub(crate) fn certificates(path: &Path) -> anyhow::Result<Vec<Certificate>> {
+    Certificate::all_from_pem(&read(path)?).with_context(|| format!("certificates in {}", path.display()))
+}
+
+pub(crate) fn certified_key(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
+    Ok(CertifiedKey {
+        chain: certificates(cert)?,
+        key: PrivateKey::from_pem(&read(key)?)
+            .with_context(|| format!("private key in {}", key.display()))?,
+    })
+}
+
+pub(crate) fn psks(specs: &[String]) -> anyhow::Result<Vec<Psk>> {
+    specs
+        .iter()
+        .map(|s| Psk::parse(s).context("--psk expects IDENTITY:HEXKEY"))
+        .collect()
+}
+
+/// The default state directory: `$XDG_DATA_HOME/atls`, else `~/.local/share/atls`.
+pub(crate) fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("atls");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/atls"),
+        None => std::env::temp_dir().join("atls"),
+    }
+}
+
+/// Write `contents` readable by the owner only (a private key).
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("writing {}", path.display()))
+}

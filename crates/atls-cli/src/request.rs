@@ -1,0 +1,246 @@
+//! `atls request URL`: one protected request, like curl.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use atls_core::{ClientConfig, CommonConfig};
+use atls_http::{AtlsClient, ClientError, ClientOptions, Layer, Mode};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request};
+
+use crate::common;
+
+/// Arguments of `atls request`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct RequestArgs {
+    /// The resource: scheme, server and path (http://host:port/path).
+    pub(crate) url: String,
+    /// Inner method.
+    #[arg(short = 'X', long = "request", default_value = "GET")]
+    pub(crate) method: String,
+    /// Inner body (implies POST when -X is not given); `@FILE` reads a file.
+    #[arg(short = 'd', long = "data")]
+    pub(crate) data: Option<String>,
+    /// Inner header (repeatable): 'Name: value'.
+    #[arg(short = 'H', long = "header")]
+    pub(crate) headers: Vec<String>,
+    /// Protection of the request.
+    #[arg(long, default_value = "oscore")]
+    pub(crate) mode: Mode,
+    /// TLS engine for ATLS.
+    #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"])]
+    pub(crate) engine: String,
+    /// Only this TLS version (1.2 or 1.3).
+    #[arg(long, value_name = "VERSION")]
+    pub(crate) tls_version: Option<String>,
+    /// CA that issued the ATLS server certificate (PEM). Defaults to the
+    /// development CA of a local `atls serve`, when there is one.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) ca: Option<PathBuf>,
+    /// ATLS client certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub(crate) cert: Option<PathBuf>,
+    /// ATLS client private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub(crate) key: Option<PathBuf>,
+    /// External PSK: IDENTITY:HEXKEY.
+    #[arg(long, value_name = "ID:HEX")]
+    pub(crate) psk: Option<String>,
+    /// Name the ATLS server certificate must carry (default: the URL's host).
+    #[arg(long)]
+    pub(crate) server_name: Option<String>,
+    /// HTTP forward proxy (default: HTTPS_PROXY / HTTP_PROXY).
+    #[arg(long, value_name = "URL")]
+    pub(crate) proxy: Option<String>,
+    /// Do not verify the transport TLS certificate (a TLS-terminating
+    /// middlebox). ATLS is verified regardless.
+    #[arg(long)]
+    pub(crate) insecure_transport: bool,
+    /// Extra CA for the transport TLS layer (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) transport_ca: Option<PathBuf>,
+    /// Speak HTTP/2 to an http:// URL without negotiation (h2c).
+    #[arg(long)]
+    pub(crate) http2: bool,
+    /// Show each step with timings on stderr.
+    #[arg(short, long)]
+    pub(crate) verbose: bool,
+    /// Directory of a local `atls serve`'s development CA.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+}
+
+/// Exit codes, one per failing layer.
+fn exit_code(layer: Layer) -> ExitCode {
+    ExitCode::from(match layer {
+        Layer::Transport => 2,
+        Layer::Handshake => 3,
+        Layer::Protection => 4,
+        Layer::Application => 5,
+    })
+}
+
+fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
+    let engine = common::engine(&args.engine)?;
+    let ca = match &args.ca {
+        Some(ca) => Some(ca.clone()),
+        None => {
+            let dir = args.state_dir.clone().unwrap_or_else(common::default_state_dir);
+            Some(dir.join("ca.pem")).filter(|p| p.exists() && args.psk.is_none())
+        }
+    };
+    if ca.is_none() && args.psk.is_none() {
+        anyhow::bail!("ATLS needs a trust anchor: --ca FILE (or --psk ID:HEX)");
+    }
+    let config = ClientConfig {
+        common: CommonConfig {
+            versions: common::versions(args.tls_version.as_deref())?,
+            ..CommonConfig::default()
+        },
+        trust_anchors: ca
+            .as_deref()
+            .map(common::certificates)
+            .transpose()?
+            .unwrap_or_default(),
+        client_auth: match (&args.cert, &args.key) {
+            (Some(c), Some(k)) => Some(common::certified_key(c, k)?),
+            _ => None,
+        },
+        psk: args
+            .psk
+            .as_deref()
+            .map(|p| common::psks(&[p.to_owned()]))
+            .transpose()?
+            .and_then(|mut v| v.pop()),
+        early_data: true,
+    };
+    let endpoint = engine.client(&config).context("configuring the ATLS client")?;
+
+    let url = reqwest_url(&args.url)?;
+    let base = format!(
+        "{}://{}",
+        url.scheme_str().unwrap_or("http"),
+        url.authority().context("the URL has no host")?
+    );
+    let options = ClientOptions {
+        mode: args.mode,
+        server_name: args.server_name.clone(),
+        http2_prior_knowledge: args.http2,
+        proxy: args.proxy.clone(),
+        insecure_transport: args.insecure_transport,
+        transport_roots: args
+            .transport_ca
+            .as_deref()
+            .map(common::certificates)
+            .transpose()?
+            .unwrap_or_default(),
+        ..ClientOptions::default()
+    };
+    let client = AtlsClient::new(&base, endpoint, options)?;
+
+    let body = match &args.data {
+        Some(d) if d.starts_with('@') => Bytes::from(common::read(std::path::Path::new(&d[1..]))?),
+        Some(d) => Bytes::from(d.clone().into_bytes()),
+        None => Bytes::new(),
+    };
+    let method = if args.data.is_some() && args.method == "GET" {
+        Method::POST
+    } else {
+        Method::from_bytes(args.method.as_bytes()).context("invalid method")?
+    };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(url.path_and_query().map_or("/", |p| p.as_str()))
+        .header(http::header::HOST, url.authority().map_or("", |a| a.as_str()));
+    for h in &args.headers {
+        let (name, value) = h.split_once(':').context("-H expects 'Name: value'")?;
+        request = request.header(
+            HeaderName::from_bytes(name.trim().as_bytes()).context("invalid header name")?,
+            HeaderValue::from_str(value.trim()).context("invalid header value")?,
+        );
+    }
+    Ok((client, request.body(body)?))
+}
+
+fn reqwest_url(url: &str) -> anyhow::Result<http::Uri> {
+    let uri: http::Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => Ok(uri),
+        _ => anyhow::bail!("the URL must start with http:// or https://"),
+    }
+}
+
+/// Run `atls request`; the exit code names the failing layer.
+pub(crate) fn run(args: &RequestArgs) -> ExitCode {
+    if args.verbose {
+        crate::init_tracing();
+    }
+    let (client, request) = match build(args) {
+        Ok(built) => built,
+        Err(e) => {
+            eprintln!("atls: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("atls: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let start = Instant::now();
+    let result = runtime.block_on(client.send_traced(request));
+    match result {
+        Ok(exchange) => {
+            if args.verbose {
+                for e in &exchange.events {
+                    eprintln!(
+                        "* {:<9} {} [{} {} B] -> {} [{} {} B] {:.1} ms",
+                        e.kind,
+                        e.request_line,
+                        e.request_type,
+                        e.request_bytes,
+                        e.status.as_u16(),
+                        e.response_type,
+                        e.response_bytes,
+                        e.elapsed.as_secs_f64() * 1e3
+                    );
+                }
+                let info = &exchange.info;
+                eprintln!(
+                    "* ATLS {} {} engine={} resumed={} 0-RTT={} mode={} total {:.1} ms",
+                    info.version.name(),
+                    info.cipher_suite,
+                    args.engine,
+                    info.resumed,
+                    exchange.early_data,
+                    args.mode,
+                    start.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            let status = exchange.response.status();
+            eprintln!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout();
+            let _ = stdout.write_all(exchange.response.body());
+            let _ = stdout.flush();
+            if status.is_client_error() || status.is_server_error() {
+                eprintln!("atls: application: the inner response is {status}");
+                return exit_code(Layer::Application);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("atls: {}", describe(&e));
+            exit_code(e.layer())
+        }
+    }
+}
+
+fn describe(e: &ClientError) -> String {
+    // Every variant's message starts with its layer.
+    e.to_string()
+}

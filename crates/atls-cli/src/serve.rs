@@ -1,0 +1,285 @@
+//! `atls serve`: an ATLS terminator in front of the built-in resources or of
+//! any HTTP application (`--upstream`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use atls_core::{CertifiedKey, CommonConfig, ServerConfig};
+use atls_http::{app, AtlsLayer, AtlsServer, ServerLimits};
+use axum::body::Body;
+use axum::ServiceExt as _;
+use http::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tower::util::BoxCloneService;
+use tower::Layer as _;
+
+use crate::common;
+
+/// Arguments of `atls serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ServeArgs {
+    /// Plain HTTP listener (HTTP/1.1 and h2c). Default 127.0.0.1:8080 when
+    /// no listener is given.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) http: Option<SocketAddr>,
+    /// HTTPS listener (the transport TLS layer; needs --tls-cert, --tls-key).
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    pub(crate) https: Option<SocketAddr>,
+    /// Transport TLS certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// Transport TLS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// ATLS certificate chain (PEM). Without it a development CA and server
+    /// certificate are created in --state-dir.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub(crate) cert: Option<PathBuf>,
+    /// ATLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub(crate) key: Option<PathBuf>,
+    /// Require ATLS client certificates issued by this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) client_ca: Option<PathBuf>,
+    /// Accept an external PSK (repeatable): IDENTITY:HEXKEY.
+    #[arg(long, value_name = "ID:HEX")]
+    pub(crate) psk: Vec<String>,
+    /// TLS engine for ATLS.
+    #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"])]
+    pub(crate) engine: String,
+    /// Only this TLS version (1.2 or 1.3); both by default.
+    #[arg(long, value_name = "VERSION")]
+    pub(crate) tls_version: Option<String>,
+    /// Send every inner request to this HTTP application (a reverse proxy).
+    #[arg(long, value_name = "URL")]
+    pub(crate) upstream: Option<String>,
+    /// Directory for the development PKI.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+    /// Most 0-RTT bytes accepted per TLS 1.3 session (0 disables 0-RTT).
+    #[arg(long, default_value_t = 16384)]
+    pub(crate) max_early_data: u32,
+    /// Most sessions held at once.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) max_sessions: usize,
+    /// Most handshakes in progress at once (beyond: 503 with Retry-After).
+    #[arg(long, default_value_t = 1_000)]
+    pub(crate) max_half_open: usize,
+    /// Seconds an unused session is kept.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) idle_timeout: u64,
+}
+
+/// The development PKI of a state directory: created once, reused after.
+pub(crate) struct DevPki {
+    pub(crate) ca_path: PathBuf,
+    pub(crate) identity: CertifiedKey,
+}
+
+pub(crate) fn dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
+    let ca_path = dir.join("ca.pem");
+    let cert_path = dir.join("server-cert.pem");
+    let key_path = dir.join("server-key.pem");
+    if !(ca_path.exists() && cert_path.exists() && key_path.exists()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let ca = atls_pki::DevCa::new("atls development CA").context("creating the development CA")?;
+        let server = ca
+            .issue_server(&["localhost", "127.0.0.1", "::1", "atls.test"])
+            .context("issuing the server certificate")?;
+        std::fs::write(&ca_path, ca.certificate_pem())
+            .with_context(|| format!("writing {}", ca_path.display()))?;
+        let chain = format!("{}{}", server.cert_pem, ca.certificate_pem());
+        std::fs::write(&cert_path, chain).with_context(|| format!("writing {}", cert_path.display()))?;
+        common::write_private(&key_path, server.dangerous_key_pem().as_bytes())?;
+    }
+    Ok(DevPki {
+        identity: common::certified_key(&cert_path, &key_path)?,
+        ca_path,
+    })
+}
+
+type App = BoxCloneService<Request<Body>, Response<Body>, std::convert::Infallible>;
+
+/// A configured server, its listeners bound, serving. Dropping it stops them.
+pub(crate) struct Running {
+    pub(crate) http: Option<SocketAddr>,
+    pub(crate) https: Option<SocketAddr>,
+    pub(crate) ca_path: Option<PathBuf>,
+    pub(crate) server: Arc<AtlsServer>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Serve until a listener fails.
+    pub(crate) async fn wait(mut self) -> anyhow::Result<()> {
+        match self.tasks.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(e)) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Build the server and bind its listeners.
+pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
+    let engine = common::engine(&args.engine)?;
+    let (identity, ca_path) = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => (Some(common::certified_key(cert, key)?), None),
+        _ if !args.psk.is_empty() => (None, None),
+        _ => {
+            let dir = args.state_dir.clone().unwrap_or_else(common::default_state_dir);
+            let pki = dev_pki(&dir)?;
+            (Some(pki.identity), Some(pki.ca_path))
+        }
+    };
+    let config = ServerConfig {
+        common: CommonConfig {
+            versions: common::versions(args.tls_version.as_deref())?,
+            ..CommonConfig::default()
+        },
+        identity,
+        client_auth_roots: args.client_ca.as_deref().map(common::certificates).transpose()?,
+        psks: common::psks(&args.psk)?,
+        max_early_data: args.max_early_data,
+    };
+    let endpoint = engine.server(&config).context("configuring the ATLS server")?;
+    let limits = ServerLimits {
+        max_sessions: args.max_sessions,
+        max_half_open: args.max_half_open,
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        ..ServerLimits::default()
+    };
+    let server = AtlsServer::new(endpoint, limits);
+    let inner: App = match &args.upstream {
+        Some(url) => BoxCloneService::new(app::Upstream::new(url).map_err(anyhow::Error::msg)?),
+        None => BoxCloneService::new(app::builtin()),
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let http_addr = match (args.http, args.https) {
+        (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        (http, _) => http,
+    };
+    let mut http_bound = None;
+    if let Some(addr) = http_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        http_bound = Some(listener.local_addr()?);
+        let service = AtlsLayer::new(server.clone()).layer(inner.clone());
+        tasks.spawn(async move {
+            axum::serve(listener, service.into_make_service())
+                .await
+                .context("HTTP listener")
+        });
+    }
+    let mut https_bound = None;
+    if let Some(addr) = args.https {
+        let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+            bail!("--https needs --tls-cert and --tls-key");
+        };
+        let acceptor = tls_acceptor(cert, key)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        https_bound = Some(listener.local_addr()?);
+        let service = AtlsLayer::new(server.clone())
+            .secure_cookies(true)
+            .layer(inner.clone());
+        tasks.spawn(serve_https(listener, acceptor, service));
+    }
+    Ok(Running {
+        http: http_bound,
+        https: https_bound,
+        ca_path,
+        server,
+        tasks,
+    })
+}
+
+fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    let chain = rustls_pki_types::CertificateDer::pem_slice_iter(&common::read(cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("certificates in {}", cert.display()))?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&common::read(key)?)
+        .with_context(|| format!("private key in {}", key.display()))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .context("transport TLS certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn serve_https<S>(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    service: S,
+) -> anyhow::Result<()>
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
+            else {
+                return;
+            };
+            let hyper_service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                let mut service = service.clone();
+                async move { service.call(request.map(Body::new)).await }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), hyper_service)
+                .await;
+        });
+    }
+}
+
+/// Run `atls serve` until interrupted.
+pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    crate::init_tracing();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let running = start(args).await?;
+        if let Some(ca) = &running.ca_path {
+            println!("development CA (give it to clients with --ca): {}", ca.display());
+        }
+        if let Some(addr) = running.http {
+            println!(
+                "ATLS over HTTP on http://{addr} (engine {})",
+                running.server.engine_name()
+            );
+        }
+        if let Some(addr) = running.https {
+            println!(
+                "ATLS over HTTPS on https://{addr} (engine {})",
+                running.server.engine_name()
+            );
+        }
+        tokio::select! {
+            result = running.wait() => result,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}
