@@ -13,6 +13,11 @@ pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 
+# Real middleboxes for the HTTP tests: nginx terminating transport TLS,
+# tinyproxy as a forward proxy.
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || need+=(tinyproxy)
+
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
   sudo=""
@@ -27,11 +32,20 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
-# Independent peers for the interop tests: aiocoap (OSCORE).
+pip_install() {
+  python3 -m pip install --quiet --disable-pip-version-check "$@" \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
+}
+
+# Independent peers for the interop tests: aiocoap (OSCORE), pyOpenSSL (a
+# memory-BIO TLS client of ATLS over HTTP).
 if ! python3 -c 'import aiocoap.oscore, cryptography' >/dev/null 2>&1; then
   echo "setup: installing aiocoap[oscore] (interop peer)" >&2
-  python3 -m pip install --quiet --disable-pip-version-check 'aiocoap[oscore]==0.4.17' \
-    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'aiocoap[oscore]==0.4.17'
+  pip_install 'aiocoap[oscore]==0.4.17'
+fi
+if ! python3 -c 'import OpenSSL' >/dev/null 2>&1; then
+  echo "setup: installing pyOpenSSL (interop peer)" >&2
+  pip_install 'pyOpenSSL==26.4.0'
 fi
 
 openssl_version=$(pkg-config --modversion openssl)

@@ -1,0 +1,313 @@
+//! `atls serve` and `atls request` as processes, against each other, an
+//! independent pyOpenSSL client, nginx terminating transport TLS, tinyproxy
+//! as a forward proxy, and an upstream application.
+
+mod support;
+
+use std::process::Command;
+
+use support::*;
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("JSON {e}: {text}"))
+}
+
+#[test]
+fn request_in_every_mode_on_every_engine() {
+    for server_engine in ["openssl", "rustls"] {
+        let server = serve(&["--engine", server_engine]);
+        let ca = server.ca.to_str().expect("path");
+        for client_engine in ["openssl", "rustls"] {
+            for mode in ["records", "oscore", "cose"] {
+                for version in ["1.2", "1.3"] {
+                    let label = format!("{client_engine} → {server_engine} {mode} TLS {version}");
+                    let url = format!("http://{}/session", server.http);
+                    let out = request(&[
+                        &url,
+                        "--ca",
+                        ca,
+                        "--engine",
+                        client_engine,
+                        "--mode",
+                        mode,
+                        "--tls-version",
+                        version,
+                        "--server-name",
+                        "localhost",
+                    ]);
+                    assert!(out.status.success(), "{label}: {}", stderr(&out));
+                    assert!(stderr(&out).starts_with("200 OK"), "{label}: {}", stderr(&out));
+                    let session = json(&stdout(&out));
+                    assert_eq!(session["mode"], mode, "{label}");
+                    assert_eq!(session["engine"], server_engine, "{label}");
+                    assert_eq!(session["tls_version"], format!("TLSv{version}"), "{label}");
+                }
+            }
+        }
+        let echo = request(&[
+            &format!("http://{}/echo", server.http),
+            "--ca",
+            ca,
+            "-d",
+            "ping",
+            "--http2",
+        ]);
+        assert!(echo.status.success(), "{}", stderr(&echo));
+        assert_eq!(stdout(&echo), "ping");
+    }
+}
+
+#[test]
+fn failures_name_their_layer_in_message_and_exit_code() {
+    let server = serve(&[]);
+    let ca = server.ca.to_str().expect("path");
+
+    let missing = request(&[&format!("http://{}/missing", server.http), "--ca", ca]);
+    assert_eq!(missing.status.code(), Some(5), "{}", stderr(&missing));
+    assert!(stderr(&missing).contains("application"), "{}", stderr(&missing));
+
+    let other = tempfile::tempdir().expect("dir");
+    let other_ca = other.path().join("ca.pem");
+    std::fs::write(
+        &other_ca,
+        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
+    )
+    .expect("write");
+    let wrong_ca = request(&[
+        &format!("http://{}/hello", server.http),
+        "--ca",
+        other_ca.to_str().expect("path"),
+    ]);
+    assert_eq!(wrong_ca.status.code(), Some(3), "{}", stderr(&wrong_ca));
+    assert!(
+        stderr(&wrong_ca).contains("ATLS handshake"),
+        "{}",
+        stderr(&wrong_ca)
+    );
+
+    let port = free_port();
+    let unreachable = request(&[&format!("http://127.0.0.1:{port}/hello"), "--ca", ca]);
+    assert_eq!(unreachable.status.code(), Some(2), "{}", stderr(&unreachable));
+    assert!(
+        stderr(&unreachable).contains("transport"),
+        "{}",
+        stderr(&unreachable)
+    );
+
+    let verbose = request(&[&format!("http://{}/hello", server.http), "--ca", ca, "-v"]);
+    assert!(verbose.status.success());
+    let steps = stderr(&verbose);
+    assert!(steps.contains("handshake") && steps.contains(" ms"), "{steps}");
+}
+
+#[test]
+fn pyopenssl_memory_bio_client_interoperates() {
+    let ok = Command::new("python3")
+        .args(["-c", "import OpenSSL, aiocoap.oscore"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 with pyOpenSSL and aiocoap[oscore] is required: run scripts/setup.sh"
+    );
+    for engine in ["openssl", "rustls"] {
+        let server = serve(&["--engine", engine]);
+        for version in ["1.2", "1.3"] {
+            let out = Command::new("python3")
+                .arg(workspace().join("interop/pyopenssl_client.py"))
+                .arg(format!("http://{}", server.http))
+                .arg(&server.ca)
+                .args(["localhost", version])
+                .output()
+                .expect("python3");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "{engine} {version}: {text}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let line = |prefix: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(prefix))
+                    .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+                    .to_owned()
+            };
+            let records = json(&line("records "));
+            assert_eq!(records["mode"], "records");
+            assert_eq!(records["engine"], engine);
+            assert_eq!(records["tls_version"], format!("TLSv{version}"));
+            // The OSCORE request verifies only if pyOpenSSL's atls-oscore
+            // export equals the server's: the same context on both ends.
+            let oscore = json(&line("oscore "));
+            assert_eq!(oscore["mode"], "oscore");
+            assert_eq!(
+                oscore["cids_negotiated"], false,
+                "pyOpenSSL offers no CIDs: fallback IDs"
+            );
+            assert_eq!(oscore["cipher_suite"], records["cipher_suite"]);
+        }
+    }
+}
+
+#[test]
+fn through_nginx_terminating_transport_tls() {
+    let server = serve(&[]);
+    let ca = server.ca.to_str().expect("path");
+    let dir = tempfile::tempdir().expect("dir");
+    // The middlebox has its own certificate from its own CA: a second trust domain.
+    let transport_ca = atls_pki::DevCa::new("middlebox CA").expect("CA");
+    let cert = transport_ca
+        .issue_server(&["localhost", "127.0.0.1"])
+        .expect("cert");
+    let (cert_path, key_path, tca_path) = (
+        dir.path().join("t.pem"),
+        dir.path().join("t.key"),
+        dir.path().join("tca.pem"),
+    );
+    std::fs::write(&cert_path, &cert.cert_pem).expect("write");
+    std::fs::write(&key_path, cert.dangerous_key_pem()).expect("write");
+    std::fs::write(&tca_path, transport_ca.certificate_pem()).expect("write");
+    let port = free_port();
+    let _nginx = nginx(dir.path(), port, &server.http, &cert_path, &key_path);
+    let url = format!("https://127.0.0.1:{port}/echo");
+
+    for mode in ["records", "oscore", "cose"] {
+        for extra in [
+            &["--insecure-transport"][..],
+            &["--transport-ca", tca_path.to_str().expect("path")][..],
+            &["--insecure-transport", "--http2"][..],
+        ] {
+            let mut args = vec![
+                url.as_str(),
+                "--ca",
+                ca,
+                "--server-name",
+                "localhost",
+                "--mode",
+                mode,
+                "-d",
+                "through nginx",
+            ];
+            args.extend_from_slice(extra);
+            let out = request(&args);
+            assert!(out.status.success(), "{mode} {extra:?}: {}", stderr(&out));
+            assert_eq!(stdout(&out), "through nginx");
+        }
+    }
+    // Transport verification is separate from ATLS: without trusting the
+    // middlebox the transport layer fails ...
+    let out = request(&[&url, "--ca", ca, "--server-name", "localhost", "-d", "x"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("transport"), "{}", stderr(&out));
+    // ... and trusting the middlebox never lets it impersonate the ATLS server.
+    let out = request(&[
+        &url,
+        "--ca",
+        tca_path.to_str().expect("path"),
+        "--insecure-transport",
+        "--server-name",
+        "localhost",
+        "-d",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+}
+
+#[test]
+fn through_tinyproxy_as_forward_proxy() {
+    let server = serve(&[]);
+    let ca = server.ca.to_str().expect("path");
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let (_proxy, log) = tinyproxy(dir.path(), port);
+    let proxy = format!("http://127.0.0.1:{port}");
+    for mode in ["records", "oscore", "cose"] {
+        let out = request(&[
+            &format!("http://{}/echo", server.http),
+            "--ca",
+            ca,
+            "--proxy",
+            &proxy,
+            "--mode",
+            mode,
+            "-d",
+            mode,
+        ]);
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        assert_eq!(stdout(&out), mode);
+    }
+    // The proxy saw the ATLS exchanges (and only ciphertext).
+    let seen = std::fs::read_to_string(&log).expect("tinyproxy log");
+    assert!(seen.contains("/.well-known/atls"), "{seen}");
+
+    // HTTP_PROXY from the environment is honoured too.
+    let out = Command::new(ATLS)
+        .args(["request", &format!("http://{}/hello", server.http), "--ca", ca])
+        .env("HTTP_PROXY", &proxy)
+        .env("http_proxy", &proxy)
+        .env_remove("NO_PROXY")
+        .env_remove("no_proxy")
+        .output()
+        .expect("atls request");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello");
+    let requests = std::fs::read_to_string(&log)
+        .expect("log")
+        .matches("/.well-known/atls")
+        .count();
+    assert!(requests >= 4, "{requests}");
+}
+
+#[test]
+fn upstream_application_behind_atls_serve() {
+    // A plain Python HTTP application that reports what it received.
+    let port = free_port();
+    let app = r#"
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        out = json.dumps({"path": self.path, "method": "POST", "body": body.decode(),
+            "mode": self.headers.get("atls-mode"), "spoofed": self.headers.get("atls-evil")}).encode()
+        self.send_response(201); self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out))); self.end_headers(); self.wfile.write(out)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let _app = Process(
+        Command::new("python3")
+            .args(["-c", app, &port.to_string()])
+            .spawn()
+            .expect("python upstream"),
+    );
+    wait_for_port(port, "upstream app");
+    let server = serve(&["--upstream", &format!("http://127.0.0.1:{port}")]);
+    let ca = server.ca.to_str().expect("path");
+    for mode in ["records", "oscore", "cose"] {
+        let out = request(&[
+            &format!("http://{}/api/items?x=1", server.http),
+            "--ca",
+            ca,
+            "--mode",
+            mode,
+            "-d",
+            "item",
+            "-H",
+            "ATLS-Evil: 1",
+        ]);
+        // 201 is a success: exit 0.
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        assert!(stderr(&out).starts_with("201"), "{mode}: {}", stderr(&out));
+        let seen = json(&stdout(&out));
+        assert_eq!(seen["path"], "/api/items?x=1", "{mode}");
+        assert_eq!(seen["body"], "item", "{mode}");
+        assert_eq!(
+            seen["mode"], mode,
+            "{mode}: the upstream learns the protection mode"
+        );
+        assert!(
+            seen["spoofed"].is_null(),
+            "{mode}: ATLS-* headers from the client are dropped"
+        );
+    }
+}
