@@ -22,6 +22,9 @@ pub(crate) struct DemoArgs {
     /// Only scenarios whose client or server runs this engine (openssl, rustls).
     #[arg(long)]
     engine: Option<String>,
+    /// Only the in-memory handshakes, no HTTP servers on loopback.
+    #[arg(long)]
+    memory_only: bool,
 }
 
 const SERVER_NAME: &str = "service.atls.example";
@@ -264,6 +267,11 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
                 failures += 1;
             }
         }
+    }
+    if !args.memory_only {
+        let (http_ran, http_failed) = crate::demo_http::run(args.engine.as_deref())?;
+        ran += http_ran;
+        failures += http_failed;
     }
     if ran == 0 {
         bail!("no scenario matches the engine filter");

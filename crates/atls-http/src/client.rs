@@ -220,6 +220,16 @@ fn snippet(body: &[u8]) -> String {
         .to_owned()
 }
 
+/// One outer HTTP request.
+struct OuterRequest<'a> {
+    kind: &'static str,
+    method: Method,
+    path: &'a str,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    cookie: Option<SessionId>,
+}
+
 /// The outer answer to one POST.
 struct Outer {
     status: StatusCode,
@@ -291,14 +301,17 @@ impl AtlsClient {
 
     async fn post(
         &self,
-        kind: &'static str,
-        method: Method,
-        path: &str,
-        headers: HeaderMap,
-        body: Vec<u8>,
-        cookie: Option<SessionId>,
+        request: OuterRequest<'_>,
         events: &mut Vec<WireEvent>,
     ) -> Result<Outer, ClientError> {
+        let OuterRequest {
+            kind,
+            method,
+            path,
+            headers,
+            body,
+            cookie,
+        } = request;
         let start = Instant::now();
         let url = self.url(path)?;
         let request_type = content_type(&headers);
@@ -427,12 +440,14 @@ impl AtlsClient {
             };
             let outer = self
                 .post(
-                    "handshake",
-                    Method::POST,
-                    wire::WELL_KNOWN_PATH,
-                    Self::atls_headers(),
-                    flight,
-                    cookie,
+                    OuterRequest {
+                        kind: "handshake",
+                        method: Method::POST,
+                        path: wire::WELL_KNOWN_PATH,
+                        headers: Self::atls_headers(),
+                        body: flight,
+                        cookie,
+                    },
                     events,
                 )
                 .await?;
@@ -614,12 +629,14 @@ impl AtlsClient {
         let records = est.session.take_flight(Instant::now())?.unwrap_or_default();
         let outer = self
             .post(
-                "records",
-                Method::POST,
-                wire::WELL_KNOWN_PATH,
-                Self::atls_headers(),
-                records,
-                Some(est.cookie),
+                OuterRequest {
+                    kind: "records",
+                    method: Method::POST,
+                    path: wire::WELL_KNOWN_PATH,
+                    headers: Self::atls_headers(),
+                    body: records,
+                    cookie: Some(est.cookie),
+                },
                 events,
             )
             .await?;
@@ -648,12 +665,14 @@ impl AtlsClient {
         headers.remove(header::HOST);
         let answer = self
             .post(
-                "oscore",
-                Method::POST,
-                "/",
-                headers,
-                outer_http.into_body(),
-                Some(est.cookie),
+                OuterRequest {
+                    kind: "oscore",
+                    method: Method::POST,
+                    path: "/",
+                    headers,
+                    body: outer_http.into_body(),
+                    cookie: Some(est.cookie),
+                },
                 events,
             )
             .await?;
@@ -700,12 +719,14 @@ impl AtlsClient {
         let path = Self::path_of(request.uri());
         let answer = self
             .post(
-                "cose",
-                request.method().clone(),
-                &path,
-                headers,
-                sealed,
-                Some(est.cookie),
+                OuterRequest {
+                    kind: "cose",
+                    method: request.method().clone(),
+                    path: &path,
+                    headers,
+                    body: sealed,
+                    cookie: Some(est.cookie),
+                },
                 events,
             )
             .await?;

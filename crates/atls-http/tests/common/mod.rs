@@ -1,5 +1,5 @@
 //! Servers and clients on loopback for the end-to-end tests.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
