@@ -284,10 +284,31 @@ impl AtlsClient {
         self.state.lock().await.as_ref().map(|s| s.info.clone())
     }
 
-    /// Forget the current session (the next request handshakes again,
-    /// resuming when the engine holds a ticket).
+    /// Forget the current session without telling the server (the next
+    /// request handshakes again, resuming when the engine holds a ticket).
     pub async fn reset(&self) {
         *self.state.lock().await = None;
+    }
+
+    /// End the current session: send close_notify so the server frees it at
+    /// once, then forget it. Failures to reach the server are ignored (the
+    /// server expires the session anyway).
+    pub async fn close(&self) {
+        let Some(mut est) = self.state.lock().await.take() else {
+            return;
+        };
+        est.session.close();
+        if let Ok(Some(flight)) = est.session.take_flight(Instant::now()) {
+            let request = OuterRequest {
+                kind: "close",
+                method: Method::POST,
+                path: wire::WELL_KNOWN_PATH,
+                headers: Self::atls_headers(),
+                body: flight,
+                cookie: Some(est.cookie),
+            };
+            let _ = self.post(request, &mut Vec::new()).await;
+        }
     }
 
     fn url(&self, path_and_query: &str) -> Result<reqwest::Url, ClientError> {

@@ -236,6 +236,22 @@ impl Table {
         self.last_sweep = Some(now);
     }
 
+    fn evict_least_recently_used(&mut self) {
+        let victim = self
+            .sessions
+            .iter()
+            .filter_map(|(id, e)| {
+                let e = e.try_lock().ok()?;
+                e.established.as_ref().map(|_| (e.last_used, *id))
+            })
+            .min()
+            .map(|(_, id)| id);
+        if let Some(id) = victim {
+            tracing::debug!(session = ?id, "evicting the least recently used ATLS session");
+            self.remove(&id);
+        }
+    }
+
     fn fresh_cid(&self, index: &HashMap<Vec<u8>, SessionId>) -> Result<Vec<u8>, crate::error::WireError> {
         loop {
             let mut cid = vec![0u8; CID_LEN];
@@ -377,11 +393,21 @@ impl AtlsServer {
             // Sweep now rather than wait: expired entries may be holding the room.
             table.sweep(now, &self.limits);
         }
-        if table.half_open >= self.limits.max_half_open || table.sessions.len() >= self.limits.max_sessions {
-            let mut reply = plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many ATLS handshakes in progress",
-            );
+        if table.sessions.len() >= self.limits.max_sessions {
+            // Full of established sessions: the least recently used one goes
+            // (its client gets 404 and handshakes again) rather than turning
+            // new clients away. Half-open handshakes are never evicted.
+            table.evict_least_recently_used();
+        }
+        let refusal = if table.half_open >= self.limits.max_half_open {
+            Some("too many ATLS handshakes in progress")
+        } else if table.sessions.len() >= self.limits.max_sessions {
+            Some("the ATLS session table is full")
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            let mut reply = plain(StatusCode::SERVICE_UNAVAILABLE, message);
             reply
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -660,11 +686,16 @@ where
         };
 
         // Drive the TLS session with the flight; collect a request to serve.
-        let step = {
+        let (step, closed) = {
             let mut e = lock(&entry);
             e.last_used = now;
-            self.step(&mut e, &body, now)
+            let step = self.step(&mut e, &body, now);
+            (step, e.session.is_closed())
         };
+        if closed {
+            // close_notify (or a fatal alert): the session ends here.
+            self.server.remove(&id);
+        }
         let (mut out, inner_request) = match step {
             Ok(step) => step,
             Err(StepError(error, alert)) => {

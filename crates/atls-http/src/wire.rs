@@ -70,7 +70,7 @@ impl std::str::FromStr for Mode {
 }
 
 /// An opaque session identifier: the cookie value.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SessionId([u8; SESSION_ID_LEN]);
 
 impl SessionId {

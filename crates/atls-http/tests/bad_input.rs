@@ -225,3 +225,54 @@ async fn expired_sessions_get_404_and_the_client_handshakes_again() {
     assert_eq!(statuses.first(), Some(&404), "{statuses:?}");
     assert!(again.events.iter().any(|e| e.kind == "handshake"));
 }
+
+/// close_notify frees the server's session at once; a full table evicts the
+/// least recently used established session instead of refusing newcomers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_sessions_are_freed_and_a_full_table_evicts_the_oldest() {
+    for engine in engines() {
+        let limits = ServerLimits {
+            max_sessions: 3,
+            ..ServerLimits::default()
+        };
+        let server = serve(engine, &server_config(TlsVersion::Tls13), limits).await;
+        let url = server.url();
+        let first = client(
+            engine,
+            &client_config(TlsVersion::Tls13),
+            &url,
+            mode_options(Mode::Oscore),
+        );
+        first.send(get("/hello")).await.expect("first");
+        assert_eq!(server.server.stats().sessions, 1);
+        first.close().await;
+        assert_eq!(
+            server.server.stats().sessions,
+            0,
+            "{}: close_notify frees the session",
+            engine.name()
+        );
+
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                client(
+                    engine,
+                    &client_config(TlsVersion::Tls13),
+                    &url,
+                    mode_options(Mode::Records),
+                )
+            })
+            .collect();
+        for c in &clients {
+            c.send(get("/hello")).await.expect("newcomers are served");
+        }
+        assert_eq!(server.server.stats().sessions, 3);
+        // The evicted (oldest) client is told 404 and transparently starts over.
+        let again = clients[0]
+            .send_traced(get("/hello"))
+            .await
+            .expect("evicted client");
+        assert_eq!(again.events[0].status, 404);
+        assert_eq!(again.response.body().as_ref(), b"hello");
+    }
+}
