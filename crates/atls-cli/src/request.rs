@@ -198,8 +198,9 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
             if args.verbose {
                 for e in &exchange.events {
                     eprintln!(
-                        "* {:<9} {} [{} {} B] -> {} [{} {} B] {:.1} ms",
+                        "* {:<9} {:?} {} [{} {} B] -> {} [{} {} B] {:.1} ms",
                         e.kind,
+                        e.http_version,
                         e.request_line,
                         e.request_type,
                         e.request_bytes,

@@ -311,3 +311,102 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         );
     }
 }
+
+#[test]
+fn https_listener_with_http2_and_client_certificates() {
+    let dir = tempfile::tempdir().expect("dir");
+    let pki = atls_pki::DevCa::new("client and transport CA").expect("CA");
+    let transport = pki
+        .issue_server(&["localhost", "127.0.0.1"])
+        .expect("transport cert");
+    let device = pki.issue_client("device-7").expect("client cert");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("path").to_owned()
+    };
+    let (tcert, tkey) = (
+        write("t.pem", &transport.cert_pem),
+        write("t.key", transport.dangerous_key_pem()),
+    );
+    let (ccert, ckey) = (
+        write("c.pem", &device.cert_pem),
+        write("c.key", device.dangerous_key_pem()),
+    );
+    let ca = write("ca.pem", pki.certificate_pem());
+    for engine in ["openssl", "rustls"] {
+        let server = serve(&[
+            "--engine",
+            engine,
+            "--https",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &tcert,
+            "--tls-key",
+            &tkey,
+            "--client-ca",
+            &ca,
+        ]);
+        let https = server.https.clone().expect("HTTPS listener");
+        let atls_ca = server.ca.to_str().expect("path");
+        for mode in ["records", "oscore", "cose"] {
+            let out = request(&[
+                &format!("{https}/session"),
+                "--ca",
+                atls_ca,
+                "--server-name",
+                "localhost",
+                "--transport-ca",
+                &ca,
+                "--cert",
+                &ccert,
+                "--key",
+                &ckey,
+                "--mode",
+                mode,
+                "--engine",
+                engine,
+            ]);
+            assert!(out.status.success(), "{engine} {mode}: {}", stderr(&out));
+            let session = json(&stdout(&out));
+            assert_eq!(session["peer"]["kind"], "certificate", "{engine} {mode}");
+            assert_eq!(session["peer"]["chain_len"], 1, "{engine} {mode}");
+        }
+        // Without a client certificate the ATLS handshake is refused.
+        let out = request(&[
+            &format!("{https}/hello"),
+            "--ca",
+            atls_ca,
+            "--transport-ca",
+            &ca,
+            "--engine",
+            engine,
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{engine}: {}", stderr(&out));
+    }
+}
+
+#[test]
+fn external_psk_instead_of_certificates() {
+    let psk = "device-9:000102030405060708090a0b0c0d0e0f";
+    let server = serve(&["--psk", psk, "--tls-version", "1.3"]);
+    for mode in ["records", "oscore", "cose"] {
+        let out = request(&[
+            &format!("http://{}/session", server.http),
+            "--psk",
+            psk,
+            "--mode",
+            mode,
+        ]);
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        let session = json(&stdout(&out));
+        assert_eq!(session["peer"]["kind"], "psk", "{mode}");
+        assert_eq!(session["peer"]["identity"], "device-9", "{mode}");
+    }
+    let wrong = request(&[
+        &format!("http://{}/hello", server.http),
+        "--psk",
+        "device-9:ffffffffffffffffffffffffffffffff",
+    ]);
+    assert_eq!(wrong.status.code(), Some(3), "{}", stderr(&wrong));
+}

@@ -90,6 +90,8 @@ pub struct WireEvent {
     pub response_bytes: usize,
     /// Time of the exchange.
     pub elapsed: Duration,
+    /// The outer HTTP version.
+    pub http_version: http::Version,
 }
 
 /// A response and the outer exchanges it took.
@@ -355,6 +357,7 @@ impl AtlsClient {
             ClientError::Transport(message)
         })?;
         let status = response.status();
+        let http_version = response.version();
         let headers = response.headers().clone();
         if response
             .content_length()
@@ -379,6 +382,7 @@ impl AtlsClient {
             response_type: content_type(&headers),
             response_bytes: body.len(),
             elapsed: start.elapsed(),
+            http_version,
         });
         Ok(Outer {
             status,

@@ -28,6 +28,7 @@ impl Drop for Process {
 pub struct Serve {
     pub process: Process,
     pub http: String,
+    pub https: Option<String>,
     pub ca: PathBuf,
     pub state: tempfile::TempDir,
 }
@@ -45,12 +46,19 @@ pub fn serve(extra: &[&str]) -> Serve {
     let stdout = child.stdout.take().expect("stdout");
     let process = Process(child);
     let mut http = None;
+    let mut https = None;
+    let wants_https = extra.contains(&"--https");
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("ATLS over HTTPS on ") {
+            https = rest.split_whitespace().next().map(str::to_owned);
+        }
         if let Some(rest) = line.strip_prefix("ATLS over HTTP on ") {
             http = rest
                 .split_whitespace()
                 .next()
                 .map(|url| url.trim_start_matches("http://").to_owned());
+        }
+        if http.is_some() && (https.is_some() || !wants_https) {
             break;
         }
     }
@@ -58,6 +66,7 @@ pub fn serve(extra: &[&str]) -> Serve {
     Serve {
         process,
         http,
+        https,
         ca: state.path().join("ca.pem"),
         state,
     }
