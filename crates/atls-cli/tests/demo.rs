@@ -11,9 +11,17 @@ fn demo_runs_every_scenario_on_embedded_defaults() {
         .output()
         .expect("atls");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary = text.lines().last().expect("summary line");
-    let ran: usize = summary.split_whitespace().next().and_then(|n| n.parse().ok()).expect("count");
+    let ran: usize = summary
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("count");
     assert_eq!(summary, format!("{ran} scenarios, {ran} succeeded, 0 failed"));
     for needle in [
         "keys AGREE",
