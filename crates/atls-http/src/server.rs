@@ -670,15 +670,27 @@ where
             Ok(b) => b,
             Err(reply) => return reply,
         };
-        if atls_core::records::split_records(atls_core::Framing::Tls, &body).is_err() {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                "the body is not a sequence of TLS records",
-            );
-        }
+        let starts_handshake = match atls_core::records::split_records(atls_core::Framing::Tls, &body) {
+            Ok(records) => records
+                .first()
+                .is_some_and(|r| r.content_type == atls_core::records::ContentType::Handshake),
+            Err(_) => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    "the body is not a sequence of TLS records",
+                )
+            }
+        };
         let (id, entry, new) = match self.session_for(&parts.headers, now) {
             Err(reply) => return reply,
             Ok(Some((id, entry))) => (id, entry, false),
+            // Without a cookie only a ClientHello may open a session.
+            Ok(None) if !starts_handshake => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    "a new ATLS session starts with a handshake record",
+                )
+            }
             Ok(None) => match self.server.create(now) {
                 Ok((id, entry)) => (id, entry, true),
                 Err(reply) => return reply,
