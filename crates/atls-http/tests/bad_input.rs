@@ -88,11 +88,12 @@ async fn bad_inputs_get_their_status_and_other_sessions_keep_working() {
         let r = post_atls(&url, vec![0x16; 64 * 1024], None).await;
         assert_eq!(r.status(), 413);
 
-        // 400: not TLS records (and truncated records).
+        // 400: not TLS records, truncated records, or a session not opened by a handshake.
         for body in [
             b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             vec![],
             client_hello()[..20].to_vec(),
+            vec![23, 3, 3, 0, 1, 0],
         ] {
             let r = post_atls(&url, body, None).await;
             assert_eq!(r.status(), 400);
