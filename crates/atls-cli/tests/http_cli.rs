@@ -410,3 +410,53 @@ fn external_psk_instead_of_certificates() {
     ]);
     assert_eq!(wrong.status.code(), Some(3), "{}", stderr(&wrong));
 }
+
+/// The corporate path: HTTPS_PROXY → tinyproxy (CONNECT) → nginx terminating
+/// transport TLS → `atls serve`. Two middleboxes, ATLS end to end.
+#[test]
+fn https_proxy_connect_then_tls_terminating_nginx() {
+    let server = serve(&[]);
+    let ca = server.ca.to_str().expect("path");
+    let dir = tempfile::tempdir().expect("dir");
+    let transport_ca = atls_pki::DevCa::new("middlebox CA").expect("CA");
+    let cert = transport_ca
+        .issue_server(&["localhost", "127.0.0.1"])
+        .expect("cert");
+    let (cert_path, key_path) = (dir.path().join("t.pem"), dir.path().join("t.key"));
+    std::fs::write(&cert_path, &cert.cert_pem).expect("write");
+    std::fs::write(&key_path, cert.dangerous_key_pem()).expect("write");
+    let nginx_port = free_port();
+    let _nginx = nginx(dir.path(), nginx_port, &server.http, &cert_path, &key_path);
+    let proxy_port = free_port();
+    let (_proxy, log) = tinyproxy(dir.path(), proxy_port);
+    let proxy = format!("http://127.0.0.1:{proxy_port}");
+    for mode in ["records", "oscore", "cose"] {
+        let out = Command::new(ATLS)
+            .args([
+                "request",
+                &format!("https://127.0.0.1:{nginx_port}/echo"),
+                "--ca",
+                ca,
+                "--server-name",
+                "localhost",
+                "--insecure-transport",
+                "--mode",
+                mode,
+                "-d",
+                "via CONNECT",
+            ])
+            .env("HTTPS_PROXY", &proxy)
+            .env("https_proxy", &proxy)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .output()
+            .expect("atls request");
+        assert!(out.status.success(), "{mode}: {}", stderr(&out));
+        assert_eq!(stdout(&out), "via CONNECT");
+    }
+    let seen = std::fs::read_to_string(&log).expect("tinyproxy log");
+    assert!(
+        seen.contains("CONNECT"),
+        "the proxy tunnelled the TLS connection: {seen}"
+    );
+}

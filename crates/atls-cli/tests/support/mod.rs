@@ -198,7 +198,7 @@ pub fn tinyproxy(dir: &Path, port: u16) -> (Process, PathBuf) {
         ""
     };
     let conf = format!(
-        "{user}Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{log}\"\nLogLevel Info\nMaxClients 20\nAllow 127.0.0.1\nConnectPort 0\n",
+        "{user}Port {port}\nListen 127.0.0.1\nTimeout 30\nLogFile \"{log}\"\nLogLevel Info\nMaxClients 20\nAllow 127.0.0.1\n",
         log = log.display()
     );
     let conf_path = dir.join("tinyproxy.conf");
