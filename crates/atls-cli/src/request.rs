@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use atls_core::{ClientConfig, CommonConfig};
-use atls_http::{AtlsClient, ClientError, ClientOptions, Layer, Mode};
+use atls_http::{AtlsClient, ClientOptions, Layer, Mode};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request};
 
@@ -235,13 +235,9 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("atls: {}", describe(&e));
+            // Every error's message starts with the layer that failed.
+            eprintln!("atls: {e}");
             exit_code(e.layer())
         }
     }
-}
-
-fn describe(e: &ClientError) -> String {
-    // Every variant's message starts with its layer.
-    e.to_string()
 }

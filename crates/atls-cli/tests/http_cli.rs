@@ -8,6 +8,22 @@ use std::process::Command;
 
 use support::*;
 
+/// nginx terminating transport TLS in front of `upstream`, with a
+/// certificate from its own CA (a second trust domain). Returns nginx, its
+/// port and the path of its CA.
+fn middlebox_nginx(dir: &std::path::Path, upstream: &str) -> (Process, u16, std::path::PathBuf) {
+    let transport_ca = atls_pki::DevCa::new("middlebox CA").expect("CA");
+    let cert = transport_ca
+        .issue_server(&["localhost", "127.0.0.1"])
+        .expect("cert");
+    let (cert_path, key_path, ca_path) = (dir.join("t.pem"), dir.join("t.key"), dir.join("tca.pem"));
+    std::fs::write(&cert_path, &cert.cert_pem).expect("write");
+    std::fs::write(&key_path, cert.dangerous_key_pem()).expect("write");
+    std::fs::write(&ca_path, transport_ca.certificate_pem()).expect("write");
+    let port = free_port();
+    (nginx(dir, port, upstream, &cert_path, &key_path), port, ca_path)
+}
+
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("JSON {e}: {text}"))
 }
@@ -154,21 +170,7 @@ fn through_nginx_terminating_transport_tls() {
     let server = serve(&[]);
     let ca = server.ca.to_str().expect("path");
     let dir = tempfile::tempdir().expect("dir");
-    // The middlebox has its own certificate from its own CA: a second trust domain.
-    let transport_ca = atls_pki::DevCa::new("middlebox CA").expect("CA");
-    let cert = transport_ca
-        .issue_server(&["localhost", "127.0.0.1"])
-        .expect("cert");
-    let (cert_path, key_path, tca_path) = (
-        dir.path().join("t.pem"),
-        dir.path().join("t.key"),
-        dir.path().join("tca.pem"),
-    );
-    std::fs::write(&cert_path, &cert.cert_pem).expect("write");
-    std::fs::write(&key_path, cert.dangerous_key_pem()).expect("write");
-    std::fs::write(&tca_path, transport_ca.certificate_pem()).expect("write");
-    let port = free_port();
-    let _nginx = nginx(dir.path(), port, &server.http, &cert_path, &key_path);
+    let (_nginx, port, tca_path) = middlebox_nginx(dir.path(), &server.http);
     let url = format!("https://127.0.0.1:{port}/echo");
 
     for mode in ["records", "oscore", "cose"] {
@@ -418,15 +420,7 @@ fn https_proxy_connect_then_tls_terminating_nginx() {
     let server = serve(&[]);
     let ca = server.ca.to_str().expect("path");
     let dir = tempfile::tempdir().expect("dir");
-    let transport_ca = atls_pki::DevCa::new("middlebox CA").expect("CA");
-    let cert = transport_ca
-        .issue_server(&["localhost", "127.0.0.1"])
-        .expect("cert");
-    let (cert_path, key_path) = (dir.path().join("t.pem"), dir.path().join("t.key"));
-    std::fs::write(&cert_path, &cert.cert_pem).expect("write");
-    std::fs::write(&key_path, cert.dangerous_key_pem()).expect("write");
-    let nginx_port = free_port();
-    let _nginx = nginx(dir.path(), nginx_port, &server.http, &cert_path, &key_path);
+    let (_nginx, nginx_port, _) = middlebox_nginx(dir.path(), &server.http);
     let proxy_port = free_port();
     let (_proxy, log) = tinyproxy(dir.path(), proxy_port);
     let proxy = format!("http://127.0.0.1:{proxy_port}");

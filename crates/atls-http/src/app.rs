@@ -10,12 +10,11 @@ use axum::body::Body;
 use axum::extract::Extension;
 use axum::routing::{get, post};
 use axum::Router;
-use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tower::Service;
 
-use crate::server::AtlsPeer;
+use crate::server::{plain, AtlsPeer};
 
 /// Largest body the built-in `/echo` returns.
 const MAX_ECHO: usize = 1024 * 1024;
@@ -30,11 +29,7 @@ pub fn builtin() -> Router {
             post(|body: Body| async move {
                 match Limited::new(body, MAX_ECHO).collect().await {
                     Ok(b) => Response::new(Body::from(b.to_bytes())),
-                    Err(_) => {
-                        let mut r = Response::new(Body::from("body too large\n"));
-                        *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
-                        r
-                    }
+                    Err(_) => plain(StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
                 }
             }),
         )
@@ -43,9 +38,7 @@ pub fn builtin() -> Router {
 
 async fn session(peer: Option<Extension<AtlsPeer>>) -> Response<Body> {
     let Some(Extension(peer)) = peer else {
-        let mut r = Response::new(Body::from("no ATLS session\n"));
-        *r.status_mut() = StatusCode::FORBIDDEN;
-        return r;
+        return plain(StatusCode::FORBIDDEN, "no ATLS session");
     };
     let json = serde_json::to_vec(&peer).unwrap_or_default();
     let mut r = Response::new(Body::from(json));
@@ -113,7 +106,7 @@ impl Upstream {
             .await
             .map(|b| b.to_bytes())
         else {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
+            return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large");
         };
         let mut url = self.base.clone();
         let prefix = self.base.path().trim_end_matches('/');
@@ -143,16 +136,16 @@ impl Upstream {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "upstream request failed");
-                return error(StatusCode::BAD_GATEWAY, "upstream unreachable");
+                return plain(StatusCode::BAD_GATEWAY, "upstream unreachable");
             }
         };
         let status = response.status();
         let headers = response.headers().clone();
         let Ok(body) = response.bytes().await else {
-            return error(StatusCode::BAD_GATEWAY, "upstream response failed");
+            return plain(StatusCode::BAD_GATEWAY, "upstream response failed");
         };
         if body.len() > self.limit {
-            return error(StatusCode::BAD_GATEWAY, "upstream response too large");
+            return plain(StatusCode::BAD_GATEWAY, "upstream response too large");
         }
         let mut out = Response::new(Body::from(body));
         *out.status_mut() = status;
@@ -163,12 +156,6 @@ impl Upstream {
         }
         out
     }
-}
-
-fn error(status: StatusCode, message: &str) -> Response<Body> {
-    let mut r = Response::new(Body::from(Bytes::from(format!("{message}\n"))));
-    *r.status_mut() = status;
-    r
 }
 
 impl Service<Request<Body>> for Upstream {

@@ -578,34 +578,29 @@ impl AtlsClient {
         let mut state = self.state.lock().await;
         // One retry: the server may have forgotten the session (404).
         for attempt in 0..2 {
-            let (response, early) = match state.take() {
+            // A new session answers a record-mode request during its handshake.
+            let mut answered = None;
+            let established = match state.as_mut() {
+                Some(established) => established,
                 None => {
                     let inner = (self.options.mode == Mode::Records).then(|| wire::encode_request(&request));
                     let (established, answer, early) = self.handshake(inner.as_deref(), &mut events).await?;
-                    *state = Some(established);
-                    match answer {
-                        Some(bytes) => (
-                            Some(wire::parse_response(&bytes, self.options.max_response)?),
-                            early,
-                        ),
-                        None => (None, false),
+                    if let Some(bytes) = answer {
+                        answered = Some((wire::parse_response(&bytes, self.options.max_response)?, early));
                     }
-                }
-                Some(established) => {
-                    *state = Some(established);
-                    (None, false)
+                    state.insert(established)
                 }
             };
-            let Some(established) = state.as_mut() else {
-                continue;
-            };
-            let response = match response {
-                Some(r) => Ok(r),
-                None => match self.options.mode {
-                    Mode::Records => self.send_records(established, &request, &mut events).await,
-                    Mode::Oscore => self.send_oscore(established, &request, &mut events).await,
-                    Mode::Cose => self.send_cose(established, &request, &mut events).await,
-                },
+            let (response, early) = match answered {
+                Some((response, early)) => (Ok(response), early),
+                None => (
+                    match self.options.mode {
+                        Mode::Records => self.send_records(established, &request, &mut events).await,
+                        Mode::Oscore => self.send_oscore(established, &request, &mut events).await,
+                        Mode::Cose => self.send_cose(established, &request, &mut events).await,
+                    },
+                    false,
+                ),
             };
             match response {
                 Ok(response) => {

@@ -16,7 +16,7 @@
 // refused request, and boxing it would only add an allocation.
 #![allow(clippy::result_large_err)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
@@ -26,8 +26,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use atls_core::{
-    CipherSuite, ConnectionId, Error as TlsError, HandshakeInfo, PeerIdentity, ProtectionKind,
-    ServerEndpoint, ServerSessionParams, Session, TlsVersion,
+    ConnectionId, Error as TlsError, HandshakeInfo, PeerIdentity, ProtectionKind, ServerEndpoint,
+    ServerSessionParams, Session,
 };
 use atls_oscore::{http as oscore_http, ContextParams, OscoreError, SecurityContext};
 use axum::body::Body;
@@ -106,7 +106,7 @@ pub struct AtlsPeer {
 pub enum PeerSummary {
     /// No client authentication.
     Anonymous,
-    /// A client certificate; `subject` is its subject DN as text, `der` the certificate.
+    /// A client certificate chain.
     Certificate {
         /// Hex of the end-entity certificate (DER).
         der_hex: String,
@@ -135,14 +135,6 @@ impl PeerSummary {
     }
 }
 
-fn version_name(v: TlsVersion) -> &'static str {
-    v.name()
-}
-
-fn suite_name(s: CipherSuite) -> String {
-    s.to_string()
-}
-
 /// An established session's protection state.
 struct Established {
     info: HandshakeInfo,
@@ -165,8 +157,7 @@ struct Entry {
     established: Option<Established>,
     /// A request received as 0-RTT data, served once the handshake completes.
     early_request: Option<Vec<u8>>,
-    oscore_cid: Vec<u8>,
-    cose_cid: Vec<u8>,
+    id: SessionId,
 }
 
 impl Entry {
@@ -189,8 +180,8 @@ impl Entry {
         Some(AtlsPeer {
             mode,
             engine: self.session.engine_name(),
-            tls_version: version_name(info.version),
-            cipher_suite: suite_name(info.cipher_suite),
+            tls_version: info.version.name(),
+            cipher_suite: info.cipher_suite.to_string(),
             cids_negotiated: cids,
             peer: PeerSummary::of(&info.peer),
             resumed: info.resumed,
@@ -201,25 +192,33 @@ impl Entry {
 
 type Shared = Arc<Mutex<Entry>>;
 
+/// A session as the table holds it: what removal needs is kept here, so the
+/// table never waits for a session's lock.
+struct Slot {
+    entry: Shared,
+    oscore_cid: Vec<u8>,
+    cose_cid: Vec<u8>,
+}
+
+/// Lock order: a session's lock may be held while taking the table's, never
+/// the reverse (the table only ever `try_lock`s a session).
 #[derive(Default)]
 struct Table {
-    sessions: HashMap<SessionId, Shared>,
+    sessions: HashMap<SessionId, Slot>,
     /// Server CIDs (= the client's Sender ID / kid) of live sessions.
     oscore_kids: HashMap<Vec<u8>, SessionId>,
     cose_kids: HashMap<Vec<u8>, SessionId>,
-    half_open: usize,
+    /// Sessions still handshaking.
+    half_open: HashSet<SessionId>,
     last_sweep: Option<Instant>,
 }
 
 impl Table {
     fn remove(&mut self, id: &SessionId) {
-        if let Some(entry) = self.sessions.remove(id) {
-            let entry = lock(&entry);
-            if entry.established.is_none() {
-                self.half_open = self.half_open.saturating_sub(1);
-            }
-            self.oscore_kids.remove(&entry.oscore_cid);
-            self.cose_kids.remove(&entry.cose_cid);
+        if let Some(slot) = self.sessions.remove(id) {
+            self.half_open.remove(id);
+            self.oscore_kids.remove(&slot.oscore_cid);
+            self.cose_kids.remove(&slot.cose_cid);
         }
     }
 
@@ -227,7 +226,7 @@ impl Table {
         let expired: Vec<SessionId> = self
             .sessions
             .iter()
-            .filter(|(_, e)| e.try_lock().map(|e| e.expired(now, limits)).unwrap_or(false))
+            .filter(|(_, slot)| slot.entry.try_lock().is_ok_and(|e| e.expired(now, limits)))
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
@@ -240,8 +239,8 @@ impl Table {
         let victim = self
             .sessions
             .iter()
-            .filter_map(|(id, e)| {
-                let e = e.try_lock().ok()?;
+            .filter_map(|(id, slot)| {
+                let e = slot.entry.try_lock().ok()?;
                 e.established.as_ref().map(|_| (e.last_used, *id))
             })
             .min()
@@ -251,14 +250,15 @@ impl Table {
             self.remove(&id);
         }
     }
+}
 
-    fn fresh_cid(&self, index: &HashMap<Vec<u8>, SessionId>) -> Result<Vec<u8>, crate::error::WireError> {
-        loop {
-            let mut cid = vec![0u8; CID_LEN];
-            getrandom::fill(&mut cid).map_err(|e| crate::error::WireError::Random(e.to_string()))?;
-            if !index.contains_key(&cid) {
-                return Ok(cid);
-            }
+/// A random server CID not in `index`.
+fn fresh_cid(index: &HashMap<Vec<u8>, SessionId>) -> Result<Vec<u8>, crate::error::WireError> {
+    loop {
+        let mut cid = vec![0u8; CID_LEN];
+        getrandom::fill(&mut cid).map_err(|e| crate::error::WireError::Random(e.to_string()))?;
+        if !index.contains_key(&cid) {
+            return Ok(cid);
         }
     }
 }
@@ -298,7 +298,8 @@ impl fmt::Debug for AtlsServer {
 /// Result of a handler: a response, never an error (errors are statuses).
 type Reply = Response<Body>;
 
-fn plain(status: StatusCode, message: &str) -> Reply {
+/// A text/plain answer carrying `message`.
+pub(crate) fn plain(status: StatusCode, message: &str) -> Reply {
     let mut response = Response::new(Body::from(format!("{message}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -349,7 +350,7 @@ impl AtlsServer {
         let table = lock(&self.table);
         TableStats {
             sessions: table.sessions.len(),
-            half_open: table.half_open,
+            half_open: table.half_open.len(),
         }
     }
 
@@ -363,18 +364,20 @@ impl AtlsServer {
     }
 
     fn lookup(&self, id: SessionId, now: Instant) -> Option<Shared> {
-        let mut table = lock(&self.table);
-        self.maybe_sweep(&mut table, now);
-        let entry = table.sessions.get(&id)?.clone();
+        let entry = {
+            let mut table = lock(&self.table);
+            self.maybe_sweep(&mut table, now);
+            table.sessions.get(&id)?.entry.clone()
+        };
         let expired = lock(&entry).expired(now, &self.limits);
         if expired {
-            table.remove(&id);
+            self.remove(&id);
             return None;
         }
         Some(entry)
     }
 
-    fn lookup_kid(&self, mode: Mode, kid: &[u8], now: Instant) -> Option<(SessionId, Shared)> {
+    fn lookup_kid(&self, mode: Mode, kid: &[u8], now: Instant) -> Option<Shared> {
         let id = {
             let table = lock(&self.table);
             let index = match mode {
@@ -383,13 +386,15 @@ impl AtlsServer {
             };
             *index.get(kid)?
         };
-        self.lookup(id, now).map(|e| (id, e))
+        self.lookup(id, now)
     }
 
     fn create(&self, now: Instant) -> Result<(SessionId, Shared), Reply> {
         let mut table = lock(&self.table);
         self.maybe_sweep(&mut table, now);
-        if table.half_open >= self.limits.max_half_open || table.sessions.len() >= self.limits.max_sessions {
+        if table.half_open.len() >= self.limits.max_half_open
+            || table.sessions.len() >= self.limits.max_sessions
+        {
             // Sweep now rather than wait: expired entries may be holding the room.
             table.sweep(now, &self.limits);
         }
@@ -399,7 +404,7 @@ impl AtlsServer {
             // new clients away. Half-open handshakes are never evicted.
             table.evict_least_recently_used();
         }
-        let refusal = if table.half_open >= self.limits.max_half_open {
+        let refusal = if table.half_open.len() >= self.limits.max_half_open {
             Some("too many ATLS handshakes in progress")
         } else if table.sessions.len() >= self.limits.max_sessions {
             Some("the ATLS session table is full")
@@ -423,8 +428,8 @@ impl AtlsServer {
                 break id;
             }
         };
-        let oscore_cid = table.fresh_cid(&table.oscore_kids).map_err(|e| internal(&e))?;
-        let cose_cid = table.fresh_cid(&table.cose_kids).map_err(|e| internal(&e))?;
+        let oscore_cid = fresh_cid(&table.oscore_kids).map_err(|e| internal(&e))?;
+        let cose_cid = fresh_cid(&table.cose_kids).map_err(|e| internal(&e))?;
         let params = ServerSessionParams {
             oscore_cid: Some(ConnectionId::new(oscore_cid.clone()).map_err(|e| internal(&e))?),
             cose_cid: Some(ConnectionId::new(cose_cid.clone()).map_err(|e| internal(&e))?),
@@ -436,13 +441,19 @@ impl AtlsServer {
             last_used: now,
             established: None,
             early_request: None,
-            oscore_cid: oscore_cid.clone(),
-            cose_cid: cose_cid.clone(),
+            id,
         }));
-        table.sessions.insert(id, entry.clone());
-        table.oscore_kids.insert(oscore_cid, id);
-        table.cose_kids.insert(cose_cid, id);
-        table.half_open += 1;
+        table.oscore_kids.insert(oscore_cid.clone(), id);
+        table.cose_kids.insert(cose_cid.clone(), id);
+        table.half_open.insert(id);
+        table.sessions.insert(
+            id,
+            Slot {
+                entry: entry.clone(),
+                oscore_cid,
+                cose_cid,
+            },
+        );
         Ok((id, entry))
     }
 
@@ -465,8 +476,7 @@ impl AtlsServer {
         let oscore = context(ProtectionKind::Oscore)?;
         let cose = context(ProtectionKind::Cose)?;
         entry.established = Some(Established { info, oscore, cose });
-        let mut table = lock(&self.table);
-        table.half_open = table.half_open.saturating_sub(1);
+        lock(&self.table).half_open.remove(&entry.id);
         Ok(())
     }
 }
@@ -832,32 +842,18 @@ where
             Ok(option) => option.kid,
             Err(e) => return oscore_error_reply(&e),
         };
-        let Some((_, entry)) = (match self.find(Mode::Oscore, kid.as_deref(), outer_http.headers(), now) {
+        let Some(entry) = (match self.find(Mode::Oscore, kid.as_deref(), outer_http.headers(), now) {
             Ok(found) => found,
             Err(reply) => return reply,
         }) else {
             return oscore_error_reply(&OscoreError::ContextNotFound);
         };
 
-        let (inner_packet, binding, peer) = {
-            let mut e = lock(&entry);
-            e.last_used = now;
-            let Some(peer) = e.peer(Mode::Oscore, false) else {
-                return plain(
-                    StatusCode::NOT_FOUND,
-                    "the ATLS handshake of this session is not complete",
-                );
-            };
-            let Some(est) = e.established.as_mut() else {
-                return plain(
-                    StatusCode::NOT_FOUND,
-                    "the ATLS handshake of this session is not complete",
-                );
-            };
-            match atls_oscore::unprotect_request(&mut est.oscore, &outer) {
-                Ok((inner, binding)) => (inner, binding, peer),
-                Err(error) => return oscore_error_reply(&error),
-            }
+        let ((inner_packet, binding), peer) = match open_in(&entry, Mode::Oscore, now, |est| {
+            atls_oscore::unprotect_request(&mut est.oscore, &outer)
+        }) {
+            Ok(opened) => opened,
+            Err(reply) => return reply,
         };
         let mut inner_http = match oscore_http::http_request_from_coap(&inner_packet) {
             Ok(r) => r,
@@ -880,15 +876,13 @@ where
                 Ok(p) => p,
                 Err(e) => return oscore_error_reply(&e),
             };
-        let protected = {
-            let mut e = lock(&entry);
-            let Some(est) = e.established.as_mut() else {
-                return plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session");
-            };
+        let protected = match seal_in(&entry, |est| {
             atls_oscore::protect_response(&mut est.oscore, &inner_response, &binding, false)
+        }) {
+            Ok(p) => p,
+            Err(reply) => return reply,
         };
-        let outer_response = protected.and_then(|p| oscore_http::response_to_http(&p));
-        match outer_response {
+        match oscore_http::response_to_http(&protected) {
             Ok(response) => response.map(Body::from),
             Err(e) => oscore_error_reply(&e),
         }
@@ -902,13 +896,13 @@ where
         kid: Option<&[u8]>,
         headers: &http::HeaderMap,
         now: Instant,
-    ) -> Result<Option<(SessionId, Shared)>, Reply> {
+    ) -> Result<Option<Shared>, Reply> {
         if let Some(kid) = kid.filter(|k| !k.is_empty()) {
             if let Some(found) = self.server.lookup_kid(mode, kid, now) {
                 return Ok(Some(found));
             }
         }
-        self.session_for(headers, now)
+        Ok(self.session_for(headers, now)?.map(|(_, entry)| entry))
     }
 
     /// Draft §9.2: COSE_Encrypt0 bodies; method, path and headers in the clear.
@@ -923,31 +917,17 @@ where
             Ok(kid) => kid,
             Err(e) => return oscore_error_reply(&e),
         };
-        let Some((_, entry)) = (match self.find(Mode::Cose, Some(&kid), &parts.headers, now) {
+        let Some(entry) = (match self.find(Mode::Cose, Some(&kid), &parts.headers, now) {
             Ok(found) => found,
             Err(reply) => return reply,
         }) else {
             return oscore_error_reply(&OscoreError::ContextNotFound);
         };
-        let (plaintext, binding, peer) = {
-            let mut e = lock(&entry);
-            e.last_used = now;
-            let Some(peer) = e.peer(Mode::Cose, false) else {
-                return plain(
-                    StatusCode::NOT_FOUND,
-                    "the ATLS handshake of this session is not complete",
-                );
-            };
-            let Some(est) = e.established.as_mut() else {
-                return plain(
-                    StatusCode::NOT_FOUND,
-                    "the ATLS handshake of this session is not complete",
-                );
-            };
-            match atls_oscore::cose::open_request(&mut est.cose, &body) {
-                Ok((plaintext, binding)) => (plaintext, binding, peer),
-                Err(error) => return oscore_error_reply(&error),
-            }
+        let ((plaintext, binding), peer) = match open_in(&entry, Mode::Cose, now, |est| {
+            atls_oscore::cose::open_request(&mut est.cose, &body)
+        }) {
+            Ok(opened) => opened,
+            Err(reply) => return reply,
         };
         parts.headers.remove(header::CONTENT_TYPE);
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -960,14 +940,9 @@ where
             Err(reply) => return reply,
         };
         let (mut parts, body) = response.into_parts();
-        let sealed = {
-            let mut e = lock(&entry);
-            let Some(est) = e.established.as_mut() else {
-                return plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session");
-            };
+        match seal_in(&entry, |est| {
             atls_oscore::cose::seal_response(&mut est.cose, &body, &binding)
-        };
-        match sealed {
+        }) {
             Ok(sealed) => {
                 parts.headers.remove(header::CONTENT_LENGTH);
                 parts.headers.insert(
@@ -976,9 +951,45 @@ where
                 );
                 Response::from_parts(parts, Body::from(sealed))
             }
-            Err(e) => oscore_error_reply(&e),
+            Err(reply) => reply,
         }
     }
+}
+
+const NOT_ESTABLISHED: &str = "the ATLS handshake of this session is not complete";
+
+/// Verify a protected request with the session's established contexts.
+fn open_in<T>(
+    entry: &Shared,
+    mode: Mode,
+    now: Instant,
+    open: impl FnOnce(&mut Established) -> Result<T, OscoreError>,
+) -> Result<(T, AtlsPeer), Reply> {
+    let mut e = lock(entry);
+    e.last_used = now;
+    let peer = e
+        .peer(mode, false)
+        .ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
+    let est = e
+        .established
+        .as_mut()
+        .ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
+    open(est)
+        .map(|opened| (opened, peer))
+        .map_err(|e| oscore_error_reply(&e))
+}
+
+/// Protect a response with the session's established contexts.
+fn seal_in<T>(
+    entry: &Shared,
+    seal: impl FnOnce(&mut Established) -> Result<T, OscoreError>,
+) -> Result<T, Reply> {
+    let mut e = lock(entry);
+    let est = e
+        .established
+        .as_mut()
+        .ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
+    seal(est).map_err(|e| oscore_error_reply(&e))
 }
 
 /// A TLS failure and the alert flight to answer with, if any.

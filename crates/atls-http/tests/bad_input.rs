@@ -9,32 +9,6 @@ use atls_core::{Alert, TlsVersion};
 use atls_http::{wire, ClientError, Mode, ServerLimits};
 use common::*;
 
-fn raw() -> reqwest::Client {
-    let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .no_proxy()
-        .build()
-        .expect("client")
-}
-
-/// A real ClientHello from a fresh client session.
-fn client_hello() -> Vec<u8> {
-    let endpoint = engines()[0]
-        .client(&client_config(TlsVersion::Tls13))
-        .expect("endpoint");
-    let mut session =
-        atls_core::Session::client(endpoint.as_ref(), &atls_tests::client_params()).expect("session");
-    session
-        .take_flight(std::time::Instant::now())
-        .expect("flight")
-        .expect("ClientHello")
-}
-
 async fn post_atls(url: &str, body: Vec<u8>, cookie: Option<&str>) -> reqwest::Response {
     let mut request = raw()
         .post(format!("{url}{}", wire::WELL_KNOWN_PATH))

@@ -163,3 +163,34 @@ async fn oscore_and_cose_sessions_resume() {
         }
     }
 }
+
+/// Many clients at once, handshaking and sending while others' sessions are
+/// looked up, swept and established: every request is answered correctly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_clients_in_every_mode() {
+    for engine in engines() {
+        let server = serve(engine, &server_config(TlsVersion::Tls13), ServerLimits::default()).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..24u32 {
+            let mode = Mode::ALL[i as usize % 3];
+            let client = client(
+                engine,
+                &client_config(TlsVersion::Tls13),
+                &server.url(),
+                mode_options(mode),
+            );
+            tasks.spawn(async move {
+                for j in 0..5u32 {
+                    let body = format!("client {i} request {j}");
+                    let echo = client.send(post("/echo", body.as_bytes())).await.expect("echo");
+                    assert_eq!(echo.body().as_ref(), body.as_bytes(), "{mode}");
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("client task");
+        }
+        assert_eq!(server.server.stats().sessions, 24, "{}", engine.name());
+        assert_eq!(server.server.stats().half_open, 0, "{}", engine.name());
+    }
+}

@@ -10,31 +10,6 @@ use proptest::prelude::*;
 
 const ALLOWED: &[u16] = &[200, 400, 401, 403, 404, 405, 413, 415, 503];
 
-fn raw() -> reqwest::Client {
-    let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .no_proxy()
-        .build()
-        .expect("client")
-}
-
-fn client_hello() -> Vec<u8> {
-    let endpoint = engines()[0]
-        .client(&client_config(TlsVersion::Tls13))
-        .expect("endpoint");
-    let mut session =
-        atls_core::Session::client(endpoint.as_ref(), &atls_tests::client_params()).expect("session");
-    session
-        .take_flight(std::time::Instant::now())
-        .expect("flight")
-        .expect("ClientHello")
-}
-
 #[derive(Debug, Clone)]
 struct Hostile {
     path: &'static str,

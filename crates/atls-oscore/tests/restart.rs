@@ -68,19 +68,8 @@ fn killed_sender_never_reuses_a_sequence_number() {
     let path = dir.path().join("oscore.redb");
     let mut highest_used = None;
     for round in 0..3 {
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args([
-                "child_protects_until_killed",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_ENV, &path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
-        let stdout = child.stdout.take().expect("stdout");
+        let (mut child, stdout) =
+            spawn_child("child_protects_until_killed", &[(CHILD_ENV, path.as_os_str())]);
         let mut seen = Vec::new();
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("line");
@@ -91,8 +80,7 @@ fn killed_sender_never_reuses_a_sequence_number() {
                 }
             }
         }
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
+        child.kill();
         let first = *seen.first().expect("the child protected messages");
         if let Some(previous) = highest_used {
             assert!(
@@ -323,38 +311,44 @@ fn child_server_until_killed() {
 
 /// A server child process, SIGKILLed when dropped so that a failing test
 /// leaves nothing running.
-struct ServerProcess(std::process::Child);
+struct ChildProcess(std::process::Child);
 
-impl ServerProcess {
+impl ChildProcess {
     fn kill(&mut self) {
         self.0.kill().expect("SIGKILL");
         self.0.wait().expect("reap");
     }
 }
 
-impl Drop for ServerProcess {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-fn spawn_server(path: &std::path::Path, port: u16) -> (ServerProcess, u16) {
+/// Run one test of this binary (`test`) as a child process with `envs`.
+fn spawn_child(test: &str, envs: &[(&str, &std::ffi::OsStr)]) -> (ChildProcess, std::process::ChildStdout) {
     let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "child_server_until_killed",
-            "--exact",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(SERVER_CHILD_ENV, path)
-        .env("ATLS_OSCORE_RESTART_PORT", port.to_string())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn server");
+        .expect("spawn child");
     let stdout = child.stdout.take().expect("stdout");
-    let child = ServerProcess(child);
+    (ChildProcess(child), stdout)
+}
+
+fn spawn_server(path: &std::path::Path, port: u16) -> (ChildProcess, u16) {
+    let port = port.to_string();
+    let (child, stdout) = spawn_child(
+        "child_server_until_killed",
+        &[
+            (SERVER_CHILD_ENV, path.as_os_str()),
+            ("ATLS_OSCORE_RESTART_PORT", port.as_ref()),
+        ],
+    );
     let port = BufReader::new(stdout)
         .lines()
         .map_while(Result::ok)

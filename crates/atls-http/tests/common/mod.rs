@@ -100,3 +100,30 @@ pub fn mode_options(mode: Mode) -> ClientOptions {
 pub fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap_or_else(|e| panic!("JSON: {e}: {}", String::from_utf8_lossy(body)))
 }
+
+/// A plain HTTP client for hand-made outer requests (no ATLS).
+pub fn raw() -> reqwest::Client {
+    let tls = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
+/// A real TLS 1.3 ClientHello from a fresh client session.
+pub fn client_hello() -> Vec<u8> {
+    let endpoint = engines()[0]
+        .client(&client_config(TlsVersion::Tls13))
+        .expect("endpoint");
+    let mut session =
+        atls_core::Session::client(endpoint.as_ref(), &atls_tests::client_params()).expect("session");
+    session
+        .take_flight(std::time::Instant::now())
+        .expect("flight")
+        .expect("ClientHello")
+}
