@@ -15,24 +15,27 @@ use crate::serve::{self, ServeArgs};
 const MESSAGE: &[u8] = b"temperature=21.5";
 
 fn serve_args(engine: &str, state_dir: &Path) -> ServeArgs {
-    ServeArgs {
-        http: Some("127.0.0.1:0".parse().expect("literal address")),
-        https: None,
-        tls_cert: None,
-        tls_key: None,
-        cert: None,
-        key: None,
-        client_ca: None,
-        psk: Vec::new(),
-        engine: engine.to_owned(),
-        tls_version: None,
-        upstream: None,
-        state_dir: Some(state_dir.to_owned()),
-        max_early_data: 16 * 1024,
-        max_sessions: 100,
-        max_half_open: 100,
-        idle_timeout: 60,
+    /// `atls serve`'s own argument parser, so the demo runs on its defaults.
+    #[derive(clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
     }
+    let state_dir = state_dir.to_string_lossy();
+    let argv = [
+        "serve",
+        "--http",
+        "127.0.0.1:0",
+        "--engine",
+        engine,
+        "--state-dir",
+        &state_dir,
+        "--max-sessions",
+        "100",
+        "--max-half-open",
+        "100",
+    ];
+    <Serve as clap::Parser>::parse_from(argv).args
 }
 
 /// Run the HTTP scenarios; returns (ran, failed).

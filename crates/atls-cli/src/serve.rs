@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use atls_core::{CertifiedKey, CommonConfig, ServerConfig};
-use atls_http::{app, AtlsLayer, AtlsServer, ServerLimits};
+use atls_http::{app, AtlsLayer, AtlsServer, ServerLimits, ServerOptions};
 use axum::body::Body;
 use axum::ServiceExt as _;
 use http::{Request, Response};
@@ -68,9 +68,35 @@ pub(crate) struct ServeArgs {
     /// Most handshakes in progress at once (beyond: 503 with Retry-After).
     #[arg(long, default_value_t = 1_000)]
     pub(crate) max_half_open: usize,
+    /// Most handshakes in progress from one client address (IPv4 address or
+    /// IPv6 /64); 0 for no per-client cap.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) max_half_open_per_client: usize,
+    /// Seconds a handshake may take.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) handshake_timeout: u64,
     /// Seconds an unused session is kept.
     #[arg(long, default_value_t = 600)]
     pub(crate) idle_timeout: u64,
+    /// With --max-sessions established sessions, a completed handshake takes
+    /// the place of the least recently used one if it has been unused this
+    /// many seconds; "never" refuses newcomers instead.
+    #[arg(long, default_value = "30", value_name = "SECS|never")]
+    pub(crate) evict_idle_after: String,
+    /// Largest inner request body, in bytes (every mode).
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub(crate) max_request: usize,
+    /// Largest inner response body, in bytes (every mode).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub(crate) max_response: usize,
+    /// Name of the session cookie.
+    #[arg(long, default_value = atls_http::wire::COOKIE_NAME)]
+    pub(crate) cookie_name: String,
+    /// Count handshakes per client by the last address in this header (set
+    /// by a trusted reverse proxy, e.g. x-forwarded-for) instead of the
+    /// connection's peer address.
+    #[arg(long, value_name = "HEADER")]
+    pub(crate) client_address_header: Option<String>,
 }
 
 /// The development PKI of a state directory: created once, reused after.
@@ -146,13 +172,36 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         max_early_data: args.max_early_data,
     };
     let endpoint = engine.server(&config).context("configuring the ATLS server")?;
+    let evict_idle_after = match args.evict_idle_after.as_str() {
+        "never" => None,
+        secs => Some(Duration::from_secs(
+            secs.parse()
+                .context("--evict-idle-after expects seconds or \"never\"")?,
+        )),
+    };
     let limits = ServerLimits {
         max_sessions: args.max_sessions,
         max_half_open: args.max_half_open,
+        max_half_open_per_client: args.max_half_open_per_client,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
         idle_timeout: Duration::from_secs(args.idle_timeout),
+        evict_idle_after,
+        max_request: args.max_request,
+        max_response: args.max_response,
         ..ServerLimits::default()
     };
-    let server = AtlsServer::new(endpoint, limits);
+    let client_address_header = args
+        .client_address_header
+        .as_deref()
+        .map(|name| http::HeaderName::from_bytes(name.as_bytes()))
+        .transpose()
+        .context("--client-address-header expects a header name")?;
+    let options = ServerOptions {
+        limits,
+        cookie_name: args.cookie_name.clone(),
+        client_address_header,
+    };
+    let server = AtlsServer::with_options(endpoint, options)?;
     let inner: App = match &args.upstream {
         Some(url) => BoxCloneService::new(app::Upstream::new(url).map_err(anyhow::Error::msg)?),
         None => BoxCloneService::new(app::builtin()),
@@ -171,9 +220,12 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         http_bound = Some(listener.local_addr()?);
         let service = AtlsLayer::new(server.clone()).layer(inner.clone());
         tasks.spawn(async move {
-            axum::serve(listener, service.into_make_service())
-                .await
-                .context("HTTP listener")
+            axum::serve(
+                listener,
+                service.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+            .context("HTTP listener")
         });
     }
     let mut https_bound = None;
@@ -230,7 +282,7 @@ where
     S::Future: Send + 'static,
 {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -247,7 +299,9 @@ where
             };
             let hyper_service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                 let mut service = service.clone();
-                async move { service.call(request.map(Body::new)).await }
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                async move { service.call(request).await }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(tls), hyper_service)

@@ -215,6 +215,61 @@ fn through_nginx_terminating_transport_tls() {
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
 }
 
+/// A load balancer (nginx) in front of `atls serve` sets an affinity cookie
+/// of its own and refuses a request that carries the session cookie without
+/// it; the server names its session cookie differently. The client keeps
+/// both, as HTTP clients do.
+#[test]
+fn cookies_of_a_load_balancer_and_another_session_cookie_name() {
+    let server = serve(&["--cookie-name", "atls_sid"]);
+    let ca = server.ca.to_str().expect("path");
+    let dir = tempfile::tempdir().expect("dir");
+    let transport_ca = atls_pki::DevCa::new("load balancer CA").expect("CA");
+    let cert = transport_ca
+        .issue_server(&["localhost", "127.0.0.1"])
+        .expect("cert");
+    let (cert_path, key_path) = (dir.path().join("t.pem"), dir.path().join("t.key"));
+    std::fs::write(&cert_path, &cert.cert_pem).expect("write");
+    std::fs::write(&key_path, cert.dangerous_key_pem()).expect("write");
+    let port = free_port();
+    let affinity = r#"
+            set $cookies "${cookie_atls_sid}:${cookie_lb}";
+            if ($cookies ~ "^.+:$") { return 409 "session cookie without the affinity cookie\n"; }
+            add_header Set-Cookie "lb=node-1; Path=/" always;"#;
+    let _nginx = nginx_with(dir.path(), port, &server.http, &cert_path, &key_path, affinity);
+    for engine in ["openssl", "rustls"] {
+        for mode in ["records", "oscore", "cose"] {
+            let out = request(&[
+                &format!("https://127.0.0.1:{port}/echo"),
+                "--ca",
+                ca,
+                "--server-name",
+                "localhost",
+                "--insecure-transport",
+                "--engine",
+                engine,
+                "--mode",
+                mode,
+                "-d",
+                "affinity",
+            ]);
+            assert!(out.status.success(), "{engine} {mode}: {}", stderr(&out));
+            assert_eq!(stdout(&out), "affinity", "{engine} {mode}");
+        }
+    }
+    let log = std::fs::read_to_string(dir.path().join("logs/cookies.log")).expect("cookie log");
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(lines.len() >= 12, "{log}");
+    let (first, later): (Vec<&str>, Vec<&str>) = lines.iter().partition(|l| l.ends_with("\"-\""));
+    assert_eq!(first.len(), 6, "one cookie-less first flight per request: {log}");
+    assert!(
+        later
+            .iter()
+            .all(|l| l.contains("lb=node-1") && l.contains("atls_sid=")),
+        "every later request carries both cookies: {log}"
+    );
+}
+
 #[test]
 fn through_tinyproxy_as_forward_proxy() {
     let server = serve(&[]);
@@ -238,7 +293,7 @@ fn through_tinyproxy_as_forward_proxy() {
         assert!(out.status.success(), "{mode}: {}", stderr(&out));
         assert_eq!(stdout(&out), mode);
     }
-    // The proxy saw the ATLS exchanges (and only ciphertext).
+    // The proxy carried the ATLS exchanges.
     let seen = std::fs::read_to_string(&log).expect("tinyproxy log");
     assert!(seen.contains("/.well-known/atls"), "{seen}");
 

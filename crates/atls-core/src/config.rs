@@ -78,14 +78,17 @@ pub struct PrivateKey {
 }
 
 impl PrivateKey {
-    /// A key from PKCS#8 DER bytes.
+    /// A key from DER bytes: PKCS#8 (`PrivateKeyInfo`), SEC1
+    /// (`ECPrivateKey`) or PKCS#1 (`RSAPrivateKey`); engines tell the
+    /// formats apart by their structure.
     pub fn from_der(der: Vec<u8>) -> Self {
         Self {
             der: Zeroizing::new(der),
         }
     }
 
-    /// The first private key in a PEM text.
+    /// The first private key in a PEM text: `PRIVATE KEY` (PKCS#8), `EC
+    /// PRIVATE KEY` (SEC1) or `RSA PRIVATE KEY` (PKCS#1).
     pub fn from_pem(pem: &[u8]) -> Result<Self, Error> {
         use rustls_pki_types::pem::PemObject;
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(pem)

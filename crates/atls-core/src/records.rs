@@ -10,8 +10,15 @@ use crate::error::FlightError;
 /// The largest record body TLS allows: 2^14 plus 2048 bytes of expansion
 /// (RFC 5246 §6.2.3; TLS 1.3 allows 2^14 + 256).
 pub const MAX_RECORD_BODY: usize = 16384 + 2048;
-/// Upper bound on records in one flight.
+/// Records a flight may always hold; a larger flight may hold one more
+/// record per KiB (so that a 4 MiB body of full records fits, while a flight
+/// of tiny records stays bounded): see [`max_records`].
 pub const MAX_RECORDS_PER_FLIGHT: usize = 256;
+
+/// The most records a payload of `len` bytes may hold.
+pub fn max_records(len: usize) -> usize {
+    MAX_RECORDS_PER_FLIGHT.max(len / 1024)
+}
 
 /// Length of a TLS record header.
 pub const TLS_HEADER_LEN: usize = 5;
@@ -125,13 +132,12 @@ pub fn split_records(framing: Framing, payload: &[u8]) -> Result<Vec<RecordRef<'
         Framing::Tls => TLS_HEADER_LEN,
         Framing::Dtls => DTLS_HEADER_LEN,
     };
+    let limit = max_records(payload.len());
     let mut records = Vec::new();
     let mut offset = 0usize;
     while offset < payload.len() {
-        if records.len() >= MAX_RECORDS_PER_FLIGHT {
-            return Err(FlightError::TooManyRecords {
-                limit: MAX_RECORDS_PER_FLIGHT,
-            });
+        if records.len() >= limit {
+            return Err(FlightError::TooManyRecords { limit });
         }
         let rest = payload.get(offset..).unwrap_or_default();
         let header = rest.get(..header_len).ok_or(FlightError::Truncated { offset })?;
@@ -178,6 +184,112 @@ pub fn split_records(framing: Framing, payload: &[u8]) -> Result<Vec<RecordRef<'
         offset = offset.saturating_add(total);
     }
     Ok(records)
+}
+
+/// How a payload that would open a session begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstFlight {
+    /// A complete ClientHello message in cleartext handshake records (epoch 0).
+    ClientHello,
+    /// A ClientHello whose message is cut short: more bytes than the payload
+    /// holds are announced. No TLS stack answers it, so it cannot open a session.
+    IncompleteClientHello,
+    /// Anything else: records of an established session, a stray handshake
+    /// message, an alert.
+    Other,
+}
+
+/// Whether `records` (one payload, split by [`split_records`]) start with a
+/// complete ClientHello: the check a server runs before it spends a session
+/// on a payload that arrives without one. It reads only the cleartext
+/// handshake headers (RFC 8446 §4, RFC 6347 §4.2.2); the TLS stack still
+/// judges the message itself.
+pub fn first_flight(framing: Framing, records: &[RecordRef<'_>]) -> FirstFlight {
+    let leading = records
+        .iter()
+        .take_while(|r| r.content_type == ContentType::Handshake && r.epoch == 0);
+    match framing {
+        Framing::Tls => {
+            // Handshake messages may span records: read the leading header.
+            let mut header = [0u8; 4];
+            let mut have = 0usize;
+            let mut total = 0usize;
+            for record in leading {
+                for byte in record.body {
+                    if let Some(slot) = header.get_mut(have) {
+                        *slot = *byte;
+                        have = have.saturating_add(1);
+                    }
+                }
+                total = total.saturating_add(record.body.len());
+            }
+            if have < header.len() {
+                return match (have, header.first()) {
+                    (0, _) => FirstFlight::Other,
+                    (_, Some(1)) => FirstFlight::IncompleteClientHello,
+                    _ => FirstFlight::Other,
+                };
+            }
+            let [kind, a, b, c] = header;
+            if kind != 1 {
+                return FirstFlight::Other;
+            }
+            let length = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+            if total >= length.saturating_add(4) {
+                FirstFlight::ClientHello
+            } else {
+                FirstFlight::IncompleteClientHello
+            }
+        }
+        Framing::Dtls => dtls_first_flight(leading),
+    }
+}
+
+/// DTLS: handshake fragments (12-byte headers) of message_seq 0 of the first
+/// message, which must be a ClientHello, must cover its whole length.
+fn dtls_first_flight<'a>(records: impl Iterator<Item = &'a RecordRef<'a>>) -> FirstFlight {
+    let mut length = None;
+    let mut fragments: Vec<(usize, usize)> = Vec::new();
+    for record in records {
+        let mut body = record.body;
+        while let Some(header) = body.get(..12) {
+            let be24 = |i: usize| -> usize {
+                header
+                    .get(i..i.saturating_add(3))
+                    .map_or(0, |b| b.iter().fold(0usize, |acc, x| acc << 8 | usize::from(*x)))
+            };
+            let (kind, msg_len, seq) = (header.first().copied(), be24(1), be24(4) >> 8);
+            let (offset, frag_len) = (be24(6), be24(9));
+            if kind != Some(1) {
+                return if length.is_none() && fragments.is_empty() {
+                    FirstFlight::Other
+                } else {
+                    FirstFlight::IncompleteClientHello
+                };
+            }
+            if *length.get_or_insert(msg_len) != msg_len || seq > 1 {
+                return FirstFlight::Other;
+            }
+            fragments.push((offset, offset.saturating_add(frag_len)));
+            body = body.get(12usize.saturating_add(frag_len)..).unwrap_or_default();
+        }
+    }
+    let Some(length) = length else {
+        return FirstFlight::Other;
+    };
+    fragments.sort_unstable();
+    let mut covered = 0usize;
+    for (start, end) in fragments {
+        if start > covered {
+            break;
+        }
+        covered = covered.max(end);
+    }
+    if covered >= length {
+        FirstFlight::ClientHello
+    } else {
+        FirstFlight::IncompleteClientHello
+    }
 }
 
 #[cfg(test)]
@@ -240,5 +352,83 @@ mod tests {
         assert_eq!(detect_framing(&[22, 0xFE, 0xFD]), Some(Framing::Dtls));
         assert_eq!(detect_framing(&[22, 9, 9]), None);
         assert_eq!(detect_framing(&[22]), None);
+    }
+
+    #[test]
+    fn recognises_a_complete_client_hello() {
+        let check = |payload: &[u8]| {
+            first_flight(
+                Framing::Tls,
+                &split_records(Framing::Tls, payload).expect("records"),
+            )
+        };
+        // A 2-byte ClientHello body in one record, then split over two records.
+        assert_eq!(
+            check(&[22, 3, 1, 0, 6, 1, 0, 0, 2, 9, 9]),
+            FirstFlight::ClientHello
+        );
+        assert_eq!(
+            check(&[22, 3, 1, 0, 3, 1, 0, 0, 22, 3, 1, 0, 3, 2, 9, 9]),
+            FirstFlight::ClientHello
+        );
+        // Announces more than it carries; a one-byte handshake record.
+        assert_eq!(
+            check(&[22, 3, 1, 0, 5, 1, 0, 0, 9, 9]),
+            FirstFlight::IncompleteClientHello
+        );
+        assert_eq!(check(&[22, 3, 1, 0, 1, 1]), FirstFlight::IncompleteClientHello);
+        assert_eq!(check(&[22, 3, 1, 0, 1, 0]), FirstFlight::Other);
+        // Another handshake message, application data, an alert.
+        assert_eq!(check(&[22, 3, 3, 0, 4, 2, 0, 0, 0]), FirstFlight::Other);
+        assert_eq!(check(&[23, 3, 3, 0, 1, 0]), FirstFlight::Other);
+        assert_eq!(check(&[21, 3, 3, 0, 2, 2, 40]), FirstFlight::Other);
+    }
+
+    #[test]
+    fn recognises_a_complete_dtls_client_hello() {
+        let record = |body: &[u8]| {
+            let mut r = vec![22, 0xFE, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0];
+            r.extend_from_slice(&(body.len() as u16).to_be_bytes());
+            r.extend_from_slice(body);
+            r
+        };
+        let fragment = |offset: u8, len: u8| {
+            let mut f = vec![1, 0, 0, 4, 0, 0, 0, 0, offset, 0, 0, len];
+            f.extend(std::iter::repeat_n(7, usize::from(len)));
+            f
+        };
+        let check = |payload: &[u8]| {
+            first_flight(
+                Framing::Dtls,
+                &split_records(Framing::Dtls, payload).expect("records"),
+            )
+        };
+        assert_eq!(check(&record(&fragment(0, 4))), FirstFlight::ClientHello);
+        let mut two = record(&fragment(2, 2));
+        two.extend(record(&fragment(0, 2)));
+        assert_eq!(check(&two), FirstFlight::ClientHello);
+        assert_eq!(
+            check(&record(&fragment(0, 3))),
+            FirstFlight::IncompleteClientHello
+        );
+        assert_eq!(
+            check(&record(&fragment(1, 3))),
+            FirstFlight::IncompleteClientHello
+        );
+        assert_eq!(
+            check(&record(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])),
+            FirstFlight::Other
+        );
+    }
+
+    #[test]
+    fn larger_flights_may_hold_more_records() {
+        assert_eq!(max_records(0), MAX_RECORDS_PER_FLIGHT);
+        assert_eq!(max_records(4 * 1024 * 1024), 4096);
+        let tiny = [23u8, 3, 3, 0, 0].repeat(MAX_RECORDS_PER_FLIGHT + 1);
+        assert!(matches!(
+            split_records(Framing::Tls, &tiny),
+            Err(FlightError::TooManyRecords { .. })
+        ));
     }
 }

@@ -133,6 +133,19 @@ impl Session {
         self.tls.framing()
     }
 
+    /// The bounds in force (from the endpoint's configuration unless
+    /// [`Session::set_limits`] replaced them).
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Replace the bounds of this session: a transport that accepts larger
+    /// bodies than the endpoint's defaults (an HTTP server configured for
+    /// 1 MiB requests) sets them from its own limits, in one place.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
     /// Flights received and sent so far.
     pub fn flight_counts(&self) -> (u32, u32) {
         (self.flights_in, self.flights_out)

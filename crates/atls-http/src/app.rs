@@ -100,6 +100,9 @@ impl Upstream {
 
     async fn forward(self, request: Request<Body>) -> Response<Body> {
         let peer = request.extensions().get::<AtlsPeer>().cloned();
+        if let Err(reason) = check_path(request.uri().path()) {
+            return plain(StatusCode::BAD_REQUEST, reason);
+        }
         let (parts, body) = request.into_parts();
         let Ok(body) = Limited::new(body, self.limit)
             .collect()
@@ -158,6 +161,51 @@ impl Upstream {
     }
 }
 
+/// Refuse a path that could leave the upstream's prefix: a `.` or `..`
+/// segment, literally or percent-encoded (`%2e`), and encoded or backslash
+/// separators that an upstream may decode into one. The URL parser would
+/// otherwise resolve `/app` + `/../admin` to `/admin`.
+pub fn check_path(path: &str) -> Result<(), &'static str> {
+    if path.contains('\\') {
+        return Err("the request path contains a backslash");
+    }
+    for segment in path.split('/') {
+        let decoded = percent_decode(segment);
+        if decoded.contains(&b'/') || decoded.contains(&b'\\') {
+            return Err("the request path contains an encoded separator");
+        }
+        if decoded == b"." || decoded == b".." {
+            return Err("the request path contains a dot segment");
+        }
+    }
+    Ok(())
+}
+
+/// RFC 3986 percent-decoding of one segment (invalid escapes stay as they are).
+fn percent_decode(segment: &str) -> Vec<u8> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).and_then(|b| hex(*b)),
+            bytes.get(i + 2).and_then(|b| hex(*b)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 impl Service<Request<Body>> for Upstream {
     type Response = Response<Body>;
     type Error = Infallible;
@@ -170,5 +218,34 @@ impl Service<Request<Body>> for Upstream {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.forward(request).await) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_could_climb_out_of_the_prefix_are_refused() {
+        for bad in [
+            "/../admin",
+            "/a/../../admin",
+            "/..",
+            "/./x",
+            "/%2e%2e/admin",
+            "/%2E%2E/admin",
+            "/.%2e/admin",
+            "/%2e./admin",
+            "/a/%2e",
+            "/..%2fadmin",
+            "/..%2Fadmin",
+            "/a%5c..%5cadmin",
+            "/a\\..\\admin",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+        for good in ["/", "/echo", "/a/b.c/..d", "/%41", "/...", "/a/.hidden"] {
+            assert_eq!(check_path(good), Ok(()), "{good}");
+        }
     }
 }

@@ -1,10 +1,24 @@
 //! The client side: one API for the three modes.
 //!
-//! [`AtlsClient`] handshakes lazily on its first request, keeps the session
-//! cookie, reuses the session for later requests, handshakes again when the
-//! server has forgotten the session (404), and, in record mode, sends the
-//! first request of a resumed TLS 1.3 session as 0-RTT data when the engine
-//! holds a ticket that allows it.
+//! [`AtlsClient`] handshakes lazily on its first request, keeps the cookies
+//! the server (and any load balancer in front of it) sets, reuses the
+//! session for later requests, and, in record mode, sends the first request
+//! of a resumed TLS 1.3 session as 0-RTT data when the engine holds a ticket
+//! that allows it.
+//!
+//! When the server has forgotten the session (an outer 404), the client
+//! handshakes again and resends the request only if its method is idempotent
+//! (RFC 9110 §9.2.2); otherwise it returns [`ClientError::SessionLost`], since
+//! a middlebox may have swallowed a real answer.
+//!
+//! Cookies are kept as HTTP clients keep them (RFC 6265, any name, Domain,
+//! Path, Max-Age, Expires, Secure), in one store per ATLS session: a new
+//! handshake starts with an empty store, so no cookie of a previous session
+//! (the old session cookie, a load balancer's affinity cookie) rides along.
+//!
+//! OSCORE and COSE requests of one client run concurrently (each takes the
+//! context's lock only to protect or verify); record-mode requests take turns,
+//! since TLS records must travel in order.
 //!
 //! The outer HTTP runs on reqwest: HTTP/1.1 or HTTP/2 (h2c with prior
 //! knowledge, or ALPN over transport TLS), forward proxies (given, or from
@@ -12,19 +26,21 @@
 //! separately from ATLS: two layers, two trust domains (draft §5.2).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use atls_core::{
     Certificate, ClientEndpoint, ClientSessionParams, ConnectionId, Error as TlsError, HandshakeInfo,
     ProtectionKind, Session,
 };
-use atls_oscore::{http as oscore_http, ContextParams, SecurityContext};
+use atls_oscore::{cose, http as oscore_http, ContextParams, SecurityContext};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use cookie_store::CookieStore;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 
 use crate::error::ClientError;
-use crate::wire::{self, Mode, SessionId};
+use crate::limits::DerivedLimits;
+use crate::wire::{self, Mode};
 
 /// How an [`AtlsClient`] reaches the server and protects requests.
 #[derive(Clone, Debug)]
@@ -48,7 +64,8 @@ pub struct ClientOptions {
     pub transport_roots: Vec<Certificate>,
     /// Limit for one outer exchange.
     pub timeout: Duration,
-    /// Largest response body accepted.
+    /// Largest inner response body accepted. A larger one is a
+    /// [`ClientError::ResponseTooLarge`]; the session stays usable.
     pub max_response: usize,
     /// Send the first record-mode request of a resumed TLS 1.3 session as 0-RTT data.
     pub early_data: bool,
@@ -68,6 +85,25 @@ impl Default for ClientOptions {
             max_response: 4 * 1024 * 1024,
             early_data: true,
         }
+    }
+}
+
+/// Largest server handshake flight a client accepts (certificate chains).
+const MAX_SERVER_FLIGHT: usize = 64 * 1024;
+
+impl ClientOptions {
+    /// Every body and buffer limit the client applies, derived from
+    /// `max_response`.
+    pub fn derived(&self) -> DerivedLimits {
+        // Requests are bounded by the server; what the client receives, by
+        // `max_response`.
+        DerivedLimits::new(
+            (usize::MAX, self.max_response),
+            self.max_response,
+            usize::MAX,
+            MAX_SERVER_FLIGHT,
+            0,
+        )
     }
 }
 
@@ -107,12 +143,15 @@ pub struct Exchange {
     pub early_data: bool,
 }
 
-struct Established {
-    session: Session,
-    cookie: SessionId,
+/// One ATLS session of a client.
+struct ClientSession {
     info: HandshakeInfo,
-    oscore: SecurityContext,
-    cose: SecurityContext,
+    /// The cookies of this session, and only of it.
+    cookies: Mutex<CookieStore>,
+    /// Record mode: the TLS session, one exchange at a time.
+    tls: tokio::sync::Mutex<Session>,
+    oscore: Mutex<SecurityContext>,
+    cose: Mutex<SecurityContext>,
 }
 
 /// An ATLS client bound to one server URL.
@@ -121,7 +160,10 @@ pub struct AtlsClient {
     base: reqwest::Url,
     endpoint: Arc<dyn ClientEndpoint>,
     options: ClientOptions,
-    state: tokio::sync::Mutex<Option<Established>>,
+    limits: DerivedLimits,
+    /// The current session. Its lock is held to start one (concurrent first
+    /// requests share one handshake) and to replace it, never for a request.
+    current: tokio::sync::Mutex<Option<Arc<ClientSession>>>,
 }
 
 impl fmt::Debug for AtlsClient {
@@ -136,6 +178,10 @@ impl fmt::Debug for AtlsClient {
 
 fn transport(e: impl fmt::Display) -> ClientError {
     ClientError::Transport(e.to_string())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Certificate verifier that accepts any transport certificate: only for a
@@ -222,6 +268,14 @@ fn snippet(body: &[u8]) -> String {
         .to_owned()
 }
 
+/// RFC 9110 §9.2.2: requests that may be sent again without changing the outcome.
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 /// One outer HTTP request.
 struct OuterRequest<'a> {
     kind: &'static str,
@@ -229,14 +283,36 @@ struct OuterRequest<'a> {
     path: &'a str,
     headers: HeaderMap,
     body: Vec<u8>,
-    cookie: Option<SessionId>,
+    /// Largest answer body read.
+    limit: usize,
 }
 
-/// The outer answer to one POST.
+/// The outer answer to one request.
 struct Outer {
     status: StatusCode,
     headers: HeaderMap,
     body: Bytes,
+}
+
+impl Outer {
+    /// An outer 404 without the expected protected media type: the server
+    /// does not know the session.
+    fn is_session_lost(&self) -> bool {
+        self.status == StatusCode::NOT_FOUND
+            && !wire::is_media_type(&self.headers, wire::CONTENT_TYPE_ATLS)
+            && !wire::is_media_type(&self.headers, wire::CONTENT_TYPE_OSCORE)
+            && !wire::is_media_type(&self.headers, "application/cose")
+    }
+}
+
+/// How a request on an existing session ended.
+enum Attempt {
+    Done(Response<Bytes>),
+    /// The exchange failed but left the session in step (a response over
+    /// the client's limit that still decrypted).
+    Kept(ClientError),
+    /// The server does not know the session.
+    Lost(StatusCode),
 }
 
 impl AtlsClient {
@@ -271,8 +347,9 @@ impl AtlsClient {
             http,
             base,
             endpoint,
+            limits: options.derived(),
             options,
-            state: tokio::sync::Mutex::new(None),
+            current: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -283,48 +360,66 @@ impl AtlsClient {
 
     /// What the current session negotiated, if there is one.
     pub async fn session_info(&self) -> Option<HandshakeInfo> {
-        self.state.lock().await.as_ref().map(|s| s.info.clone())
+        self.current.lock().await.as_ref().map(|s| s.info.clone())
+    }
+
+    /// The cookies the current session sends to the server's base URL, as
+    /// `name=value` pairs.
+    pub async fn cookies(&self) -> Vec<(String, String)> {
+        let Some(session) = self.current.lock().await.clone() else {
+            return Vec::new();
+        };
+        let store = lock(&session.cookies);
+        store
+            .get_request_values(&self.base)
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .collect()
     }
 
     /// Forget the current session without telling the server (the next
     /// request handshakes again, resuming when the engine holds a ticket).
     pub async fn reset(&self) {
-        *self.state.lock().await = None;
+        *self.current.lock().await = None;
     }
 
     /// End the current session: send close_notify so the server frees it at
     /// once, then forget it. Failures to reach the server are ignored (the
     /// server expires the session anyway).
     pub async fn close(&self) {
-        let Some(mut est) = self.state.lock().await.take() else {
+        let Some(session) = self.current.lock().await.take() else {
             return;
         };
-        est.session.close();
-        if let Ok(Some(flight)) = est.session.take_flight(Instant::now()) {
+        let flight = {
+            let mut tls = session.tls.lock().await;
+            tls.close();
+            tls.take_flight(Instant::now())
+        };
+        if let Ok(Some(flight)) = flight {
             let request = OuterRequest {
                 kind: "close",
                 method: Method::POST,
                 path: wire::WELL_KNOWN_PATH,
                 headers: Self::atls_headers(),
                 body: flight,
-                cookie: Some(est.cookie),
+                limit: MAX_SERVER_FLIGHT,
             };
-            let _ = self.post(request, &mut Vec::new()).await;
+            let _ = self.post(request, &session.cookies, &mut Vec::new()).await;
         }
     }
 
-    fn url(&self, path_and_query: &str) -> Result<reqwest::Url, ClientError> {
+    fn url(&self, path_and_query: &str) -> reqwest::Url {
         let mut url = self.base.clone();
         let prefix = self.base.path().trim_end_matches('/');
         let (path, query) = path_and_query.split_once('?').unwrap_or((path_and_query, ""));
         url.set_path(&format!("{prefix}{path}"));
         url.set_query((!query.is_empty()).then_some(query));
-        Ok(url)
+        url
     }
 
     async fn post(
         &self,
         request: OuterRequest<'_>,
+        cookies: &Mutex<CookieStore>,
         events: &mut Vec<WireEvent>,
     ) -> Result<Outer, ClientError> {
         let OuterRequest {
@@ -333,20 +428,29 @@ impl AtlsClient {
             path,
             headers,
             body,
-            cookie,
+            limit,
         } = request;
         let start = Instant::now();
-        let url = self.url(path)?;
+        let url = self.url(path);
         let request_type = content_type(&headers);
         let request_bytes = body.len();
-        let mut builder = self.http.request(method.clone(), url).headers(headers).body(body);
-        if let Some(cookie) = cookie {
-            builder = builder.header(
-                header::COOKIE,
-                format!("{}={}", wire::COOKIE_NAME, cookie.to_cookie_value()),
-            );
+        let mut builder = self
+            .http
+            .request(method.clone(), url.clone())
+            .headers(headers)
+            .body(body);
+        let cookie_header = {
+            let store = lock(cookies);
+            let pairs: Vec<String> = store
+                .get_request_values(&url)
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect();
+            pairs.join("; ")
+        };
+        if !cookie_header.is_empty() {
+            builder = builder.header(header::COOKIE, cookie_header);
         }
-        let response = builder.send().await.map_err(|e| {
+        let mut response = builder.send().await.map_err(|e| {
             // reqwest's Display omits the cause chain, which names the real failure.
             let mut message = e.to_string();
             let mut source = std::error::Error::source(&e);
@@ -359,17 +463,25 @@ impl AtlsClient {
         let status = response.status();
         let http_version = response.version();
         let headers = response.headers().clone();
-        if response
-            .content_length()
-            .is_some_and(|l| l > self.options.max_response as u64)
         {
-            return Err(ClientError::Transport("response body too large".into()));
+            let mut store = lock(cookies);
+            for value in headers.get_all(header::SET_COOKIE) {
+                if let Ok(text) = value.to_str() {
+                    // A cookie the store refuses (wrong domain, bad syntax) is ignored, as browsers do.
+                    let _ = store.parse(text, &url);
+                }
+            }
+        }
+        let too_large = ClientError::ResponseTooLarge {
+            limit: self.options.max_response,
+        };
+        if response.content_length().is_some_and(|l| l > limit as u64) {
+            return Err(too_large);
         }
         let mut body = Vec::new();
-        let mut response = response;
         while let Some(chunk) = response.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > self.options.max_response {
-                return Err(ClientError::Transport("response body too large".into()));
+            if body.len() + chunk.len() > limit {
+                return Err(too_large);
             }
             body.extend_from_slice(&chunk);
         }
@@ -407,7 +519,7 @@ impl AtlsClient {
         &self,
         mut request: Option<&[u8]>,
         events: &mut Vec<WireEvent>,
-    ) -> Result<(Established, Option<Vec<u8>>, bool), ClientError> {
+    ) -> Result<(ClientSession, Option<Vec<u8>>, bool), ClientError> {
         let host = self
             .base
             .host_str()
@@ -429,11 +541,12 @@ impl AtlsClient {
             },
         };
         let mut session = Session::client(self.endpoint.as_ref(), &params)?;
+        session.set_limits(self.limits.tls);
+        let cookies = Mutex::new(CookieStore::default());
         let mut early_written = 0;
         if let Some(bytes) = request.filter(|_| self.options.early_data) {
             early_written = session.write_early_data(bytes, Instant::now())?;
         }
-        let mut cookie = None;
         let mut answer: Option<Vec<u8>> = None;
         let mut request_sent = early_written > 0;
         loop {
@@ -471,14 +584,12 @@ impl AtlsClient {
                         path: wire::WELL_KNOWN_PATH,
                         headers: Self::atls_headers(),
                         body: flight,
-                        cookie,
+                        limit: self.limits.records_body,
                     },
+                    &cookies,
                     events,
                 )
                 .await?;
-            if cookie.is_none() {
-                cookie = wire::cookie_from_set_cookie(&outer.headers);
-            }
             if outer.status != StatusCode::OK {
                 return Err(self.refused(&mut session, outer));
             }
@@ -507,10 +618,6 @@ impl AtlsClient {
                 message: "the server did not answer the request sent with the handshake".into(),
             });
         }
-        let cookie = cookie.ok_or_else(|| ClientError::UnexpectedStatus {
-            status: StatusCode::OK,
-            message: "the server set no session cookie".into(),
-        })?;
         let info = session
             .handshake_info()
             .cloned()
@@ -520,18 +627,18 @@ impl AtlsClient {
             let ids = session.protection_ids(kind)?;
             // Client contexts die with the session: a restarted client
             // handshakes again and never reuses these keys.
-            Ok(SecurityContext::new_in_memory(&ContextParams::from_atls(
-                &keys, &ids,
-            ))?)
+            let mut ctx = SecurityContext::new_in_memory(&ContextParams::from_atls(&keys, &ids))?;
+            ctx.set_max_message(self.limits.max_message);
+            Ok(ctx)
         };
-        let oscore = context(ProtectionKind::Oscore)?;
-        let cose = context(ProtectionKind::Cose)?;
+        let oscore = Mutex::new(context(ProtectionKind::Oscore)?);
+        let cose = Mutex::new(context(ProtectionKind::Cose)?);
         let early = early_written > 0 && info.early_data_accepted;
         Ok((
-            Established {
-                session,
-                cookie,
+            ClientSession {
                 info,
+                cookies,
+                tls: tokio::sync::Mutex::new(session),
                 oscore,
                 cose,
             },
@@ -561,9 +668,19 @@ impl AtlsClient {
                 alert: None,
             };
         }
-        ClientError::UnexpectedStatus {
-            status: outer.status,
-            message: snippet(&outer.body),
+        Self::unexpected(outer)
+    }
+
+    fn unexpected(outer: Outer) -> ClientError {
+        match outer.status {
+            StatusCode::PAYLOAD_TOO_LARGE => ClientError::RequestTooLarge {
+                status: outer.status,
+                message: snippet(&outer.body),
+            },
+            status => ClientError::UnexpectedStatus {
+                status,
+                message: snippet(&outer.body),
+            },
         }
     }
 
@@ -575,78 +692,118 @@ impl AtlsClient {
     /// Like [`AtlsClient::send`], also reporting what crossed the wire.
     pub async fn send_traced(&self, request: Request<Bytes>) -> Result<Exchange, ClientError> {
         let mut events = Vec::new();
-        let mut state = self.state.lock().await;
-        // One retry: the server may have forgotten the session (404).
+        // A forgotten session is redone once, for idempotent requests only.
         for attempt in 0..2 {
-            // A new session answers a record-mode request during its handshake.
-            let mut answered = None;
-            let established = match state.as_mut() {
-                Some(established) => established,
-                None => {
-                    let inner = (self.options.mode == Mode::Records).then(|| wire::encode_request(&request));
-                    let (established, answer, early) = self.handshake(inner.as_deref(), &mut events).await?;
-                    if let Some(bytes) = answer {
-                        answered = Some((wire::parse_response(&bytes, self.options.max_response)?, early));
-                    }
-                    state.insert(established)
-                }
+            let (session, answered) = self.session(&request, &mut events).await?;
+            if let Some((bytes, early)) = answered {
+                // A new record-mode session answered the request during its handshake.
+                let response = self.parse_records_response(&bytes)?;
+                return Ok(Exchange {
+                    response,
+                    events,
+                    info: session.info.clone(),
+                    early_data: early,
+                });
+            }
+            let attempt_result = match self.options.mode {
+                Mode::Records => self.send_records(&session, &request, &mut events).await,
+                Mode::Oscore => self.send_oscore(&session, &request, &mut events).await,
+                Mode::Cose => self.send_cose(&session, &request, &mut events).await,
             };
-            let (response, early) = match answered {
-                Some((response, early)) => (Ok(response), early),
-                None => (
-                    match self.options.mode {
-                        Mode::Records => self.send_records(established, &request, &mut events).await,
-                        Mode::Oscore => self.send_oscore(established, &request, &mut events).await,
-                        Mode::Cose => self.send_cose(established, &request, &mut events).await,
-                    },
-                    false,
-                ),
-            };
-            match response {
-                Ok(response) => {
-                    let info = established.info.clone();
+            match attempt_result {
+                Ok(Attempt::Done(response)) => {
                     return Ok(Exchange {
                         response,
                         events,
-                        info,
-                        early_data: early,
+                        info: session.info.clone(),
+                        early_data: false,
+                    })
+                }
+                Ok(Attempt::Kept(e)) => return Err(e),
+                Ok(Attempt::Lost(status)) => {
+                    tracing::debug!("the server forgot the ATLS session");
+                    self.forget(&session).await;
+                    if attempt == 0 && is_idempotent(request.method()) {
+                        continue;
+                    }
+                    return Err(ClientError::SessionLost {
+                        method: request.method().clone(),
+                        status,
                     });
                 }
-                Err(ClientError::UnexpectedStatus { status, .. })
-                    if status == StatusCode::NOT_FOUND && attempt == 0 =>
-                {
-                    tracing::debug!("the server forgot the ATLS session; handshaking again");
-                    *state = None;
-                }
                 Err(e) => {
-                    if matches!(
-                        e,
-                        ClientError::Handshake(_) | ClientError::Protection(_) | ClientError::Wire(_)
-                    ) {
-                        *state = None;
+                    if self.breaks_session(&e) {
+                        self.forget(&session).await;
                     }
                     return Err(e);
                 }
             }
         }
-        Err(ClientError::UnexpectedStatus {
+        Err(ClientError::SessionLost {
+            method: request.method().clone(),
             status: StatusCode::NOT_FOUND,
-            message: "the server forgot the new session at once".into(),
         })
     }
 
-    fn path_of(uri: &Uri) -> String {
-        uri.path_and_query().map_or("/", |p| p.as_str()).to_owned()
+    /// Whether an error leaves the session unusable. Record mode: any
+    /// failure of the exchange (the record sequences may be out of step; an
+    /// in-step failure is an [`Attempt::Kept`]). OSCORE/COSE: only an
+    /// exhausted context; a refused or tampered message leaves it intact.
+    fn breaks_session(&self, e: &ClientError) -> bool {
+        match self.options.mode {
+            Mode::Records => !matches!(e, ClientError::Invalid(_)),
+            Mode::Oscore | Mode::Cose => matches!(
+                e,
+                ClientError::Protection(atls_oscore::OscoreError::SequenceExhausted)
+            ),
+        }
+    }
+
+    /// The current session, or a new one. In record mode a new session
+    /// carries `request` in its handshake and returns its answer.
+    async fn session(
+        &self,
+        request: &Request<Bytes>,
+        events: &mut Vec<WireEvent>,
+    ) -> Result<(Arc<ClientSession>, Option<(Vec<u8>, bool)>), ClientError> {
+        let mut current = self.current.lock().await;
+        if let Some(session) = current.as_ref() {
+            return Ok((session.clone(), None));
+        }
+        let inner = (self.options.mode == Mode::Records).then(|| wire::encode_request(request));
+        let (session, answer, early) = self.handshake(inner.as_deref(), events).await?;
+        let session = Arc::new(session);
+        *current = Some(session.clone());
+        Ok((session, answer.map(|bytes| (bytes, early))))
+    }
+
+    /// Drop `session` if it is still the current one.
+    async fn forget(&self, session: &Arc<ClientSession>) {
+        let mut current = self.current.lock().await;
+        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, session)) {
+            *current = None;
+        }
+    }
+
+    fn parse_records_response(&self, bytes: &[u8]) -> Result<Response<Bytes>, ClientError> {
+        match wire::parse_response(bytes, self.options.max_response) {
+            Ok(response) => Ok(response),
+            Err(crate::WireError::TooLarge) => Err(ClientError::ResponseTooLarge {
+                limit: self.options.max_response,
+            }),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn send_records(
         &self,
-        est: &mut Established,
+        session: &ClientSession,
         request: &Request<Bytes>,
         events: &mut Vec<WireEvent>,
-    ) -> Result<Response<Bytes>, ClientError> {
-        est.session.send(&wire::encode_request(request))?;
-        let records = est.session.take_flight(Instant::now())?.unwrap_or_default();
+    ) -> Result<Attempt, ClientError> {
+        let mut tls = session.tls.lock().await;
+        tls.send(&wire::encode_request(request))?;
+        let records = tls.take_flight(Instant::now())?.unwrap_or_default();
         let outer = self
             .post(
                 OuterRequest {
@@ -655,31 +812,35 @@ impl AtlsClient {
                     path: wire::WELL_KNOWN_PATH,
                     headers: Self::atls_headers(),
                     body: records,
-                    cookie: Some(est.cookie),
+                    limit: self.limits.records_body,
                 },
+                &session.cookies,
                 events,
             )
             .await?;
-        if outer.status != StatusCode::OK || !wire::is_media_type(&outer.headers, wire::CONTENT_TYPE_ATLS) {
-            return Err(ClientError::UnexpectedStatus {
-                status: outer.status,
-                message: snippet(&outer.body),
-            });
+        if outer.is_session_lost() {
+            return Ok(Attempt::Lost(outer.status));
         }
-        est.session.push_flight(&outer.body, Instant::now())?;
-        let bytes = est.session.take_received();
-        Ok(wire::parse_response(&bytes, self.options.max_response)?)
+        if outer.status != StatusCode::OK || !wire::is_media_type(&outer.headers, wire::CONTENT_TYPE_ATLS) {
+            return Err(Self::unexpected(outer));
+        }
+        tls.push_flight(&outer.body, Instant::now())?;
+        let bytes = tls.take_received();
+        Ok(match self.parse_records_response(&bytes) {
+            Ok(response) => Attempt::Done(response),
+            Err(e) => Attempt::Kept(e),
+        })
     }
 
     async fn send_oscore(
         &self,
-        est: &mut Established,
+        session: &ClientSession,
         request: &Request<Bytes>,
         events: &mut Vec<WireEvent>,
-    ) -> Result<Response<Bytes>, ClientError> {
+    ) -> Result<Attempt, ClientError> {
         let inner = request.clone().map(|b| b.to_vec());
         let packet = oscore_http::coap_request_from_http(&inner)?;
-        let (outer, binding) = atls_oscore::protect_request(&mut est.oscore, &packet)?;
+        let (outer, binding) = atls_oscore::protect_request(&mut lock(&session.oscore), &packet)?;
         let outer_http = oscore_http::request_to_http(&outer, "/")?;
         let mut headers = outer_http.headers().clone();
         headers.remove(header::HOST);
@@ -691,19 +852,28 @@ impl AtlsClient {
                     path: "/",
                     headers,
                     body: outer_http.into_body(),
-                    cookie: Some(est.cookie),
+                    limit: self.limits.oscore_body,
                 },
+                &session.cookies,
                 events,
             )
             .await?;
+        if answer.is_session_lost() {
+            return Ok(Attempt::Lost(answer.status));
+        }
         if answer.status == StatusCode::OK && wire::is_media_type(&answer.headers, wire::CONTENT_TYPE_OSCORE)
         {
             let mut response = Response::new(answer.body.to_vec());
             *response.headers_mut() = answer.headers;
             let outer = oscore_http::response_from_http(&response)?;
-            let inner = atls_oscore::unprotect_response(&mut est.oscore, &outer, &binding)?;
+            let inner = atls_oscore::unprotect_response(&mut lock(&session.oscore), &outer, &binding)?;
+            if inner.payload.len() > self.options.max_response {
+                return Err(ClientError::ResponseTooLarge {
+                    limit: self.options.max_response,
+                });
+            }
             let response = oscore_http::http_response_from_coap(&inner)?;
-            return Ok(response.map(Bytes::from));
+            return Ok(Attempt::Done(response.map(Bytes::from)));
         }
         Err(Self::protection_refused(answer))
     }
@@ -714,20 +884,26 @@ impl AtlsClient {
                 status: answer.status,
                 message: snippet(&answer.body),
             },
-            status => ClientError::UnexpectedStatus {
-                status,
-                message: snippet(&answer.body),
-            },
+            _ => Self::unexpected(answer),
         }
     }
 
     async fn send_cose(
         &self,
-        est: &mut Established,
+        session: &ClientSession,
         request: &Request<Bytes>,
         events: &mut Vec<WireEvent>,
-    ) -> Result<Response<Bytes>, ClientError> {
-        let (sealed, binding) = atls_oscore::cose::seal_request(&mut est.cose, request.body())?;
+    ) -> Result<Attempt, ClientError> {
+        let target = request
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let line = cose::RequestLine {
+            method: request.method().as_str(),
+            target: &target,
+        };
+        let (sealed, binding) = cose::seal_request(&mut lock(&session.cose), &line, request.body())?;
         let mut headers = request.headers().clone();
         for name in [header::HOST, header::CONTENT_LENGTH, header::CONTENT_TYPE] {
             headers.remove(name);
@@ -736,28 +912,41 @@ impl AtlsClient {
             header::CONTENT_TYPE,
             HeaderValue::from_static(wire::CONTENT_TYPE_COSE),
         );
-        let path = Self::path_of(request.uri());
         let answer = self
             .post(
                 OuterRequest {
                     kind: "cose",
                     method: request.method().clone(),
-                    path: &path,
+                    path: &target,
                     headers,
                     body: sealed,
-                    cookie: Some(est.cookie),
+                    limit: self.limits.cose_body,
                 },
+                &session.cookies,
                 events,
             )
             .await?;
+        if answer.is_session_lost() {
+            return Ok(Attempt::Lost(answer.status));
+        }
         if wire::is_media_type(&answer.headers, "application/cose") {
-            let plaintext = atls_oscore::cose::open_response(&mut est.cose, &answer.body, &binding)?;
+            let plaintext = cose::open_response(
+                &mut lock(&session.cose),
+                answer.status.as_u16(),
+                &answer.body,
+                &binding,
+            )?;
+            if plaintext.len() > self.options.max_response {
+                return Err(ClientError::ResponseTooLarge {
+                    limit: self.options.max_response,
+                });
+            }
             let mut response = Response::new(Bytes::from(plaintext));
             *response.status_mut() = answer.status;
             *response.headers_mut() = answer.headers;
             response.headers_mut().remove(header::CONTENT_TYPE);
             response.headers_mut().remove(header::CONTENT_LENGTH);
-            return Ok(response);
+            return Ok(Attempt::Done(response));
         }
         Err(Self::protection_refused(answer))
     }

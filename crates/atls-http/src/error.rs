@@ -19,6 +19,11 @@ pub enum WireError {
     TooLarge,
 }
 
+/// Server options that cannot be used (a cookie name that is not a token).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid ATLS server options: {0}")]
+pub struct InvalidOptions(pub String);
+
 /// Where a client request failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layer {
@@ -83,6 +88,32 @@ pub enum ClientError {
     /// A malformed inner message.
     #[error("protection: {0}")]
     Wire(#[from] WireError),
+    /// The server no longer knows the session (an outer 404) and the
+    /// request was not sent again, because its method is not idempotent
+    /// (RFC 9110 §9.2.2): a middlebox may have swallowed a real answer, so
+    /// the server may have acted on it. The next request starts a new
+    /// session; the caller decides whether to repeat this one.
+    #[error("transport: the server lost the ATLS session ({status}); the {method} request was not sent again (not idempotent)")]
+    SessionLost {
+        /// The request's method.
+        method: http::Method,
+        /// The outer status.
+        status: StatusCode,
+    },
+    /// The server refused the request body as larger than its limit (413).
+    #[error("the server refused the request as too large ({status}): {message}")]
+    RequestTooLarge {
+        /// The outer status.
+        status: StatusCode,
+        /// The server's diagnostic, which names its limit.
+        message: String,
+    },
+    /// The response body is larger than [`crate::ClientOptions::max_response`].
+    #[error("application: the response body exceeds this client's limit of {limit} bytes")]
+    ResponseTooLarge {
+        /// The client's limit.
+        limit: usize,
+    },
     /// Invalid request or configuration given by the caller.
     #[error("invalid request: {0}")]
     Invalid(String),
@@ -92,9 +123,16 @@ impl ClientError {
     /// The layer that failed.
     pub fn layer(&self) -> Layer {
         match self {
-            Self::Transport(_) | Self::UnexpectedStatus { .. } | Self::Invalid(_) => Layer::Transport,
+            Self::Transport(_)
+            | Self::UnexpectedStatus { .. }
+            | Self::Invalid(_)
+            | Self::SessionLost { .. } => Layer::Transport,
             Self::Handshake(_) | Self::HandshakeRefused { .. } => Layer::Handshake,
-            Self::Protection(_) | Self::ProtectionRefused { .. } | Self::Wire(_) => Layer::Protection,
+            Self::Protection(_)
+            | Self::ProtectionRefused { .. }
+            | Self::Wire(_)
+            | Self::RequestTooLarge { .. } => Layer::Protection,
+            Self::ResponseTooLarge { .. } => Layer::Application,
         }
     }
 }

@@ -18,10 +18,13 @@
 pub mod app;
 pub mod client;
 pub mod error;
+pub mod limits;
 pub mod server;
 pub mod wire;
 
+pub use atls_sessions::TableStats;
 pub use client::{AtlsClient, ClientOptions, Exchange, WireEvent};
-pub use error::{ClientError, Layer, WireError};
-pub use server::{AtlsLayer, AtlsPeer, AtlsServer, AtlsService, PeerSummary, ServerLimits, TableStats};
+pub use error::{ClientError, InvalidOptions, Layer, WireError};
+pub use limits::DerivedLimits;
+pub use server::{AtlsLayer, AtlsPeer, AtlsServer, AtlsService, PeerSummary, ServerLimits, ServerOptions};
 pub use wire::Mode;

@@ -6,55 +6,77 @@
 //! requests, each carrying an [`AtlsPeer`] extension that says who the peer
 //! proved to be and how the request was protected.
 //!
-//! Sessions live in a bounded in-memory table keyed by the session cookie:
-//! idle and absolute expiry, a cap on half-open handshakes. Their keys die
-//! with the table, so the OSCORE and COSE contexts derived from them keep
-//! their sequence numbers in memory: a restarted server has no context to
-//! reuse a nonce with, and clients handshake again (404 → new session).
+//! Sessions live in an [`atls_sessions::SessionTable`] keyed by the session
+//! cookie and the server's connection IDs, with its admission policy: a body
+//! opens a session only once the TLS engine answered it, caps are checked
+//! before anything is evicted, a half-open handshake never evicts an
+//! established session, and a session counts as used only when a request of
+//! it verified. Their keys die with the table, so the OSCORE and COSE
+//! contexts derived from them keep their sequence numbers in memory: a
+//! restarted server has no context to reuse a nonce with, and clients
+//! handshake again (404 → new session).
+//!
+//! Once a request has verified, every answer travels protected, errors
+//! included (413 for an inner body over the limit, 502 for an application
+//! response over it): the client learns the outcome end to end and the
+//! session stays usable.
 
 // Handlers return a ready HTTP response as their error: it is built once per
 // refused request, and boxing it would only add an allocation.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use atls_core::{
-    ConnectionId, Error as TlsError, HandshakeInfo, PeerIdentity, ProtectionKind, ServerEndpoint,
-    ServerSessionParams, Session,
+use atls_core::records::{self, FirstFlight};
+use atls_core::{Error as TlsError, Framing, PeerIdentity, ServerEndpoint};
+use atls_oscore::{cose, http as oscore_http, OscoreError};
+use atls_sessions::{
+    ClientKey, Eviction, Found, KidKind, Phase, Policy, Refusal, ServerSession, SessionTable, TableStats,
 };
-use atls_oscore::{http as oscore_http, ContextParams, OscoreError, SecurityContext};
 use axum::body::Body;
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
 
-use crate::wire::{self, Mode, SessionId};
+use crate::error::InvalidOptions;
+use crate::limits::DerivedLimits;
+use crate::wire::{self, CookieLookup, Mode};
 
 /// Bounds of the session table and of bodies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerLimits {
-    /// Most sessions (half-open and established) held at once.
+    /// Most established sessions held at once.
     pub max_sessions: usize,
-    /// Most sessions still handshaking; beyond it new handshakes get 503.
+    /// Most handshakes in progress at once, on top of `max_sessions`;
+    /// beyond it new handshakes get 503 with `Retry-After`.
     pub max_half_open: usize,
+    /// Most handshakes in progress from one client address (an IPv4
+    /// address or an IPv6 /64); 0 for no per-client cap.
+    pub max_half_open_per_client: usize,
     /// A handshake not finished within this time is dropped.
     pub handshake_timeout: Duration,
-    /// An established session unused for this long is dropped.
+    /// An established session with no verified request for this long is dropped.
     pub idle_timeout: Duration,
     /// No session lives longer than this (the cookie's Max-Age).
     pub lifetime: Duration,
-    /// Largest outer request body (a flight, records, an OSCORE or COSE message).
-    pub max_body: usize,
-    /// Largest inner response body the application may return.
+    /// With `max_sessions` established sessions, a completed handshake takes
+    /// the place of the least recently used one if it has been unused for at
+    /// least this long; `None` never evicts (newcomers get 503 instead).
+    pub evict_idle_after: Option<Duration>,
+    /// Largest inner request body the application receives, in every mode.
+    pub max_request: usize,
+    /// Largest inner response body the application may return, in every mode.
     pub max_response: usize,
+    /// Largest handshake flight (a ClientHello, a client certificate chain).
+    pub max_handshake_flight: usize,
 }
 
 impl Default for ServerLimits {
@@ -62,21 +84,71 @@ impl Default for ServerLimits {
         Self {
             max_sessions: 10_000,
             max_half_open: 1_000,
+            max_half_open_per_client: 100,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(10 * 60),
             lifetime: Duration::from_secs(60 * 60),
-            max_body: 1024 * 1024,
+            evict_idle_after: Some(Duration::from_secs(30)),
+            max_request: 1024 * 1024,
             max_response: 4 * 1024 * 1024,
+            max_handshake_flight: 64 * 1024,
         }
     }
 }
 
-/// Seconds a client is asked to wait when the half-open table is full.
-const RETRY_AFTER_SECS: u64 = 1;
-/// Bytes of a server CID (OSCORE Recipient ID / COSE kid); fits every AEAD's
-/// nonce (at most nonce length − 6 = 1 for 7-byte nonces is never negotiated
-/// here: the §10 AEADs have 12- or 13-byte nonces).
-const CID_LEN: usize = 4;
+impl ServerLimits {
+    /// The table policy these limits give.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            max_sessions: self.max_sessions,
+            max_half_open: self.max_half_open,
+            max_half_open_per_client: self.max_half_open_per_client,
+            handshake_timeout: self.handshake_timeout,
+            idle_timeout: self.idle_timeout,
+            lifetime: self.lifetime,
+            eviction: match self.evict_idle_after {
+                Some(min_idle) => Eviction::LeastRecentlyUsed { min_idle },
+                None => Eviction::Never,
+            },
+            cid_len: 4,
+        }
+    }
+
+    /// Every body and buffer limit, for a server accepting up to
+    /// `max_early_data` bytes of 0-RTT data.
+    pub fn derived(&self, max_early_data: usize) -> DerivedLimits {
+        DerivedLimits::new(
+            (self.max_request, self.max_response),
+            self.max_request,
+            self.max_response,
+            self.max_handshake_flight,
+            max_early_data,
+        )
+    }
+}
+
+/// Server settings besides the limits.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Table and body limits.
+    pub limits: ServerLimits,
+    /// Name of the session cookie (an RFC 6265 token).
+    pub cookie_name: String,
+    /// Take the client address for the per-client handshake cap from the
+    /// last entry of this header (e.g. `x-forwarded-for`, set by a trusted
+    /// reverse proxy) instead of the connection's peer address.
+    pub client_address_header: Option<HeaderName>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            limits: ServerLimits::default(),
+            cookie_name: wire::COOKIE_NAME.to_owned(),
+            client_address_header: None,
+        }
+    }
+}
 
 /// What the wrapped application learns about the ATLS peer of a request.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -135,133 +207,29 @@ impl PeerSummary {
     }
 }
 
-/// An established session's protection state.
-struct Established {
-    info: HandshakeInfo,
-    oscore: SecurityContext,
-    cose: SecurityContext,
+fn peer_of(session: &ServerSession, mode: Mode, early_data: bool) -> Option<AtlsPeer> {
+    let info = &session.established()?.info;
+    let cids = match mode {
+        Mode::Cose => info.cose_cids.is_negotiated(),
+        _ => info.oscore_cids.is_negotiated(),
+    };
+    Some(AtlsPeer {
+        mode,
+        engine: session.session().engine_name(),
+        tls_version: info.version.name(),
+        cipher_suite: info.cipher_suite.to_string(),
+        cids_negotiated: cids,
+        peer: PeerSummary::of(&info.peer),
+        resumed: info.resumed,
+        early_data,
+    })
 }
 
-impl fmt::Debug for Established {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Established")
-            .field("info", &self.info)
-            .finish_non_exhaustive()
-    }
-}
-
-struct Entry {
-    session: Session,
-    created: Instant,
-    last_used: Instant,
-    established: Option<Established>,
-    /// A request received as 0-RTT data, served once the handshake completes.
-    early_request: Option<Vec<u8>>,
-    id: SessionId,
-}
-
-impl Entry {
-    fn expired(&self, now: Instant, limits: &ServerLimits) -> bool {
-        let idle = if self.established.is_some() {
-            limits.idle_timeout
-        } else {
-            limits.handshake_timeout
-        };
-        now.duration_since(self.created) >= limits.lifetime || now.duration_since(self.last_used) >= idle
-    }
-
-    fn peer(&self, mode: Mode, early_data: bool) -> Option<AtlsPeer> {
-        let est = self.established.as_ref()?;
-        let info = &est.info;
-        let cids = match mode {
-            Mode::Cose => info.cose_cids.is_negotiated(),
-            _ => info.oscore_cids.is_negotiated(),
-        };
-        Some(AtlsPeer {
-            mode,
-            engine: self.session.engine_name(),
-            tls_version: info.version.name(),
-            cipher_suite: info.cipher_suite.to_string(),
-            cids_negotiated: cids,
-            peer: PeerSummary::of(&info.peer),
-            resumed: info.resumed,
-            early_data,
-        })
-    }
-}
-
-type Shared = Arc<Mutex<Entry>>;
-
-/// A session as the table holds it: what removal needs is kept here, so the
-/// table never waits for a session's lock.
-struct Slot {
-    entry: Shared,
-    oscore_cid: Vec<u8>,
-    cose_cid: Vec<u8>,
-}
-
-/// Lock order: a session's lock may be held while taking the table's, never
-/// the reverse (the table only ever `try_lock`s a session).
-#[derive(Default)]
-struct Table {
-    sessions: HashMap<SessionId, Slot>,
-    /// Server CIDs (= the client's Sender ID / kid) of live sessions.
-    oscore_kids: HashMap<Vec<u8>, SessionId>,
-    cose_kids: HashMap<Vec<u8>, SessionId>,
-    /// Sessions still handshaking.
-    half_open: HashSet<SessionId>,
-    last_sweep: Option<Instant>,
-}
-
-impl Table {
-    fn remove(&mut self, id: &SessionId) {
-        if let Some(slot) = self.sessions.remove(id) {
-            self.half_open.remove(id);
-            self.oscore_kids.remove(&slot.oscore_cid);
-            self.cose_kids.remove(&slot.cose_cid);
-        }
-    }
-
-    fn sweep(&mut self, now: Instant, limits: &ServerLimits) {
-        let expired: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, slot)| slot.entry.try_lock().is_ok_and(|e| e.expired(now, limits)))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            self.remove(&id);
-        }
-        self.last_sweep = Some(now);
-    }
-
-    fn evict_least_recently_used(&mut self) {
-        let victim = self
-            .sessions
-            .iter()
-            .filter_map(|(id, slot)| {
-                let e = slot.entry.try_lock().ok()?;
-                e.established.as_ref().map(|_| (e.last_used, *id))
-            })
-            .min()
-            .map(|(_, id)| id);
-        if let Some(id) = victim {
-            tracing::debug!(session = ?id, "evicting the least recently used ATLS session");
-            self.remove(&id);
-        }
-    }
-}
-
-/// A random server CID not in `index`.
-fn fresh_cid(index: &HashMap<Vec<u8>, SessionId>) -> Result<Vec<u8>, crate::error::WireError> {
-    loop {
-        let mut cid = vec![0u8; CID_LEN];
-        getrandom::fill(&mut cid).map_err(|e| crate::error::WireError::Random(e.to_string()))?;
-        if !index.contains_key(&cid) {
-            return Ok(cid);
-        }
-    }
-}
+/// A session as the table holds it: its engine state behind its own lock,
+/// held for engine calls only, never across an await. Lock order: a
+/// session's lock may be held while taking the table's, never the reverse
+/// (the table never locks a session).
+type Entry = Mutex<ServerSession>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a session lock poisons only that session's data,
@@ -269,27 +237,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Counters of what the server refused, for operators and tests.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct TableStats {
-    /// Sessions held.
-    pub sessions: usize,
-    /// Of which still handshaking.
-    pub half_open: usize,
-}
-
 /// The ATLS terminator: a TLS server endpoint and its session table.
 pub struct AtlsServer {
     endpoint: Arc<dyn ServerEndpoint>,
-    limits: ServerLimits,
-    table: Mutex<Table>,
+    options: ServerOptions,
+    limits: DerivedLimits,
+    table: SessionTable<Entry>,
 }
 
 impl fmt::Debug for AtlsServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AtlsServer")
             .field("engine", &self.endpoint.engine_name())
-            .field("limits", &self.limits)
+            .field("options", &self.options)
             .field("stats", &self.stats())
             .finish()
     }
@@ -300,7 +260,11 @@ type Reply = Response<Body>;
 
 /// A text/plain answer carrying `message`.
 pub(crate) fn plain(status: StatusCode, message: &str) -> Reply {
-    let mut response = Response::new(Body::from(format!("{message}\n")));
+    plain_bytes(status, message).map(Body::from)
+}
+
+fn plain_bytes(status: StatusCode, message: &str) -> Response<Bytes> {
+    let mut response = Response::new(Bytes::from(format!("{message}\n")));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -319,6 +283,29 @@ fn atls_body(status: StatusCode, body: Vec<u8>) -> Reply {
     response
 }
 
+fn refusal_reply(refusal: &Refusal) -> Reply {
+    match refusal {
+        Refusal::DuplicateFirstFlight => plain(
+            StatusCode::BAD_REQUEST,
+            "this first flight is already being answered; start a new handshake",
+        ),
+        Refusal::Gone => plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session"),
+        Refusal::Random => plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot start an ATLS session"),
+        other => {
+            let mut reply = plain(StatusCode::SERVICE_UNAVAILABLE, &other.to_string());
+            let secs = other
+                .retry_after()
+                .unwrap_or(Duration::from_secs(1))
+                .as_secs_f64()
+                .ceil();
+            reply
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from((secs as u64).max(1)));
+            reply
+        }
+    }
+}
+
 /// What the application is asked to do for one protected request.
 struct Inner {
     request: Request<Bytes>,
@@ -326,18 +313,53 @@ struct Inner {
 }
 
 impl AtlsServer {
-    /// A server on `endpoint` with `limits`.
+    /// A server on `endpoint` with `limits` and the default cookie name.
     pub fn new(endpoint: Arc<dyn ServerEndpoint>, limits: ServerLimits) -> Arc<Self> {
-        Arc::new(Self {
-            endpoint,
+        let options = ServerOptions {
             limits,
-            table: Mutex::new(Table::default()),
+            ..ServerOptions::default()
+        };
+        Self::build(endpoint, options)
+    }
+
+    /// A server on `endpoint` with `options`; fails on a cookie name that is
+    /// not an RFC 6265 token.
+    pub fn with_options(
+        endpoint: Arc<dyn ServerEndpoint>,
+        options: ServerOptions,
+    ) -> Result<Arc<Self>, InvalidOptions> {
+        if !wire::is_valid_cookie_name(&options.cookie_name) {
+            return Err(InvalidOptions(format!(
+                "cookie name {:?} is not an RFC 6265 token",
+                options.cookie_name
+            )));
+        }
+        Ok(Self::build(endpoint, options))
+    }
+
+    fn build(endpoint: Arc<dyn ServerEndpoint>, options: ServerOptions) -> Arc<Self> {
+        let early = usize::try_from(endpoint.config().max_early_data).unwrap_or(usize::MAX);
+        Arc::new(Self {
+            limits: options.limits.derived(early),
+            table: SessionTable::new(options.limits.policy()),
+            endpoint,
+            options,
         })
     }
 
     /// The limits in force.
     pub fn limits(&self) -> &ServerLimits {
+        &self.options.limits
+    }
+
+    /// Every size limit derived from them.
+    pub fn derived_limits(&self) -> &DerivedLimits {
         &self.limits
+    }
+
+    /// The session cookie's name.
+    pub fn cookie_name(&self) -> &str {
+        &self.options.cookie_name
     }
 
     /// The engine name.
@@ -345,139 +367,25 @@ impl AtlsServer {
         self.endpoint.engine_name()
     }
 
-    /// How many sessions are held.
+    /// How many sessions are held, and what the table refused or evicted.
     pub fn stats(&self) -> TableStats {
-        let table = lock(&self.table);
-        TableStats {
-            sessions: table.sessions.len(),
-            half_open: table.half_open.len(),
-        }
+        self.table.stats()
     }
 
-    fn maybe_sweep(&self, table: &mut Table, now: Instant) {
-        let due = table
-            .last_sweep
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
-        if due {
-            table.sweep(now, &self.limits);
+    fn client_key(&self, request: &Request<Body>) -> Option<ClientKey> {
+        if let Some(name) = &self.options.client_address_header {
+            let value = request.headers().get_all(name).iter().next_back()?.to_str().ok()?;
+            let last = value.rsplit(',').next()?.trim();
+            let ip: IpAddr = last
+                .parse()
+                .or_else(|_| last.parse::<SocketAddr>().map(|a| a.ip()))
+                .ok()?;
+            return Some(ClientKey::from(ip));
         }
-    }
-
-    fn lookup(&self, id: SessionId, now: Instant) -> Option<Shared> {
-        let entry = {
-            let mut table = lock(&self.table);
-            self.maybe_sweep(&mut table, now);
-            table.sessions.get(&id)?.entry.clone()
-        };
-        let expired = lock(&entry).expired(now, &self.limits);
-        if expired {
-            self.remove(&id);
-            return None;
-        }
-        Some(entry)
-    }
-
-    fn lookup_kid(&self, mode: Mode, kid: &[u8], now: Instant) -> Option<Shared> {
-        let id = {
-            let table = lock(&self.table);
-            let index = match mode {
-                Mode::Cose => &table.cose_kids,
-                _ => &table.oscore_kids,
-            };
-            *index.get(kid)?
-        };
-        self.lookup(id, now)
-    }
-
-    fn create(&self, now: Instant) -> Result<(SessionId, Shared), Reply> {
-        let mut table = lock(&self.table);
-        self.maybe_sweep(&mut table, now);
-        if table.half_open.len() >= self.limits.max_half_open
-            || table.sessions.len() >= self.limits.max_sessions
-        {
-            // Sweep now rather than wait: expired entries may be holding the room.
-            table.sweep(now, &self.limits);
-        }
-        if table.sessions.len() >= self.limits.max_sessions {
-            // Full of established sessions: the least recently used one goes
-            // (its client gets 404 and handshakes again) rather than turning
-            // new clients away. Half-open handshakes are never evicted.
-            table.evict_least_recently_used();
-        }
-        let refusal = if table.half_open.len() >= self.limits.max_half_open {
-            Some("too many ATLS handshakes in progress")
-        } else if table.sessions.len() >= self.limits.max_sessions {
-            Some("the ATLS session table is full")
-        } else {
-            None
-        };
-        if let Some(message) = refusal {
-            let mut reply = plain(StatusCode::SERVICE_UNAVAILABLE, message);
-            reply
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-            return Err(reply);
-        }
-        let internal = |e: &dyn fmt::Display| {
-            tracing::error!(error = %e, "cannot start an ATLS session");
-            plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot start an ATLS session")
-        };
-        let id = loop {
-            let id = SessionId::random().map_err(|e| internal(&e))?;
-            if !table.sessions.contains_key(&id) {
-                break id;
-            }
-        };
-        let oscore_cid = fresh_cid(&table.oscore_kids).map_err(|e| internal(&e))?;
-        let cose_cid = fresh_cid(&table.cose_kids).map_err(|e| internal(&e))?;
-        let params = ServerSessionParams {
-            oscore_cid: Some(ConnectionId::new(oscore_cid.clone()).map_err(|e| internal(&e))?),
-            cose_cid: Some(ConnectionId::new(cose_cid.clone()).map_err(|e| internal(&e))?),
-        };
-        let session = Session::server(self.endpoint.as_ref(), &params).map_err(|e| internal(&e))?;
-        let entry = Arc::new(Mutex::new(Entry {
-            session,
-            created: now,
-            last_used: now,
-            established: None,
-            early_request: None,
-            id,
-        }));
-        table.oscore_kids.insert(oscore_cid.clone(), id);
-        table.cose_kids.insert(cose_cid.clone(), id);
-        table.half_open.insert(id);
-        table.sessions.insert(
-            id,
-            Slot {
-                entry: entry.clone(),
-                oscore_cid,
-                cose_cid,
-            },
-        );
-        Ok((id, entry))
-    }
-
-    fn remove(&self, id: &SessionId) {
-        lock(&self.table).remove(id);
-    }
-
-    fn mark_established(&self, entry: &mut Entry) -> Result<(), TlsError> {
-        let info = entry
-            .session
-            .handshake_info()
-            .cloned()
-            .ok_or(TlsError::HandshakeNotComplete)?;
-        let context = |kind: ProtectionKind| -> Result<SecurityContext, TlsError> {
-            let keys = entry.session.atls_keys(kind)?;
-            let ids = entry.session.protection_ids(kind)?;
-            SecurityContext::new_in_memory(&ContextParams::from_atls(&keys, &ids))
-                .map_err(|e| TlsError::Engine(format!("deriving the {kind:?} context: {e}")))
-        };
-        let oscore = context(ProtectionKind::Oscore)?;
-        let cose = context(ProtectionKind::Cose)?;
-        entry.established = Some(Established { info, oscore, cose });
-        lock(&self.table).half_open.remove(&entry.id);
-        Ok(())
+        request
+            .extensions()
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|info| ClientKey::from(info.0.ip()))
     }
 }
 
@@ -495,7 +403,8 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Reply> {
 
 /// Tower layer that puts an [`AtlsServer`] in front of a service.
 ///
-/// Wrap the whole application, so that the layer sees every request:
+/// Wrap the whole application, so that the layer sees every request, and
+/// serve it with connection info so that handshakes are counted per client:
 ///
 /// ```no_run
 /// # async fn run(endpoint: std::sync::Arc<dyn atls_core::ServerEndpoint>) {
@@ -506,7 +415,12 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Reply> {
 /// let server = AtlsServer::new(endpoint, ServerLimits::default());
 /// let service = AtlsLayer::new(server).layer(app::builtin());
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.unwrap();
-/// axum::serve(listener, service.into_make_service()).await.unwrap();
+/// axum::serve(
+///     listener,
+///     service.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+/// )
+/// .await
+/// .unwrap();
 /// # }
 /// ```
 ///
@@ -583,8 +497,9 @@ struct Handler<S> {
     inner: S,
 }
 
-/// Outcome of running the application on an inner request.
-async fn call_app<S>(inner: &mut S, inner_request: Inner, limit: usize) -> Result<Response<Bytes>, Reply>
+/// Run the application on a verified inner request. Never fails: an
+/// application response over `limit` becomes a 502 to protect like any other.
+async fn call_app<S>(inner: &mut S, inner_request: Inner, limit: usize) -> Response<Bytes>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
 {
@@ -603,11 +518,12 @@ where
     let Ok(response) = response;
     let (parts, body) = response.into_parts();
     match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(Response::from_parts(parts, collected.to_bytes())),
-        Err(_) => Err(plain(
+        Ok(collected) => Response::from_parts(parts, collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => plain_bytes(
             StatusCode::BAD_GATEWAY,
-            "the application's response exceeds the ATLS response limit",
-        )),
+            &format!("the application's response exceeds the limit of {limit} bytes"),
+        ),
+        Err(_) => plain_bytes(StatusCode::BAD_GATEWAY, "the application's response failed"),
     }
 }
 
@@ -623,6 +539,16 @@ fn oscore_error_reply(e: &OscoreError) -> Reply {
     }
 }
 
+const NOT_ESTABLISHED: &str = "the ATLS handshake of this session is not complete";
+
+/// The inner request over the limit, answered inside the protection.
+fn too_large(limit: usize) -> Response<Bytes> {
+    plain_bytes(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("the request body exceeds the limit of {limit} bytes"),
+    )
+}
+
 impl<S> Handler<S>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
@@ -631,11 +557,7 @@ where
         let headers = request.headers();
         if request.uri().path() == wire::WELL_KNOWN_PATH {
             if request.method() != Method::POST {
-                let mut reply = plain(StatusCode::METHOD_NOT_ALLOWED, "ATLS flights are POSTed");
-                reply
-                    .headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST"));
-                return reply;
+                return method_not_allowed("ATLS flights are POSTed");
             }
             if !wire::is_media_type(headers, wire::CONTENT_TYPE_ATLS) {
                 return plain(
@@ -646,6 +568,10 @@ where
             return self.handle_records(request).await;
         }
         if wire::is_media_type(headers, wire::CONTENT_TYPE_OSCORE) {
+            if request.method() != Method::POST {
+                // RFC 8613 §11.1: the outer method of an OSCORE request is POST.
+                return method_not_allowed("OSCORE requests are POSTed (RFC 8613 §11.1)");
+            }
             return self.handle_oscore(request).await;
         }
         if wire::is_media_type(headers, "application/cose") {
@@ -657,33 +583,39 @@ where
         )
     }
 
-    fn session_for(
-        &self,
-        headers: &http::HeaderMap,
-        now: Instant,
-    ) -> Result<Option<(SessionId, Shared)>, Reply> {
-        match wire::session_cookie(headers) {
-            None => Ok(None),
-            Some(Some(id)) => match self.server.lookup(id, now) {
-                Some(entry) => Ok(Some((id, entry))),
-                None => Err(plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")),
-            },
-            Some(None) => Err(plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")),
-        }
+    fn cookie(&self, headers: &http::HeaderMap) -> CookieLookup {
+        wire::session_cookie(headers, &self.server.options.cookie_name)
     }
 
     /// `POST /.well-known/atls`: a handshake flight, or records after it.
     async fn handle_records(&mut self, request: Request<Body>) -> Reply {
         let now = Instant::now();
+        let client = self.server.client_key(&request);
         let (parts, body) = request.into_parts();
-        let body = match read_body(body, self.server.limits.max_body).await {
-            Ok(b) => b,
-            Err(reply) => return reply,
+        let cookie = self.cookie(&parts.headers);
+        let found = match cookie {
+            CookieLookup::Session(id) => self.server.table.get(&id, now),
+            _ => None,
         };
-        let starts_handshake = match atls_core::records::split_records(atls_core::Framing::Tls, &body) {
-            Ok(records) => records
-                .first()
-                .is_some_and(|r| r.content_type == atls_core::records::ContentType::Handshake),
+        let limits = self.server.limits;
+        let cap = if found.is_some() {
+            limits.records_body
+        } else {
+            limits.first_flight
+        };
+        let body = match read_body(body, cap).await {
+            Ok(b) => b,
+            Err(reply) => {
+                if let Some(found) = &found {
+                    // Records the session never saw: its TLS state is out of
+                    // step with the client's, so it ends here.
+                    self.server.table.remove(&found.id);
+                }
+                return reply;
+            }
+        };
+        let first = match records::split_records(Framing::Tls, &body) {
+            Ok(records) => records::first_flight(Framing::Tls, &records),
             Err(_) => {
                 return plain(
                     StatusCode::BAD_REQUEST,
@@ -691,144 +623,192 @@ where
                 )
             }
         };
-        let (id, entry, new) = match self.session_for(&parts.headers, now) {
-            Err(reply) => return reply,
-            Ok(Some((id, entry))) => (id, entry, false),
-            // Without a cookie only a ClientHello may open a session.
-            Ok(None) if !starts_handshake => {
-                return plain(
-                    StatusCode::BAD_REQUEST,
-                    "a new ATLS session starts with a handshake record",
-                )
+        match (found, first) {
+            // A session still handshaking takes every flight, a second
+            // ClientHello after a HelloRetryRequest included.
+            (Some(found), _) if found.phase == Phase::HalfOpen => {
+                self.continue_session(found, &body, now).await
             }
-            Ok(None) => match self.server.create(now) {
-                Ok((id, entry)) => (id, entry, true),
-                Err(reply) => return reply,
-            },
-        };
-
-        // Drive the TLS session with the flight; collect a request to serve.
-        let (step, closed) = {
-            let mut e = lock(&entry);
-            e.last_used = now;
-            let step = self.step(&mut e, &body, now);
-            (step, e.session.is_closed())
-        };
-        if closed {
-            // close_notify (or a fatal alert): the session ends here.
-            self.server.remove(&id);
+            (Some(found), FirstFlight::Other | FirstFlight::IncompleteClientHello) => {
+                self.continue_session(found, &body, now).await
+            }
+            // A ClientHello with a stale or foreign cookie opens a new session.
+            (_, FirstFlight::ClientHello) if body.len() <= limits.first_flight => {
+                self.open_session(client, &body, now)
+            }
+            (_, FirstFlight::ClientHello) => plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("a first flight exceeds {} bytes", limits.first_flight),
+            ),
+            (None, FirstFlight::IncompleteClientHello) => plain(
+                StatusCode::BAD_REQUEST,
+                "the ClientHello is incomplete: a first flight carries the whole message",
+            ),
+            (None, FirstFlight::Other) if cookie != CookieLookup::Absent => {
+                plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")
+            }
+            (None, FirstFlight::Other) => plain(
+                StatusCode::BAD_REQUEST,
+                "a new ATLS session starts with a ClientHello",
+            ),
         }
-        let (mut out, inner_request) = match step {
-            Ok(step) => step,
-            Err(StepError(error, alert)) => {
-                tracing::debug!(session = ?id, %error, "ATLS handshake failed");
-                if !matches!(error, TlsError::DuplicateFlight) {
-                    self.server.remove(&id);
-                }
-                return match alert {
-                    Some(alert) => atls_body(StatusCode::BAD_REQUEST, alert),
-                    None => plain(StatusCode::BAD_REQUEST, &format!("ATLS: {error}")),
-                };
+    }
+
+    /// A first flight: reserve a place, run the engine outside the table,
+    /// keep the session only if the engine answered.
+    fn open_session(&self, client: Option<ClientKey>, body: &[u8], now: Instant) -> Reply {
+        let server = &self.server;
+        let admission = match server.table.admit(client, body, now) {
+            Ok(a) => a,
+            Err(refusal) => {
+                tracing::debug!(reason = refusal.reason(), "ATLS handshake refused");
+                return refusal_reply(&refusal);
             }
         };
-
-        if let Some(inner_request) = inner_request {
-            let response =
-                match call_app(&mut self.inner, inner_request, self.server.limits.max_response).await {
-                    Ok(r) => r,
-                    Err(reply) => return reply,
-                };
-            let mut e = lock(&entry);
-            if let Err(error) = e.session.send(&wire::encode_response(&response)) {
-                self.server.remove(&id);
-                return plain(StatusCode::BAD_REQUEST, &format!("ATLS: {error}"));
+        let id = admission.id();
+        let mut session = match ServerSession::accept(
+            server.endpoint.as_ref(),
+            &admission,
+            server.limits.tls,
+            server.limits.max_message,
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start an ATLS session");
+                return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot start an ATLS session");
             }
-            match e.session.take_flight(now) {
-                Ok(Some(flight)) => out.extend_from_slice(&flight),
-                Ok(None) => {}
-                Err(error) => return plain(StatusCode::BAD_REQUEST, &format!("ATLS: {error}")),
+        };
+        let progress = match session.push_flight(body, now) {
+            Ok(p) => p,
+            Err(failure) => {
+                tracing::debug!(error = %failure.error, "ATLS first flight refused");
+                return failure_reply(&failure.error, failure.alert);
+            }
+        };
+        if progress.output.is_empty() && !progress.established {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "the TLS stack did not answer this first flight",
+            );
+        }
+        if let Err(refusal) = admission.insert(Mutex::new(session)) {
+            return refusal_reply(&refusal);
+        }
+        if progress.established {
+            if let Err(refusal) = server.table.establish(&id, now) {
+                return refusal_reply(&refusal);
             }
         }
-        let mut reply = atls_body(StatusCode::OK, out);
-        if new {
-            let max_age = self.server.limits.lifetime.as_secs();
-            if let Ok(value) = HeaderValue::from_str(&wire::set_cookie(id, max_age, self.secure_cookies)) {
-                reply.headers_mut().insert(header::SET_COOKIE, value);
-            }
+        let mut reply = atls_body(StatusCode::OK, progress.output);
+        let max_age = server.options.limits.lifetime.as_secs();
+        let value = wire::set_cookie(&server.options.cookie_name, id, max_age, self.secure_cookies);
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            reply.headers_mut().insert(header::SET_COOKIE, value);
         }
         reply
     }
 
-    /// Push a flight; returns the bytes to answer with and a request to serve.
-    fn step(&self, e: &mut Entry, body: &[u8], now: Instant) -> Result<(Vec<u8>, Option<Inner>), StepError> {
-        let was_established = e.established.is_some();
-        if let Err(error) = e.session.push_flight(body, now) {
-            let alert = e.session.take_flight(now).ok().flatten();
-            return Err(StepError(error, alert));
-        }
-        let early = e.session.take_early_data();
-        if !early.is_empty() {
-            // Served only once the client's Finished proves it is not a replay.
-            e.early_request
-                .get_or_insert_with(Vec::new)
-                .extend_from_slice(&early);
-        }
-        if !was_established && e.session.is_handshake_complete() {
-            if let Err(error) = self.server.mark_established(e) {
-                return Err(StepError(error, None));
+    /// A flight of a session in the table: handshake, or records carrying
+    /// one HTTP/1.1 request.
+    async fn continue_session(&mut self, found: Found<Entry>, body: &[u8], now: Instant) -> Reply {
+        let server = self.server.clone();
+        let (step, peer) = {
+            let mut s = lock(&found.entry);
+            let step = s.push_flight(body, now);
+            let closed = s.is_closed();
+            let peer = match &step {
+                Ok(progress) => peer_of(&s, Mode::Records, progress.early_data),
+                Err(_) => None,
+            };
+            if closed {
+                // close_notify (or a fatal alert): the session ends here.
+                server.table.remove(&found.id);
             }
-        }
-        let mut out = match e.session.take_flight(now) {
-            Ok(flight) => flight.unwrap_or_default(),
-            Err(error) => return Err(StepError(error, None)),
+            (step, peer)
         };
-        if e.established.is_none() {
-            return Ok((out, None));
-        }
-        let received = e.session.take_received();
-        // A request sent partly as early data continues in the first records.
-        let (bytes, early_data) = match e.early_request.take() {
-            Some(mut early) => {
-                early.extend_from_slice(&received);
-                (early, true)
-            }
-            None => (received, false),
-        };
-        if bytes.is_empty() {
-            return Ok((out, None));
-        }
-        let request = match wire::parse_request(&bytes, self.server.limits.max_body) {
-            Ok(r) => r,
-            Err(error) => {
-                // The error travels back inside TLS, as the inner response.
-                let response = Response::builder()
-                    .status(StatusCode::BAD_REQUEST)
-                    .body(Bytes::from(format!("{error}\n")))
-                    .unwrap_or_default();
-                if e.session.send(&wire::encode_response(&response)).is_ok() {
-                    if let Ok(Some(flight)) = e.session.take_flight(now) {
-                        out.extend_from_slice(&flight);
-                    }
+        let progress = match step {
+            Ok(progress) => progress,
+            Err(failure) => {
+                tracing::debug!(session = ?found.id, error = %failure.error, "ATLS flight refused");
+                if !matches!(failure.error, TlsError::DuplicateFlight) {
+                    server.table.remove(&found.id);
                 }
-                return Ok((out, None));
+                return failure_reply(&failure.error, failure.alert);
             }
         };
-        let peer = e
-            .peer(Mode::Records, early_data)
-            .ok_or(StepError(TlsError::HandshakeNotComplete, None))?;
-        Ok((out, Some(Inner { request, peer })))
+        if progress.established {
+            if let Err(refusal) = server.table.establish(&found.id, now) {
+                tracing::debug!(session = ?found.id, reason = refusal.reason(), "completed handshake refused");
+                return refusal_reply(&refusal);
+            }
+        }
+        // From here on the output is always sent: dropping records the
+        // engine counted would put the two record sequences out of step.
+        let mut out = progress.output;
+        if progress.application_data.is_empty() {
+            return atls_body(StatusCode::OK, out);
+        }
+        // The records decrypted: the session is in use.
+        server.table.touch(&found.id, now);
+        let max_request = server.limits.max_request;
+        let response = match (wire::parse_request(&progress.application_data, max_request), peer) {
+            (Ok(request), Some(peer)) => {
+                call_app(
+                    &mut self.inner,
+                    Inner { request, peer },
+                    server.limits.max_response,
+                )
+                .await
+            }
+            (Ok(_), None) => plain_bytes(StatusCode::INTERNAL_SERVER_ERROR, NOT_ESTABLISHED),
+            (Err(crate::WireError::TooLarge), _) => too_large(max_request),
+            // The error travels back inside TLS, as the inner response.
+            (Err(error), _) => plain_bytes(StatusCode::BAD_REQUEST, &error.to_string()),
+        };
+        let sent = lock(&found.entry).send(&wire::encode_response(&response), Instant::now());
+        match sent {
+            Ok(records) => {
+                out.extend_from_slice(&records);
+                atls_body(StatusCode::OK, out)
+            }
+            Err(error) => {
+                tracing::warn!(session = ?found.id, %error, "cannot encrypt the response");
+                server.table.remove(&found.id);
+                plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("ATLS: {error}"))
+            }
+        }
+    }
+
+    /// The session of a protected request: by kid when the CIDs were
+    /// negotiated, otherwise by cookie.
+    fn find(
+        &self,
+        kind: KidKind,
+        kid: Option<&[u8]>,
+        headers: &http::HeaderMap,
+        now: Instant,
+    ) -> Result<Found<Entry>, Reply> {
+        if let Some(kid) = kid.filter(|k| !k.is_empty()) {
+            if let Some(found) = self.server.table.get_by_kid(kind, kid, now) {
+                return Ok(found);
+            }
+        }
+        match self.cookie(headers) {
+            CookieLookup::Session(id) => match self.server.table.get(&id, now) {
+                Some(found) => Ok(found),
+                None => Err(plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")),
+            },
+            CookieLookup::Malformed => Err(plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")),
+            CookieLookup::Absent => Err(oscore_error_reply(&OscoreError::ContextNotFound)),
+        }
     }
 
     /// RFC 8613 §11: `POST` with `application/oscore` and the `OSCORE` header.
     async fn handle_oscore(&mut self, request: Request<Body>) -> Reply {
         let now = Instant::now();
+        let server = self.server.clone();
         let (parts, body) = request.into_parts();
-        let body = match read_body(
-            body,
-            self.server.limits.max_body.min(atls_oscore::message::MAX_MESSAGE),
-        )
-        .await
-        {
+        let body = match read_body(body, server.limits.oscore_body).await {
             Ok(b) => b,
             Err(reply) => return reply,
         };
@@ -842,41 +822,52 @@ where
             Ok(option) => option.kid,
             Err(e) => return oscore_error_reply(&e),
         };
-        let Some(entry) = (match self.find(Mode::Oscore, kid.as_deref(), outer_http.headers(), now) {
+        let found = match self.find(KidKind::Oscore, kid.as_deref(), outer_http.headers(), now) {
             Ok(found) => found,
             Err(reply) => return reply,
-        }) else {
-            return oscore_error_reply(&OscoreError::ContextNotFound);
         };
-
-        let ((inner_packet, binding), peer) = match open_in(&entry, Mode::Oscore, now, |est| {
+        let ((inner_packet, binding), peer) = match open_in(&found.entry, Mode::Oscore, |est| {
             atls_oscore::unprotect_request(&mut est.oscore, &outer)
         }) {
             Ok(opened) => opened,
             Err(reply) => return reply,
         };
-        let mut inner_http = match oscore_http::http_request_from_coap(&inner_packet) {
-            Ok(r) => r,
-            Err(e) => return oscore_error_reply(&e),
-        };
-        if let Some(host) = host {
-            inner_http.headers_mut().entry(header::HOST).or_insert(host);
-        }
-        let method = inner_http.method().clone();
-        let inner_request = Inner {
-            request: inner_http.map(Bytes::from),
-            peer,
-        };
-        let response = match call_app(&mut self.inner, inner_request, self.server.limits.max_response).await {
-            Ok(r) => r,
-            Err(reply) => return reply,
+        server.table.touch(&found.id, now);
+        let (response, method) = match oscore_http::http_request_from_coap(&inner_packet) {
+            Ok(mut inner_http) => {
+                if let Some(host) = host {
+                    inner_http.headers_mut().entry(header::HOST).or_insert(host);
+                }
+                let method = inner_http.method().clone();
+                let response = if inner_http.body().len() > server.limits.max_request {
+                    too_large(server.limits.max_request)
+                } else {
+                    let request = Inner {
+                        request: inner_http.map(Bytes::from),
+                        peer,
+                    };
+                    call_app(&mut self.inner, request, server.limits.max_response).await
+                };
+                (response, method)
+            }
+            Err(e) => (plain_bytes(StatusCode::BAD_REQUEST, &e.to_string()), Method::POST),
         };
         let inner_response =
             match oscore_http::coap_response_from_http(&response.map(|b| b.to_vec()), &method) {
                 Ok(p) => p,
-                Err(e) => return oscore_error_reply(&e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the application's response has no CoAP form");
+                    let fallback = plain_bytes(
+                        StatusCode::BAD_GATEWAY,
+                        "the response cannot be carried in OSCORE",
+                    );
+                    match oscore_http::coap_response_from_http(&fallback.map(|b| b.to_vec()), &method) {
+                        Ok(p) => p,
+                        Err(e) => return oscore_error_reply(&e),
+                    }
+                }
             };
-        let protected = match seal_in(&entry, |est| {
+        let protected = match seal_in(&found.entry, |est| {
             atls_oscore::protect_response(&mut est.oscore, &inner_response, &binding, false)
         }) {
             Ok(p) => p,
@@ -888,60 +879,51 @@ where
         }
     }
 
-    /// The session of a protected request: by kid when the CIDs were
-    /// negotiated, otherwise by cookie.
-    fn find(
-        &self,
-        mode: Mode,
-        kid: Option<&[u8]>,
-        headers: &http::HeaderMap,
-        now: Instant,
-    ) -> Result<Option<Shared>, Reply> {
-        if let Some(kid) = kid.filter(|k| !k.is_empty()) {
-            if let Some(found) = self.server.lookup_kid(mode, kid, now) {
-                return Ok(Some(found));
-            }
-        }
-        Ok(self.session_for(headers, now)?.map(|(_, entry)| entry))
-    }
-
-    /// Draft §9.2: COSE_Encrypt0 bodies; method, path and headers in the clear.
+    /// Draft §9.2 with this project's profile: COSE_Encrypt0 bodies; method
+    /// and target bound to the request, status to the response.
     async fn handle_cose(&mut self, request: Request<Body>) -> Reply {
         let now = Instant::now();
+        let server = self.server.clone();
         let (mut parts, body) = request.into_parts();
-        let body = match read_body(body, self.server.limits.max_body).await {
+        let body = match read_body(body, server.limits.cose_body).await {
             Ok(b) => b,
             Err(reply) => return reply,
         };
-        let kid = match atls_oscore::cose::request_kid(&body) {
+        let kid = match cose::request_kid(&body) {
             Ok(kid) => kid,
             Err(e) => return oscore_error_reply(&e),
         };
-        let Some(entry) = (match self.find(Mode::Cose, Some(&kid), &parts.headers, now) {
+        let found = match self.find(KidKind::Cose, Some(&kid), &parts.headers, now) {
             Ok(found) => found,
             Err(reply) => return reply,
-        }) else {
-            return oscore_error_reply(&OscoreError::ContextNotFound);
         };
-        let ((plaintext, binding), peer) = match open_in(&entry, Mode::Cose, now, |est| {
-            atls_oscore::cose::open_request(&mut est.cose, &body)
+        let target = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        let line = cose::RequestLine {
+            method: parts.method.as_str(),
+            target: &target,
+        };
+        let ((plaintext, binding), peer) = match open_in(&found.entry, Mode::Cose, |est| {
+            cose::open_request(&mut est.cose, &line, &body)
         }) {
             Ok(opened) => opened,
             Err(reply) => return reply,
         };
-        parts.headers.remove(header::CONTENT_TYPE);
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let inner_request = Inner {
-            request: Request::from_parts(parts, Bytes::from(plaintext)),
-            peer,
-        };
-        let response = match call_app(&mut self.inner, inner_request, self.server.limits.max_response).await {
-            Ok(r) => r,
-            Err(reply) => return reply,
+        server.table.touch(&found.id, now);
+        let response = if plaintext.len() > server.limits.max_request {
+            too_large(server.limits.max_request)
+        } else {
+            parts.headers.remove(header::CONTENT_TYPE);
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let request = Inner {
+                request: Request::from_parts(parts, Bytes::from(plaintext)),
+                peer,
+            };
+            call_app(&mut self.inner, request, server.limits.max_response).await
         };
         let (mut parts, body) = response.into_parts();
-        match seal_in(&entry, |est| {
-            atls_oscore::cose::seal_response(&mut est.cose, &body, &binding)
+        let status = parts.status.as_u16();
+        match seal_in(&found.entry, |est| {
+            cose::seal_response(&mut est.cose, status, &body, &binding)
         }) {
             Ok(sealed) => {
                 parts.headers.remove(header::CONTENT_LENGTH);
@@ -956,23 +938,33 @@ where
     }
 }
 
-const NOT_ESTABLISHED: &str = "the ATLS handshake of this session is not complete";
+fn method_not_allowed(message: &str) -> Reply {
+    let mut reply = plain(StatusCode::METHOD_NOT_ALLOWED, message);
+    reply
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+    reply
+}
+
+/// The answer to a flight that broke its session: the alert when the engine
+/// queued one.
+fn failure_reply(error: &TlsError, alert: Option<Vec<u8>>) -> Reply {
+    match alert {
+        Some(alert) if !alert.is_empty() => atls_body(StatusCode::BAD_REQUEST, alert),
+        _ => plain(StatusCode::BAD_REQUEST, &format!("ATLS: {error}")),
+    }
+}
 
 /// Verify a protected request with the session's established contexts.
 fn open_in<T>(
-    entry: &Shared,
+    entry: &Entry,
     mode: Mode,
-    now: Instant,
-    open: impl FnOnce(&mut Established) -> Result<T, OscoreError>,
+    open: impl FnOnce(&mut atls_sessions::Established) -> Result<T, OscoreError>,
 ) -> Result<(T, AtlsPeer), Reply> {
-    let mut e = lock(entry);
-    e.last_used = now;
-    let peer = e
-        .peer(mode, false)
-        .ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
-    let est = e
-        .established
-        .as_mut()
+    let mut s = lock(entry);
+    let peer = peer_of(&s, mode, false).ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
+    let est = s
+        .established_mut()
         .ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
     open(est)
         .map(|opened| (opened, peer))
@@ -981,16 +973,12 @@ fn open_in<T>(
 
 /// Protect a response with the session's established contexts.
 fn seal_in<T>(
-    entry: &Shared,
-    seal: impl FnOnce(&mut Established) -> Result<T, OscoreError>,
+    entry: &Entry,
+    seal: impl FnOnce(&mut atls_sessions::Established) -> Result<T, OscoreError>,
 ) -> Result<T, Reply> {
-    let mut e = lock(entry);
-    let est = e
-        .established
-        .as_mut()
+    let mut s = lock(entry);
+    let est = s
+        .established_mut()
         .ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
     seal(est).map_err(|e| oscore_error_reply(&e))
 }
-
-/// A TLS failure and the alert flight to answer with, if any.
-struct StepError(TlsError, Option<Vec<u8>>);

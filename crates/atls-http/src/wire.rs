@@ -19,10 +19,11 @@ pub const CONTENT_TYPE_ATLS: &str = "application/atls";
 pub const CONTENT_TYPE_COSE: &str = "application/cose; cose-type=\"cose-encrypt0\"";
 /// Media type of an OSCORE-mode body (RFC 8613 §11).
 pub const CONTENT_TYPE_OSCORE: &str = atls_oscore::http::CONTENT_TYPE_OSCORE;
-/// Name of the session cookie.
+/// Default name of the session cookie (configurable on the server:
+/// [`crate::ServerOptions::cookie_name`]).
 pub const COOKIE_NAME: &str = "atls-session";
-/// Bytes of CSPRNG output in a session cookie (128 bits, as RFC 6265 §8 advises at least).
-pub const SESSION_ID_LEN: usize = 16;
+
+pub use atls_sessions::{SessionId, SESSION_ID_LEN};
 
 /// How application messages are protected once the handshake is done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize)]
@@ -69,43 +70,19 @@ impl std::str::FromStr for Mode {
     }
 }
 
-/// An opaque session identifier: the cookie value.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SessionId([u8; SESSION_ID_LEN]);
-
-impl SessionId {
-    /// A fresh identifier from the operating system's CSPRNG.
-    pub fn random() -> Result<Self, WireError> {
-        let mut bytes = [0u8; SESSION_ID_LEN];
-        getrandom::fill(&mut bytes).map_err(|e| WireError::Random(e.to_string()))?;
-        Ok(Self(bytes))
-    }
-
-    /// Parse a cookie value (lower-case hex).
-    pub fn parse(value: &str) -> Option<Self> {
-        let mut bytes = [0u8; SESSION_ID_LEN];
-        hex::decode_to_slice(value, &mut bytes).ok()?;
-        Some(Self(bytes))
-    }
-
-    /// The cookie value.
-    pub fn to_cookie_value(self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Debug for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Enough to correlate log lines, not enough to hijack a session.
-        write!(f, "SessionId({}…)", hex::encode(&self.0[..4]))
-    }
+/// Whether `name` is a cookie name RFC 6265 §4.1.1 allows (an HTTP token).
+pub fn is_valid_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// The `Set-Cookie` value for a new session (RFC 6265 §4.1).
-pub fn set_cookie(id: SessionId, max_age_secs: u64, secure: bool) -> String {
+pub fn set_cookie(name: &str, id: SessionId, max_age_secs: u64, secure: bool) -> String {
     let mut value = format!(
-        "{COOKIE_NAME}={}; Path=/; Max-Age={max_age_secs}; HttpOnly; SameSite=Strict",
-        id.to_cookie_value()
+        "{name}={}; Path=/; Max-Age={max_age_secs}; HttpOnly; SameSite=Strict",
+        id.to_hex()
     );
     if secure {
         value.push_str("; Secure");
@@ -113,29 +90,33 @@ pub fn set_cookie(id: SessionId, max_age_secs: u64, secure: bool) -> String {
     value
 }
 
-/// The session cookie of a request, if it carries one that parses.
-/// `Some(None)` means a cookie named `atls-session` whose value is malformed.
-pub fn session_cookie(headers: &http::HeaderMap) -> Option<Option<SessionId>> {
+/// What a request says about its session cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CookieLookup {
+    /// No cookie of that name.
+    Absent,
+    /// A cookie of that name whose value is not a session identifier.
+    Malformed,
+    /// A session identifier.
+    Session(SessionId),
+}
+
+/// The session cookie named `name` of a request.
+pub fn session_cookie(headers: &http::HeaderMap, name: &str) -> CookieLookup {
     for value in headers.get_all(header::COOKIE) {
         let Ok(value) = value.to_str() else { continue };
         for pair in value.split(';') {
-            if let Some((name, v)) = pair.trim().split_once('=') {
-                if name.trim() == COOKIE_NAME {
-                    return Some(SessionId::parse(v.trim()));
+            if let Some((n, v)) = pair.trim().split_once('=') {
+                if n.trim() == name {
+                    return match SessionId::parse(v.trim().trim_matches('"')) {
+                        Some(id) => CookieLookup::Session(id),
+                        None => CookieLookup::Malformed,
+                    };
                 }
             }
         }
     }
-    None
-}
-
-/// The session id a `Set-Cookie` header sets, for clients.
-pub fn cookie_from_set_cookie(headers: &http::HeaderMap) -> Option<SessionId> {
-    headers.get_all(header::SET_COOKIE).iter().find_map(|v| {
-        let (pair, _) = v.to_str().ok()?.split_once(';').unwrap_or((v.to_str().ok()?, ""));
-        let (name, value) = pair.split_once('=')?;
-        (name.trim() == COOKIE_NAME).then(|| SessionId::parse(value.trim()))?
-    })
+    CookieLookup::Absent
 }
 
 /// Whether a `Content-Type` value names `media` (parameters ignored, case-insensitive).
@@ -149,7 +130,7 @@ pub fn is_media_type(headers: &http::HeaderMap, media: &str) -> bool {
 
 /// Limits on an HTTP/1.1 message carried inside TLS.
 const MAX_HEADERS: usize = 64;
-const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEAD: usize = crate::limits::HEAD_ALLOWANCE;
 
 fn head_end(bytes: &[u8]) -> Result<usize, WireError> {
     bytes
@@ -352,31 +333,30 @@ mod tests {
     }
 
     #[test]
-    fn cookies_are_random_strict_and_parse_back() {
+    fn cookies_are_strict_and_parse_back() {
         let a = SessionId::random().expect("random");
-        let b = SessionId::random().expect("random");
-        assert_ne!(a, b);
-        let set = set_cookie(a, 600, true);
-        for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Secure", "Max-Age=600"] {
+        let set = set_cookie("sid", a, 600, true);
+        for attribute in [
+            "sid=",
+            "HttpOnly",
+            "SameSite=Strict",
+            "Path=/",
+            "Secure",
+            "Max-Age=600",
+        ] {
             assert!(set.contains(attribute), "{set}");
         }
-        assert!(!set_cookie(a, 600, false).contains("Secure"));
-        let mut headers = http::HeaderMap::new();
-        headers.insert(header::SET_COOKIE, set.parse().expect("value"));
-        assert_eq!(cookie_from_set_cookie(&headers), Some(a));
+        assert!(!set_cookie(COOKIE_NAME, a, 600, false).contains("Secure"));
         let mut request = http::HeaderMap::new();
         request.insert(
             header::COOKIE,
-            format!("other=1; {COOKIE_NAME}={}", a.to_cookie_value())
-                .parse()
-                .expect("value"),
+            format!("other=1; sid={}", a.to_hex()).parse().expect("value"),
         );
-        assert_eq!(session_cookie(&request), Some(Some(a)));
-        request.insert(
-            header::COOKIE,
-            format!("{COOKIE_NAME}=zz").parse().expect("value"),
-        );
-        assert_eq!(session_cookie(&request), Some(None));
-        assert!(!format!("{a:?}").contains(&a.to_cookie_value()));
+        assert_eq!(session_cookie(&request, "sid"), CookieLookup::Session(a));
+        assert_eq!(session_cookie(&request, COOKIE_NAME), CookieLookup::Absent);
+        request.insert(header::COOKIE, "sid=zz".parse().expect("value"));
+        assert_eq!(session_cookie(&request, "sid"), CookieLookup::Malformed);
+        assert!(is_valid_cookie_name("atls_sid") && is_valid_cookie_name(COOKIE_NAME));
+        assert!(!is_valid_cookie_name("a b") && !is_valid_cookie_name("a=b") && !is_valid_cookie_name(""));
     }
 }

@@ -10,20 +10,12 @@ use atls_http::{wire, ClientError, Mode, ServerLimits};
 use common::*;
 
 async fn post_atls(url: &str, body: Vec<u8>, cookie: Option<&str>) -> reqwest::Response {
-    let mut request = raw()
-        .post(format!("{url}{}", wire::WELL_KNOWN_PATH))
-        .header("content-type", wire::CONTENT_TYPE_ATLS)
-        .body(body);
-    if let Some(cookie) = cookie {
-        request = request.header("cookie", cookie);
-    }
-    request.send().await.expect("send")
+    common::post_atls(&raw(), url, body, cookie).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_get_their_status_and_other_sessions_keep_working() {
     let limits = ServerLimits {
-        max_body: 32 * 1024,
         max_half_open: 4,
         ..ServerLimits::default()
     };
@@ -58,32 +50,46 @@ async fn bad_inputs_get_their_status_and_other_sessions_keep_working() {
             .expect("send");
         assert_eq!(r.status(), 415);
 
-        // 413: over the body limit.
-        let r = post_atls(&url, vec![0x16; 64 * 1024], None).await;
+        // 413: a first flight over its limit (a ClientHello, plus 0-RTT data).
+        let first_flight = server.server.derived_limits().first_flight;
+        let r = post_atls(&url, vec![0x16; first_flight + 1], None).await;
         assert_eq!(r.status(), 413);
+        // One byte less passes the size check and fails as what it is.
+        let r = post_atls(&url, vec![0x16; first_flight], None).await;
+        assert_eq!(r.status(), 400);
 
-        // 400: not TLS records, truncated records, or a session not opened by a handshake.
+        // 400: not TLS records, truncated records, a stray handshake message,
+        // an incomplete ClientHello, or a session not opened by a ClientHello.
         for body in [
             b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             vec![],
             client_hello()[..20].to_vec(),
+            vec![22, 3, 1, 0, 1, 0],
+            vec![22, 3, 1, 0, 5, 1, 0, 1, 0, 0],
             vec![23, 3, 3, 0, 1, 0],
         ] {
             let r = post_atls(&url, body, None).await;
             assert_eq!(r.status(), 400);
         }
+        assert_eq!(server.server.stats().half_open, 0, "none of them holds a place");
 
-        // 404: unknown, malformed or expired cookie.
+        // 404: records for an unknown, malformed or expired cookie.
         for cookie in [
             format!("{}={}", wire::COOKIE_NAME, "00".repeat(16)),
             format!("{}=not-hex", wire::COOKIE_NAME),
         ] {
-            let r = post_atls(&url, client_hello(), Some(&cookie)).await;
+            let r = post_atls(&url, vec![23, 3, 3, 0, 1, 0], Some(&cookie)).await;
             assert_eq!(r.status(), 404, "{cookie}");
         }
+        // A ClientHello with a stale cookie starts a new session (a client
+        // that kept the cookie of an expired session is not locked out).
+        let stale = format!("{}={}", wire::COOKIE_NAME, "00".repeat(16));
+        let r = post_atls(&url, client_hello(), Some(&stale)).await;
+        assert_eq!(r.status(), 200);
+        assert!(r.headers().contains_key("set-cookie"));
 
         // A TLS failure: the body carries the server's alert record. A
-        // ClientHello whose only cipher suite the server does not enable.
+        // ClientHello garbled in the middle of its extensions.
         let mut hello = client_hello();
         let garbled_at = hello.len() / 2;
         hello[garbled_at] ^= 0xFF;
@@ -106,6 +112,24 @@ async fn bad_inputs_get_their_status_and_other_sessions_keep_working() {
         // 403: a plaintext request to the protected application.
         let r = raw().get(format!("{url}/hello")).send().await.expect("send");
         assert_eq!(r.status(), 403);
+
+        // 405: the OSCORE header with another method than POST (RFC 8613 §11.1).
+        for method in [
+            http::Method::GET,
+            http::Method::PUT,
+            http::Method::from_bytes(b"FETCH").expect("method"),
+        ] {
+            let r = raw()
+                .request(method.clone(), format!("{url}/"))
+                .header("content-type", "application/oscore")
+                .header("oscore", "CRQ")
+                .body(vec![1, 2, 3])
+                .send()
+                .await
+                .expect("send");
+            assert_eq!(r.status(), 405, "{method}");
+            assert_eq!(r.headers()["allow"], "POST");
+        }
 
         // OSCORE and COSE garbage: the RFC 8613 errors, as 400/401.
         let r = raw()
@@ -208,6 +232,7 @@ async fn closed_sessions_are_freed_and_a_full_table_evicts_the_oldest() {
     for engine in engines() {
         let limits = ServerLimits {
             max_sessions: 3,
+            evict_idle_after: Some(Duration::ZERO),
             ..ServerLimits::default()
         };
         let server = serve(engine, &server_config(TlsVersion::Tls13), limits).await;

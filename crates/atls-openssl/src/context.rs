@@ -39,6 +39,8 @@ const DEFAULT_TLS13_SUITES: &str =
 pub(crate) struct AtlsState {
     pub(crate) oscore: NegotiatedCids,
     pub(crate) cose: NegotiatedCids,
+    /// The identity of the external PSK the PSK callback supplied in this
+    /// handshake (a client offers it, a server accepted it).
     pub(crate) psk_identity: Option<Vec<u8>>,
     pub(crate) server_name: Option<String>,
 }
@@ -350,6 +352,11 @@ impl Engine for OpenSslEngine {
             }
             None => {}
         }
+        // OpenSSL refuses to resume a session of a server that verifies
+        // peers unless the sessions carry an ID context.
+        builder
+            .set_session_id_context(b"atls")
+            .map_err(config_error("session ID context"))?;
         if let Some(roots) = &config.client_auth_roots {
             builder.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
             builder.set_cert_store(trust_store(roots)?);
@@ -378,6 +385,9 @@ impl Engine for OpenSslEngine {
                 }
                 Ok(key.len())
             });
+            if config.common.resumption && !crate::sys::install_ticket_psk_identity(&mut builder) {
+                return Err(Error::Config("session ticket callback".into()));
+            }
         }
         if config.max_early_data > 0 && config.common.resumption {
             builder

@@ -78,6 +78,9 @@ pub(crate) struct OpenSslSession {
     app_in: Vec<u8>,
     max_buffered: usize,
     peer_closed: bool,
+    /// Whether the completed handshake resumed a ticket or session (not an
+    /// external PSK), decided when it completed.
+    resumed: bool,
 }
 
 impl fmt::Debug for OpenSslSession {
@@ -150,6 +153,7 @@ impl OpenSslSession {
             app_in: Vec::new(),
             max_buffered: common.limits.max_buffered_application_data,
             peer_closed: false,
+            resumed: false,
         }))
     }
 
@@ -179,14 +183,10 @@ impl OpenSslSession {
         let mut buf = vec![0u8; READ_CHUNK];
         loop {
             match self.stream.ssl_read(&mut buf) {
-                Ok(n) => {
-                    if self.app_in.len() + n > self.max_buffered {
-                        return Err(Error::Protocol(
-                            "peer sent more application data than is buffered".into(),
-                        ));
-                    }
-                    self.app_in.extend_from_slice(&buf[..n]);
-                }
+                // Bounded by the records pushed, which `Session` bounds
+                // (flight length, buffered application data) by its own,
+                // per-session limits.
+                Ok(n) => self.app_in.extend_from_slice(&buf[..n]),
                 Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
                     self.peer_closed = true;
                     return Ok(());
@@ -210,6 +210,25 @@ impl OpenSslSession {
         }
     }
 
+    /// SSL_session_reused is also true when a TLS 1.3 handshake used an
+    /// external PSK: only a resumed session or ticket counts. Called when the
+    /// handshake completes, before TLS 1.3 tickets replace the client's session.
+    fn session_resumed(&self) -> bool {
+        let ssl = self.stream.ssl();
+        if !ssl.session_reused() {
+            return false;
+        }
+        if self.is_client {
+            // The session of an external PSK never carries a ticket; a TLS 1.2
+            // session may be resumed by its ID, and TLS 1.2 PSKs never set reuse.
+            ssl.version2() != Some(SslVersion::TLS1_3) || sys::session_has_ticket(ssl)
+        } else {
+            // The server's PSK callback supplies a key only for an external PSK.
+            ssl.ex_data(state_index())
+                .is_none_or(|s| s.psk_identity.is_none())
+        }
+    }
+
     fn peer_identity(&self) -> PeerIdentity {
         let ssl = self.stream.ssl();
         let mut chain = Vec::new();
@@ -225,7 +244,14 @@ impl OpenSslSession {
         if !chain.is_empty() {
             return PeerIdentity::Certificates(chain);
         }
-        match ssl.ex_data(state_index()).and_then(|s| s.psk_identity.clone()) {
+        // The PSK callback runs in a full handshake only: a resumed session
+        // takes the identity from the session (TLS 1.2) or its ticket (TLS 1.3).
+        let identity = ssl
+            .ex_data(state_index())
+            .and_then(|s| s.psk_identity.clone())
+            .or_else(|| ssl.psk_identity().map(<[u8]>::to_vec))
+            .or_else(|| sys::ticket_psk_identity(ssl));
+        match identity {
             Some(identity) => PeerIdentity::Psk(identity),
             None => PeerIdentity::Anonymous,
         }
@@ -261,7 +287,10 @@ impl TlsSession for OpenSslSession {
             }
             if !self.reading_early_data {
                 match self.stream.do_handshake() {
-                    Ok(()) => self.handshaking = false,
+                    Ok(()) => {
+                        self.handshaking = false;
+                        self.resumed = self.session_resumed();
+                    }
                     Err(e) if would_block(&e) => {}
                     Err(e) if e.code() == ErrorCode::ZERO_RETURN => {
                         self.peer_closed = true;
@@ -370,7 +399,7 @@ impl TlsSession for OpenSslSession {
             server_name,
             oscore_cids: oscore,
             cose_cids: cose,
-            resumed: ssl.session_reused(),
+            resumed: self.resumed,
             early_data_accepted: sys::early_data_accepted(ssl),
         })
     }

@@ -111,10 +111,14 @@ fn main() {
 
             let mut client = SecurityContext::new_in_memory(&params(aead, true)).expect("client");
             let mut server = SecurityContext::new_in_memory(&params(aead, false)).expect("server");
+            let line = cose::RequestLine {
+                method: "POST",
+                target: "/sensors",
+            };
             let cose_ns = measure(
                 || {
-                    let (body, _) = cose::seal_request(&mut client, &payload).expect("seal");
-                    black_box(cose::open_request(&mut server, &body).expect("open"));
+                    let (body, _) = cose::seal_request(&mut client, &line, &payload).expect("seal");
+                    black_box(cose::open_request(&mut server, &line, &body).expect("open"));
                 },
                 20_000,
             );

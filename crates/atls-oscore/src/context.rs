@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{hkdf, AeadKey};
 use crate::error::OscoreError;
+use crate::message::MAX_MESSAGE;
 use crate::option::{piv_from_seq, seq_from_piv};
 use crate::store::SequenceStore;
 
@@ -175,6 +176,8 @@ pub struct SecurityContext {
     /// Pending Echo challenge issued to the peer (App. B.1.2).
     pub(crate) echo_challenge: Option<Vec<u8>>,
     pub(crate) window_size: u32,
+    /// Largest payload protected or accepted (default [`MAX_MESSAGE`]).
+    max_message: usize,
 }
 
 impl fmt::Debug for SecurityContext {
@@ -373,6 +376,8 @@ impl SecurityContext {
         store: Arc<dyn SequenceStore>,
         interval: u64,
     ) -> Result<Self, OscoreError> {
+        // Refuse invalid parameters before the store records the context.
+        check_params(params)?;
         let key = store_key(params);
         let (start, restarted) = match store.load(&key)? {
             Some(stored) => (stored.saturating_add(interval), true),
@@ -397,11 +402,7 @@ impl SecurityContext {
         interval: u64,
         start: u64,
     ) -> Result<Self, OscoreError> {
-        if p.sender_id.len() > p.aead.nonce_len() - 6 || p.recipient_id.len() > p.aead.nonce_len() - 6 {
-            return Err(OscoreError::Unsupported(
-                "Sender/Recipient ID longer than nonce length - 6".into(),
-            ));
-        }
+        check_params(p)?;
         let keys = derive_keys(p)?;
         Ok(Self {
             aead: p.aead,
@@ -419,7 +420,24 @@ impl SecurityContext {
             replay: ReplayWindow::new(p.replay_window),
             echo_challenge: None,
             window_size: p.replay_window,
+            max_message: MAX_MESSAGE,
         })
+    }
+
+    /// Largest payload, in bytes, this context protects or accepts: the
+    /// payload of the inner CoAP message (OSCORE) or the plaintext (COSE
+    /// profile). [`MAX_MESSAGE`] unless changed with
+    /// [`SecurityContext::set_max_message`].
+    pub fn max_message(&self) -> usize {
+        self.max_message
+    }
+
+    /// Set the largest payload this context protects or accepts. Larger
+    /// payloads are refused with [`OscoreError::Decode`], before decryption
+    /// when the ciphertext's length already shows it. (The COSE parser's
+    /// own sanity bound, [`crate::cose::MAX_COSE_MESSAGE`], is far above.)
+    pub fn set_max_message(&mut self, bytes: usize) {
+        self.max_message = bytes;
     }
 
     /// The AEAD algorithm.
@@ -488,6 +506,21 @@ impl SecurityContext {
     }
 }
 
+/// Parameters that cannot form a context (RFC 8613 §3.3).
+fn check_params(p: &ContextParams) -> Result<(), OscoreError> {
+    if p.sender_id.len() > p.aead.nonce_len() - 6 || p.recipient_id.len() > p.aead.nonce_len() - 6 {
+        return Err(OscoreError::Unsupported(
+            "Sender/Recipient ID longer than nonce length - 6".into(),
+        ));
+    }
+    if p.sender_id == p.recipient_id {
+        // §3.3: the Sender ID of one endpoint must differ from its Recipient
+        // ID, or both directions would share key and nonces.
+        return Err(OscoreError::InvalidContext("Sender ID equals Recipient ID"));
+    }
+    Ok(())
+}
+
 /// The store key of a context: a hash of what identifies it, never the secret itself.
 fn store_key(p: &ContextParams) -> Vec<u8> {
     use sha2::Digest;
@@ -527,6 +560,46 @@ mod tests {
         assert!(w.check(101).is_ok());
         w.accept(0xFF_FFFF_FFFF).expect("max");
         assert_eq!(w.check(100), Err(OscoreError::Replay));
+    }
+
+    #[test]
+    fn sender_id_equal_to_recipient_id_is_refused() {
+        let p = ContextParams {
+            master_secret: Zeroizing::new(vec![0x11; 16]),
+            master_salt: Zeroizing::new(Vec::new()),
+            aead: CoseAead::AesCcm16_64_128,
+            hkdf: HkdfHash::Sha256,
+            sender_id: vec![0x01],
+            recipient_id: vec![0x01],
+            id_context: None,
+            replay_window: DEFAULT_REPLAY_WINDOW,
+        };
+        let refused = OscoreError::InvalidContext("Sender ID equals Recipient ID");
+        assert_eq!(
+            SecurityContext::new_in_memory(&p).map(|_| ()),
+            Err(refused.clone())
+        );
+        let store = Arc::new(crate::store::MemoryStore::default());
+        assert_eq!(
+            SecurityContext::with_store(&p, store.clone(), DEFAULT_PERSIST_INTERVAL).map(|_| ()),
+            Err(refused.clone())
+        );
+        assert_eq!(
+            store.load(&store_key(&p)),
+            Ok(None),
+            "a refused context is not recorded"
+        );
+        let empty = ContextParams {
+            sender_id: Vec::new(),
+            recipient_id: Vec::new(),
+            ..p.clone()
+        };
+        assert_eq!(SecurityContext::new_in_memory(&empty).map(|_| ()), Err(refused));
+        let distinct = ContextParams {
+            recipient_id: Vec::new(),
+            ..p
+        };
+        assert!(SecurityContext::new_in_memory(&distinct).is_ok());
     }
 
     #[test]

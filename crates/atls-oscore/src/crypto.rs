@@ -160,3 +160,17 @@ pub(crate) fn hkdf(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    /// Compiles only when the type wipes its key material on drop.
+    fn zeroizes_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+
+    #[test]
+    fn key_schedules_are_zeroized_on_drop() {
+        // The `zeroize` feature of `aes`: the block cipher of CCM and GCM.
+        zeroizes_on_drop::<aes::Aes128>();
+        zeroizes_on_drop::<aes::Aes256>();
+        zeroizes_on_drop::<chacha20poly1305::ChaCha20Poly1305>();
+    }
+}

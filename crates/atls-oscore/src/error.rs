@@ -35,6 +35,10 @@ pub enum OscoreError {
     /// The durable sequence-number store failed; nothing was sent.
     #[error("sequence number store: {0}")]
     Store(String),
+    /// The context parameters are not a valid security context (RFC 8613
+    /// §3.3), e.g. the Sender ID equals the Recipient ID.
+    #[error("invalid security context: {0}")]
+    InvalidContext(&'static str),
 }
 
 /// A CoAP error response code as (class, detail), e.g. (4, 1) for 4.01.

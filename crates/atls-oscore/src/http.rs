@@ -75,13 +75,13 @@ fn coap_err(e: impl std::fmt::Display) -> OscoreError {
     OscoreError::Coap(e.to_string())
 }
 
-fn oscore_body_and_option(headers: &http::HeaderMap, body: &[u8]) -> Result<Vec<u8>, OscoreError> {
+/// The OSCORE option of an outer message. The body is not bounded here: the
+/// caller bounds what it reads, and the security context enforces its
+/// [`max_message`](crate::SecurityContext::max_message) when it unprotects.
+fn outer_oscore_option(headers: &http::HeaderMap) -> Result<Vec<u8>, OscoreError> {
     let content_type = headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
     if content_type != Some(CONTENT_TYPE_OSCORE.as_bytes()) {
         return Err(OscoreError::NotProtected);
-    }
-    if body.len() > crate::message::MAX_MESSAGE {
-        return Err(OscoreError::Decode("body too large"));
     }
     let value = headers.get(OSCORE_HEADER).ok_or(OscoreError::NotProtected)?;
     option_from_header(value.as_bytes())
@@ -94,7 +94,7 @@ pub fn request_from_http(request: &Request<Vec<u8>>) -> Result<Packet, OscoreErr
     {
         return Err(OscoreError::Decode("an OSCORE request is POST (or FETCH)"));
     }
-    let option = oscore_body_and_option(request.headers(), request.body())?;
+    let option = outer_oscore_option(request.headers())?;
     let mut packet = Packet::new();
     packet.header.code = MessageClass::Request(RequestType::Post);
     packet.add_option(CoapOption::Oscore, option);
@@ -115,7 +115,7 @@ pub fn response_to_http(outer: &Packet) -> Result<Response<Vec<u8>>, OscoreError
 
 /// §11.3: the outer CoAP response of an OSCORE-protected HTTP response.
 pub fn response_from_http(response: &Response<Vec<u8>>) -> Result<Packet, OscoreError> {
-    let option = oscore_body_and_option(response.headers(), response.body())?;
+    let option = outer_oscore_option(response.headers())?;
     let mut packet = Packet::new();
     packet.header.code = MessageClass::Response(ResponseType::Changed);
     packet.add_option(CoapOption::Oscore, option);

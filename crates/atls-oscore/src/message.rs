@@ -11,8 +11,30 @@ pub const OPTION_OSCORE: u16 = 9;
 /// CoAP option number of Echo (RFC 9175).
 pub const OPTION_ECHO: u16 = 252;
 const OPTION_OBSERVE: u16 = 6;
-/// Largest protected message processed.
+/// Default largest payload a [`SecurityContext`] protects or accepts
+/// ([`SecurityContext::set_max_message`] changes it per context).
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Room in a ciphertext for the inner code, Class E options and payload
+/// marker beyond the payload itself (and the tag).
+const INNER_OVERHEAD: usize = 8 * 1024;
+
+const TOO_LARGE: OscoreError = OscoreError::Decode("message too large");
+
+/// Refuse a message whose payload exceeds the context's cap, or whose
+/// encoded inner message leaves no room for it (`inner_len`: the plaintext
+/// or ciphertext length, `tag`: the tag it carries).
+fn check_size(
+    ctx: &SecurityContext,
+    payload_len: usize,
+    inner_len: usize,
+    tag: usize,
+) -> Result<(), OscoreError> {
+    let limit = ctx.max_message();
+    if payload_len > limit || inner_len > limit.saturating_add(INNER_OVERHEAD).saturating_add(tag) {
+        return Err(TOO_LARGE);
+    }
+    Ok(())
+}
 
 /// Class U options: outer only (RFC 8613 §4.1, Figure 5).
 fn is_outer_only(number: u16) -> bool {
@@ -196,6 +218,8 @@ pub fn protect_request(
     ctx: &mut SecurityContext,
     request: &Packet,
 ) -> Result<(Packet, RequestBinding), OscoreError> {
+    let mut buf = encode_plaintext(request)?;
+    check_size(ctx, request.payload.len(), buf.len(), 0)?;
     let seq = ctx.take_sequence_number()?;
     let piv = SecurityContext::piv(seq);
     let kid = ctx.sender_id();
@@ -212,7 +236,6 @@ pub fn protect_request(
         option.extend_from_slice(c);
     }
     option.extend_from_slice(kid);
-    let mut buf = encode_plaintext(request)?;
     buf.reserve(ctx.aead().tag_len());
     let nonce = nonce(kid, &piv, ctx.common_iv())?;
     ctx.seal(&nonce, &aad(ctx.aead().cose_id(), kid, &piv), &mut buf)?;
@@ -229,9 +252,7 @@ pub fn unprotect_request(
     ctx: &mut SecurityContext,
     request: &Packet,
 ) -> Result<(Packet, RequestBinding), OscoreError> {
-    if request.payload.len() > MAX_MESSAGE {
-        return Err(OscoreError::Decode("message too large"));
-    }
+    check_size(ctx, 0, request.payload.len(), ctx.aead().tag_len())?;
     let option = OptionRef::parse(option_value(request)?)?;
     let (Some(piv), Some(kid)) = (option.partial_iv, option.kid) else {
         return Err(OscoreError::Decode("a request needs a kid and a Partial IV"));
@@ -251,6 +272,7 @@ pub fn unprotect_request(
     let nonce = nonce(kid, piv, ctx.common_iv())?;
     ctx.open(&nonce, &aad(ctx.aead().cose_id(), kid, piv), &mut buf)?;
     let plain = decode_plaintext(request, &buf)?;
+    check_size(ctx, plain.payload.len(), 0, 0)?;
     let binding = RequestBinding {
         kid: kid.to_vec(),
         piv: piv.to_vec(),
@@ -282,6 +304,8 @@ pub fn protect_response(
     binding: &RequestBinding,
     own_piv: bool,
 ) -> Result<Packet, OscoreError> {
+    let mut buf = encode_plaintext(response)?;
+    check_size(ctx, response.payload.len(), buf.len(), 0)?;
     let (option, nonce) = if own_piv {
         let piv = SecurityContext::piv(ctx.take_sequence_number()?);
         let n = nonce(ctx.sender_id(), &piv, ctx.common_iv())?;
@@ -298,7 +322,6 @@ pub fn protect_response(
             nonce(&binding.kid, &binding.piv, ctx.common_iv())?,
         )
     };
-    let mut buf = encode_plaintext(response)?;
     buf.reserve(ctx.aead().tag_len());
     ctx.seal(
         &nonce,
@@ -314,9 +337,7 @@ pub fn unprotect_response(
     response: &Packet,
     binding: &RequestBinding,
 ) -> Result<Packet, OscoreError> {
-    if response.payload.len() > MAX_MESSAGE {
-        return Err(OscoreError::Decode("message too large"));
-    }
+    check_size(ctx, 0, response.payload.len(), ctx.aead().tag_len())?;
     let option = OptionRef::parse(option_value(response)?)?;
     if response.payload.is_empty() {
         return Err(OscoreError::Decode("no ciphertext"));
@@ -331,7 +352,9 @@ pub fn unprotect_response(
         &aad(ctx.aead().cose_id(), &binding.kid, &binding.piv),
         &mut buf,
     )?;
-    decode_plaintext(response, &buf)
+    let plain = decode_plaintext(response, &buf)?;
+    check_size(ctx, plain.payload.len(), 0, 0)?;
+    Ok(plain)
 }
 
 /// The OSCORE-protected 4.01 (Unauthorized) with an Echo challenge that a

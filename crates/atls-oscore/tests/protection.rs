@@ -38,6 +38,12 @@ fn pair(aead: CoseAead, hkdf: HkdfHash) -> (ContextParams, ContextParams) {
     (client, server)
 }
 
+/// The request line of the COSE-profile tests.
+const LINE: cose::RequestLine<'static> = cose::RequestLine {
+    method: "POST",
+    target: "/sensors/temp?unit=c",
+};
+
 fn get(path: &str) -> Packet {
     let mut p = Packet::new();
     p.header.code = MessageClass::Request(RequestType::Get);
@@ -263,18 +269,18 @@ fn cose_profile_round_trips_and_rejects_bad_input() {
         let (cp, sp) = pair(aead, HkdfHash::Sha256);
         let mut client = SecurityContext::new_in_memory(&cp).expect("client");
         let mut server = SecurityContext::new_in_memory(&sp).expect("server");
-        let (body, binding) = cose::seal_request(&mut client, b"{\"temp\": 21}").expect("seal");
+        let (body, binding) = cose::seal_request(&mut client, &LINE, b"{\"temp\": 21}").expect("seal");
         assert_eq!(cose::request_kid(&body).expect("kid"), Vec::<u8>::new());
-        let (plain, sbinding) = cose::open_request(&mut server, &body).expect("open");
+        let (plain, sbinding) = cose::open_request(&mut server, &LINE, &body).expect("open");
         assert_eq!(plain, b"{\"temp\": 21}");
         assert_eq!(
-            cose::open_request(&mut server, &body).map(|_| ()),
+            cose::open_request(&mut server, &LINE, &body).map(|_| ()),
             Err(OscoreError::Replay),
             "{aead:?}"
         );
-        let response = cose::seal_response(&mut server, b"ok", &sbinding).expect("seal");
+        let response = cose::seal_response(&mut server, 200, b"ok", &sbinding).expect("seal");
         assert_eq!(
-            cose::open_response(&mut client, &response, &binding).expect("open"),
+            cose::open_response(&mut client, 200, &response, &binding).expect("open"),
             b"ok"
         );
 
@@ -284,28 +290,203 @@ fn cose_profile_round_trips_and_rejects_bad_input() {
             piv: vec![0x63],
         };
         assert_eq!(
-            cose::open_response(&mut client, &response, &other),
+            cose::open_response(&mut client, 200, &response, &other),
             Err(OscoreError::Decryption)
         );
         // Garbage, truncation and a tag flip.
         assert!(matches!(
-            cose::open_request(&mut server, b"\xff\x00garbage"),
+            cose::open_request(&mut server, &LINE, b"\xff\x00garbage"),
             Err(OscoreError::Decode(_))
         ));
         assert!(matches!(
-            cose::open_request(&mut server, &body[..body.len() / 2]),
+            cose::open_request(&mut server, &LINE, &body[..body.len() / 2]),
             Err(OscoreError::Decode(_))
         ));
-        let (body2, _) = cose::seal_request(&mut client, b"x").expect("seal");
+        let (body2, _) = cose::seal_request(&mut client, &LINE, b"x").expect("seal");
         let mut flipped = body2.clone();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x80;
         assert_eq!(
-            cose::open_request(&mut server, &flipped),
+            cose::open_request(&mut server, &LINE, &flipped),
             Err(OscoreError::Decryption)
         );
-        cose::open_request(&mut server, &body2).expect("the genuine one still verifies");
+        cose::open_request(&mut server, &LINE, &body2).expect("the genuine one still verifies");
     }
+}
+
+#[test]
+fn cose_profile_binds_method_target_and_status() {
+    for aead in AEADS {
+        let (cp, sp) = pair(aead, HkdfHash::Sha256);
+        let mut client = SecurityContext::new_in_memory(&cp).expect("client");
+        let mut server = SecurityContext::new_in_memory(&sp).expect("server");
+        let (body, binding) = cose::seal_request(&mut client, &LINE, b"21.5").expect("seal");
+        let before = server.replay.clone();
+        let tampered = [
+            cose::RequestLine {
+                method: "DELETE",
+                ..LINE
+            },
+            cose::RequestLine {
+                target: "/sensors/temp?unit=f",
+                ..LINE
+            },
+            cose::RequestLine {
+                method: "post",
+                target: "/sensors/temp",
+            },
+        ];
+        for line in &tampered {
+            assert_eq!(
+                cose::open_request(&mut server, line, &body),
+                Err(OscoreError::Decryption),
+                "{aead:?} {line:?}"
+            );
+            assert_eq!(server.replay, before, "a failed open leaves the window unmoved");
+        }
+        let (plain, sbinding) = cose::open_request(&mut server, &LINE, &body).expect("the genuine request");
+        assert_eq!(plain, b"21.5");
+
+        let response = cose::seal_response(&mut server, 200, b"ok", &sbinding).expect("seal");
+        for status in [201, 404, 500, 0] {
+            assert_eq!(
+                cose::open_response(&mut client, status, &response, &binding),
+                Err(OscoreError::Decryption),
+                "{aead:?} status {status}"
+            );
+        }
+        assert_eq!(
+            cose::open_response(&mut client, 200, &response, &binding).expect("the genuine response"),
+            b"ok"
+        );
+
+        // The next request is still accepted after failures on it.
+        let (body2, _) = cose::seal_request(&mut client, &LINE, b"22").expect("seal");
+        let before = server.replay.clone();
+        assert_eq!(
+            cose::open_request(&mut server, &tampered[0], &body2),
+            Err(OscoreError::Decryption)
+        );
+        assert_eq!(server.replay, before);
+        cose::open_request(&mut server, &LINE, &body2).expect("accepted after a tampered copy");
+    }
+}
+
+fn post(payload_len: usize) -> Packet {
+    let mut p = get("/upload");
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.payload = vec![0x5A; payload_len];
+    p
+}
+
+fn too_large<T: std::fmt::Debug>(result: Result<T, OscoreError>) -> bool {
+    matches!(result, Err(OscoreError::Decode("message too large")))
+}
+
+#[test]
+fn the_message_size_cap_is_a_context_setting() {
+    const CAP: usize = 200_000;
+    let (cp, sp) = pair(CoseAead::A128Gcm, HkdfHash::Sha256);
+    let mut client = SecurityContext::new_in_memory(&cp).expect("client");
+    let mut server = SecurityContext::new_in_memory(&sp).expect("server");
+    assert_eq!(client.max_message(), message::MAX_MESSAGE);
+    assert_eq!(message::MAX_MESSAGE, 64 * 1024);
+    client.set_max_message(CAP);
+    server.set_max_message(CAP);
+    assert_eq!(server.max_message(), CAP);
+
+    // OSCORE: a payload of exactly the cap goes both ways...
+    let (wire, binding) = protect_request(&mut client, &post(CAP)).expect("protect");
+    let (plain, sb) = unprotect_request(&mut server, &wire).expect("unprotect");
+    assert_eq!(plain.payload.len(), CAP);
+    let response = protect_response(&mut server, &content(&vec![1; CAP]), &sb, false).expect("protect");
+    assert_eq!(
+        unprotect_response(&mut client, &response, &binding)
+            .expect("unprotect")
+            .payload
+            .len(),
+        CAP
+    );
+    // ...one byte more is refused by the sender and by the receiver.
+    assert!(too_large(protect_request(&mut client, &post(CAP + 1))));
+    assert!(too_large(protect_response(
+        &mut server,
+        &content(&vec![1; CAP + 1]),
+        &sb,
+        false
+    )));
+    let (bp, _) = pair(CoseAead::A128Gcm, HkdfHash::Sha256);
+    let mut big_client = SecurityContext::new_in_memory(&bp).expect("client");
+    big_client.set_max_message(2 * CAP);
+    let mut big_server = SecurityContext::new_in_memory(&sp).expect("server");
+    big_server.set_max_message(2 * CAP);
+    // Past the sequence number `server` has already seen.
+    protect_request(&mut big_client, &post(0)).expect("protect");
+    let (wire, big_binding) = protect_request(&mut big_client, &post(CAP + 1)).expect("protect");
+    let before = server.replay.clone();
+    assert!(too_large(unprotect_request(&mut server, &wire)));
+    assert_eq!(
+        server.replay, before,
+        "a refused request does not move the window"
+    );
+    let (_, bsb) = unprotect_request(&mut big_server, &wire).expect("a larger cap accepts it");
+    let response =
+        protect_response(&mut big_server, &content(&vec![1; CAP + 1]), &bsb, false).expect("protect");
+    client.set_max_message(CAP);
+    assert!(too_large(unprotect_response(
+        &mut client,
+        &response,
+        &big_binding
+    )));
+
+    // The default context refuses 64 KiB + 1, as sender and as receiver;
+    // a ciphertext far over the cap is refused before decryption.
+    let mut default_client = SecurityContext::new_in_memory(&cp).expect("client");
+    let mut default_server = SecurityContext::new_in_memory(&sp).expect("server");
+    assert!(too_large(protect_request(
+        &mut default_client,
+        &post(message::MAX_MESSAGE + 1)
+    )));
+    let (wire, _) = protect_request(&mut big_client, &post(message::MAX_MESSAGE + 1)).expect("protect");
+    assert!(too_large(unprotect_request(&mut default_server, &wire)));
+    let mut huge = post(0);
+    huge.add_option(CoapOption::Oscore, vec![0x09, 0x00]);
+    huge.payload = vec![0; 4 * message::MAX_MESSAGE];
+    assert!(too_large(unprotect_request(&mut default_server, &huge)));
+    let (wire, _) = protect_request(&mut default_client, &post(message::MAX_MESSAGE)).expect("protect");
+    unprotect_request(&mut default_server, &wire).expect("exactly 64 KiB is accepted");
+
+    // COSE profile: the same setting governs plaintexts.
+    let (body, cb) = cose::seal_request(&mut client, &LINE, &vec![2; CAP]).expect("seal");
+    let (plain, csb) = cose::open_request(&mut server, &LINE, &body).expect("open");
+    assert_eq!(plain.len(), CAP);
+    let reply = cose::seal_response(&mut server, 200, &vec![3; CAP], &csb).expect("seal");
+    assert_eq!(
+        cose::open_response(&mut client, 200, &reply, &cb)
+            .expect("open")
+            .len(),
+        CAP
+    );
+    assert!(too_large(cose::seal_request(
+        &mut client,
+        &LINE,
+        &vec![2; CAP + 1]
+    )));
+    assert!(too_large(cose::seal_response(
+        &mut server,
+        200,
+        &vec![3; CAP + 1],
+        &csb
+    )));
+    let (body, _) = cose::seal_request(&mut big_client, &LINE, &vec![2; CAP + 1]).expect("seal");
+    let before = server.replay.clone();
+    assert!(too_large(cose::open_request(&mut server, &LINE, &body)));
+    assert_eq!(server.replay, before);
+    assert!(too_large(cose::seal_request(
+        &mut default_client,
+        &LINE,
+        &vec![2; message::MAX_MESSAGE + 1]
+    )));
 }
 
 proptest! {
@@ -315,7 +496,7 @@ proptest! {
     fn random_messages_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300), option in proptest::collection::vec(any::<u8>(), 0..20)) {
         let (_, sp) = pair(CoseAead::AesCcm16_64_128, HkdfHash::Sha256);
         let mut server = SecurityContext::new_in_memory(&sp).expect("server");
-        let _ = cose::open_request(&mut server, &bytes);
+        let _ = cose::open_request(&mut server, &LINE, &bytes);
         if let Ok(mut packet) = Packet::from_bytes(&bytes) {
             packet.add_option(CoapOption::Oscore, option.clone());
             let _ = unprotect_request(&mut server, &packet);

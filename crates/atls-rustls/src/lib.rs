@@ -22,7 +22,7 @@ use atls_core::{
     NegotiatedCids, ServerConfig, ServerSessionParams, TlsVersion,
 };
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{Connection, HandshakeKind, ProtocolVersion, RootCertStore};
 
@@ -91,16 +91,20 @@ fn roots(anchors: &[Certificate]) -> Result<RootCertStore, Error> {
     Ok(store)
 }
 
+/// The chain and key of `identity`. The key's format (PKCS#8, SEC1 or
+/// PKCS#1) is detected from its DER structure.
 fn chain_and_key(
     identity: &atls_core::CertifiedKey,
-) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
     let chain = identity
         .chain
         .iter()
         .map(|c| CertificateDer::from(c.0.clone()))
         .collect();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(identity.key.dangerous_der().to_vec()));
-    (chain, key)
+    let key = PrivateKeyDer::try_from(identity.key.dangerous_der())
+        .map_err(|e| Error::Config(format!("private key: {e}")))?
+        .clone_key();
+    Ok((chain, key))
 }
 
 struct RustlsClient {
@@ -153,7 +157,7 @@ impl Engine for RustlsEngine {
             .with_root_certificates(roots(&config.trust_anchors)?);
         let mut rustls = match &config.client_auth {
             Some(identity) => {
-                let (chain, key) = chain_and_key(identity);
+                let (chain, key) = chain_and_key(identity)?;
                 builder.with_client_auth_cert(chain, key).map_err(config_error)?
             }
             None => builder.with_no_client_auth(),
@@ -192,7 +196,7 @@ impl Engine for RustlsEngine {
             .identity
             .as_ref()
             .ok_or_else(|| Error::Config("a rustls server needs a certificate".into()))?;
-        let (chain, key) = chain_and_key(identity);
+        let (chain, key) = chain_and_key(identity)?;
         let mut rustls = builder.with_single_cert(chain, key).map_err(config_error)?;
         if config.common.resumption {
             rustls.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
@@ -217,11 +221,7 @@ impl ClientEndpoint for RustlsClient {
         let server_name = ServerName::try_from(name.clone()).map_err(config_error)?;
         let conn =
             rustls::ClientConnection::new(Arc::clone(&self.rustls), server_name).map_err(config_error)?;
-        Ok(Box::new(RustlsSession::new(
-            Connection::Client(conn),
-            Some(name),
-            &self.config.common,
-        )))
+        Ok(Box::new(RustlsSession::new(Connection::Client(conn), Some(name))))
     }
 
     fn config(&self) -> &ClientConfig {
@@ -236,11 +236,7 @@ impl ClientEndpoint for RustlsClient {
 impl ServerEndpoint for RustlsServer {
     fn accept(&self, _params: &ServerSessionParams) -> Result<Box<dyn TlsSession>, Error> {
         let conn = rustls::ServerConnection::new(Arc::clone(&self.rustls)).map_err(config_error)?;
-        Ok(Box::new(RustlsSession::new(
-            Connection::Server(conn),
-            None,
-            &self.config.common,
-        )))
+        Ok(Box::new(RustlsSession::new(Connection::Server(conn), None)))
     }
 
     fn config(&self) -> &ServerConfig {
@@ -261,7 +257,6 @@ struct RustlsSession {
     early_in: Vec<u8>,
     early_received: bool,
     server_name: Option<String>,
-    max_buffered: usize,
     peer_closed: bool,
 }
 
@@ -285,7 +280,7 @@ fn map_error(e: &rustls::Error) -> Error {
 }
 
 impl RustlsSession {
-    fn new(conn: Connection, server_name: Option<String>, common: &CommonConfig) -> Self {
+    fn new(conn: Connection, server_name: Option<String>) -> Self {
         Self {
             conn,
             input: Vec::new(),
@@ -294,8 +289,24 @@ impl RustlsSession {
             early_in: Vec::new(),
             early_received: false,
             server_name,
-            max_buffered: common.limits.max_buffered_application_data,
             peer_closed: false,
+        }
+    }
+
+    /// Move the plaintext rustls holds into `app_in`. Bounded by the records
+    /// pushed, which `Session` bounds by its own per-session limits.
+    fn drain_plaintext(&mut self) -> Result<(), Error> {
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            match self.conn.reader().read(&mut buf) {
+                Ok(0) => {
+                    self.peer_closed = true;
+                    return Ok(());
+                }
+                Ok(n) => self.app_in.extend_from_slice(buf.get(..n).unwrap_or_default()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(Error::Protocol(e.to_string())),
+            }
         }
     }
 
@@ -337,6 +348,13 @@ impl TlsSession for RustlsSession {
             if let Err(e) = self.conn.process_new_packets() {
                 break Err(map_error(&e));
             }
+            // rustls holds a bounded amount of received plaintext: take it
+            // after every read, so a long flight of records goes through.
+            if !self.conn.is_handshaking() {
+                if let Err(e) = self.drain_plaintext() {
+                    break Err(e);
+                }
+            }
             if let Connection::Server(server) = &mut self.conn {
                 if let Some(mut early) = server.early_data() {
                     let mut buf = Vec::new();
@@ -350,25 +368,7 @@ impl TlsSession for RustlsSession {
         self.flush_output();
         result?;
         if !self.conn.is_handshaking() {
-            let mut buf = vec![0u8; READ_CHUNK];
-            loop {
-                match self.conn.reader().read(&mut buf) {
-                    Ok(0) => {
-                        self.peer_closed = true;
-                        break;
-                    }
-                    Ok(n) => {
-                        if self.app_in.len() + n > self.max_buffered {
-                            return Err(Error::Protocol(
-                                "peer sent more application data than is buffered".into(),
-                            ));
-                        }
-                        self.app_in.extend_from_slice(&buf[..n]);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => return Err(Error::Protocol(e.to_string())),
-                }
-            }
+            self.drain_plaintext()?;
         }
         Ok(())
     }
@@ -384,10 +384,24 @@ impl TlsSession for RustlsSession {
 
     fn write_application_data(&mut self, data: &[u8]) -> Result<(), Error> {
         use std::io::Write;
-        self.conn
-            .writer()
-            .write_all(data)
-            .map_err(|e| Error::Protocol(e.to_string()))?;
+        // rustls buffers a bounded amount of plaintext: move the records out
+        // whenever it is full, so that a message of any size goes through.
+        let mut rest = data;
+        while !rest.is_empty() {
+            let written = self
+                .conn
+                .writer()
+                .write(rest)
+                .map_err(|e| Error::Protocol(e.to_string()))?;
+            if written == 0 {
+                let before = self.output.len();
+                self.flush_output();
+                if self.output.len() == before {
+                    return Err(Error::Engine("rustls accepts no more application data".into()));
+                }
+            }
+            rest = rest.get(written..).unwrap_or_default();
+        }
         self.flush_output();
         Ok(())
     }

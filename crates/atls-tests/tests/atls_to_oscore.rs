@@ -99,12 +99,16 @@ fn oscore_and_cose_from_every_engine_pairing() {
 
             let mut c = context(&client, ProtectionKind::Cose);
             let mut s = context(&server, ProtectionKind::Cose);
-            let (body, binding) = cose::seal_request(&mut c, b"cose request").expect("seal");
-            let (plain, sb) = cose::open_request(&mut s, &body).expect("open");
+            let line = cose::RequestLine {
+                method: "PUT",
+                target: "/temperature",
+            };
+            let (body, binding) = cose::seal_request(&mut c, &line, b"cose request").expect("seal");
+            let (plain, sb) = cose::open_request(&mut s, &line, &body).expect("open");
             assert_eq!(plain, b"cose request");
-            let reply = cose::seal_response(&mut s, b"cose response", &sb).expect("seal");
+            let reply = cose::seal_response(&mut s, 201, b"cose response", &sb).expect("seal");
             assert_eq!(
-                cose::open_response(&mut c, &reply, &binding).expect("open"),
+                cose::open_response(&mut c, 201, &reply, &binding).expect("open"),
                 b"cose response"
             );
         }

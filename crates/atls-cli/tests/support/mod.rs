@@ -136,6 +136,12 @@ fn running_as_root() -> bool {
 /// nginx terminating transport TLS on `port` and proxying to `upstream`
 /// (host:port), with the certificate and key given.
 pub fn nginx(dir: &Path, port: u16, upstream: &str, cert: &Path, key: &Path) -> Process {
+    nginx_with(dir, port, upstream, cert, key, "")
+}
+
+/// Like [`nginx`], with `extra` directives in the proxying location and an
+/// access log of each request's URI and `Cookie` header in `dir/logs/cookies.log`.
+pub fn nginx_with(dir: &Path, port: u16, upstream: &str, cert: &Path, key: &Path, extra: &str) -> Process {
     let nginx = require("nginx");
     for sub in ["logs", "tmp"] {
         std::fs::create_dir_all(dir.join(sub)).expect("nginx dirs");
@@ -150,6 +156,7 @@ error_log {dir}/logs/error.log warn;
 events {{ worker_connections 64; }}
 http {{
     access_log {dir}/logs/access.log;
+    log_format cookies '$request_uri "$http_cookie"';
     client_body_temp_path {dir}/tmp/body;
     proxy_temp_path {dir}/tmp/proxy;
     fastcgi_temp_path {dir}/tmp/fastcgi;
@@ -159,7 +166,9 @@ http {{
         listen 127.0.0.1:{port} ssl http2;
         ssl_certificate {cert};
         ssl_certificate_key {key};
+        access_log {dir}/logs/cookies.log cookies;
         location / {{
+            {extra}
             proxy_pass http://{upstream};
             proxy_http_version 1.1;
             proxy_set_header Host $host;
