@@ -509,3 +509,115 @@ fn https_proxy_connect_then_tls_terminating_nginx() {
         "the proxy tunnelled the TLS connection: {seen}"
     );
 }
+
+/// Keys in every PEM form OpenSSL writes — SEC1 ("EC PRIVATE KEY"), PKCS#1
+/// ("RSA PRIVATE KEY") and PKCS#8 — made by the `openssl` command, serve
+/// ATLS on both engines.
+#[test]
+fn sec1_pkcs1_and_pkcs8_keys_made_by_openssl_serve_on_both_engines() {
+    let openssl = require("openssl");
+    let dir = tempfile::tempdir().expect("dir");
+    let run = |args: &[&str]| {
+        let out = Command::new(&openssl)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=key format CA",
+        "-days",
+        "2",
+    ]);
+    std::fs::write(dir.path().join("ext.cnf"), "subjectAltName=DNS:localhost\n").expect("ext");
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        "sec1.key",
+    ]);
+    run(&["genrsa", "-traditional", "-out", "pkcs1.key", "2048"]);
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "pkcs8.key",
+    ]);
+    for (key, marker) in [
+        ("sec1", "BEGIN EC PRIVATE KEY"),
+        ("pkcs1", "BEGIN RSA PRIVATE KEY"),
+        ("pkcs8", "BEGIN PRIVATE KEY"),
+    ] {
+        let pem = std::fs::read_to_string(dir.path().join(format!("{key}.key"))).expect("key");
+        assert!(pem.contains(marker), "{key}: {pem}");
+        run(&[
+            "req",
+            "-new",
+            "-key",
+            &format!("{key}.key"),
+            "-subj",
+            "/CN=localhost",
+            "-out",
+            &format!("{key}.csr"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{key}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{key}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        for engine in ["openssl", "rustls"] {
+            let cert = dir.path().join(format!("{key}.pem"));
+            let keyfile = dir.path().join(format!("{key}.key"));
+            let server = serve(&[
+                "--engine",
+                engine,
+                "--cert",
+                cert.to_str().expect("path"),
+                "--key",
+                keyfile.to_str().expect("path"),
+            ]);
+            let out = request(&[
+                &format!("http://{}/hello", server.http),
+                "--ca",
+                dir.path().join("ca.pem").to_str().expect("path"),
+                "--server-name",
+                "localhost",
+                "--engine",
+                engine,
+            ]);
+            assert!(out.status.success(), "{key} on {engine}: {}", stderr(&out));
+            assert_eq!(stdout(&out), "hello");
+        }
+    }
+}

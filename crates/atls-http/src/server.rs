@@ -374,7 +374,13 @@ impl AtlsServer {
 
     fn client_key(&self, request: &Request<Body>) -> Option<ClientKey> {
         if let Some(name) = &self.options.client_address_header {
-            let value = request.headers().get_all(name).iter().next_back()?.to_str().ok()?;
+            let value = request
+                .headers()
+                .get_all(name)
+                .iter()
+                .next_back()?
+                .to_str()
+                .ok()?;
             let last = value.rsplit(',').next()?.trim();
             let ip: IpAddr = last
                 .parse()
