@@ -203,7 +203,11 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     };
     let server = AtlsServer::with_options(endpoint, options)?;
     let inner: App = match &args.upstream {
-        Some(url) => BoxCloneService::new(app::Upstream::new(url).map_err(anyhow::Error::msg)?),
+        Some(url) => BoxCloneService::new(
+            app::Upstream::new(url)
+                .map_err(anyhow::Error::msg)?
+                .with_limit(args.max_request.max(args.max_response)),
+        ),
         None => BoxCloneService::new(app::builtin()),
     };
 

@@ -186,6 +186,50 @@ pub fn split_records(framing: Framing, payload: &[u8]) -> Result<Vec<RecordRef<'
     Ok(records)
 }
 
+/// Bytes of the longest prefix of `buf` that is whole records (headers
+/// validated as in [`split_records`]); the rest is a record still arriving.
+/// For a transport that reads a long body in pieces and feeds each run of
+/// whole records to a session as it arrives.
+pub fn complete_records_len(framing: Framing, buf: &[u8]) -> Result<usize, FlightError> {
+    let header_len = match framing {
+        Framing::Tls => TLS_HEADER_LEN,
+        Framing::Dtls => DTLS_HEADER_LEN,
+    };
+    let mut offset = 0usize;
+    loop {
+        let rest = buf.get(offset..).unwrap_or_default();
+        let Some(header) = rest.get(..header_len) else {
+            return Ok(offset);
+        };
+        // Validate the header by splitting it alone, with a zero length.
+        let mut probe = header.to_vec();
+        let length_at = header_len.saturating_sub(2);
+        let length = match header.get(length_at..header_len) {
+            Some(&[a, b]) => usize::from(u16::from_be_bytes([a, b])),
+            _ => 0,
+        };
+        if let Some(bytes) = probe.get_mut(length_at..header_len) {
+            bytes.copy_from_slice(&[0, 0]);
+        }
+        split_records(framing, &probe).map_err(|e| match e {
+            FlightError::Truncated { .. } => FlightError::Truncated { offset },
+            FlightError::UnknownContentType { content_type, .. } => {
+                FlightError::UnknownContentType { offset, content_type }
+            }
+            FlightError::BadVersion { version, .. } => FlightError::BadVersion { offset, version },
+            other => other,
+        })?;
+        if length > MAX_RECORD_BODY {
+            return Err(FlightError::RecordTooLong { offset, length });
+        }
+        let total = header_len.saturating_add(length);
+        if rest.len() < total {
+            return Ok(offset);
+        }
+        offset = offset.saturating_add(total);
+    }
+}
+
 /// How a payload that would open a session begins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FirstFlight {
@@ -430,5 +474,34 @@ mod tests {
             split_records(Framing::Tls, &tiny),
             Err(FlightError::TooManyRecords { .. })
         ));
+    }
+
+    #[test]
+    fn whole_records_are_found_in_a_body_that_arrives_in_pieces() {
+        let two = [22, 3, 3, 0, 2, 1, 2, 23, 3, 3, 0, 1, 9];
+        for cut in 0..=two.len() {
+            let expected = match cut {
+                0..=6 => 0,
+                7..=12 => 7,
+                _ => 13,
+            };
+            assert_eq!(
+                complete_records_len(Framing::Tls, &two[..cut]),
+                Ok(expected),
+                "{cut}"
+            );
+        }
+        assert!(matches!(
+            complete_records_len(Framing::Tls, &[22, 3, 3, 0, 1, 0, 99, 3, 3, 0, 0]),
+            Err(FlightError::UnknownContentType { offset: 6, .. })
+        ));
+        assert!(matches!(
+            complete_records_len(Framing::Tls, &[23, 3, 3, 0xFF, 0xFF]),
+            Err(FlightError::RecordTooLong { .. })
+        ));
+        assert_eq!(
+            complete_records_len(Framing::Dtls, &[22, 0xFE, 0xFD, 0, 1, 0, 0, 0, 0, 0, 7, 0, 1, 9]),
+            Ok(14)
+        );
     }
 }

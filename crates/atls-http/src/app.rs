@@ -98,6 +98,14 @@ impl Upstream {
         })
     }
 
+    /// Bound request and response bodies by `limit` bytes (4 MiB by
+    /// default; `atls serve` passes the larger of `--max-request` and
+    /// `--max-response`).
+    pub fn with_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
     async fn forward(self, request: Request<Body>) -> Response<Body> {
         let peer = request.extensions().get::<AtlsPeer>().cloned();
         if let Err(reason) = check_path(request.uri().path()) {
@@ -144,11 +152,20 @@ impl Upstream {
         };
         let status = response.status();
         let headers = response.headers().clone();
-        let Ok(body) = response.bytes().await else {
-            return plain(StatusCode::BAD_GATEWAY, "upstream response failed");
-        };
-        if body.len() > self.limit {
-            return plain(StatusCode::BAD_GATEWAY, "upstream response too large");
+        let mut response = response;
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) if body.len() + chunk.len() > self.limit => {
+                    return plain(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("the upstream response exceeds {} bytes", self.limit),
+                    );
+                }
+                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                Ok(None) => break,
+                Err(_) => return plain(StatusCode::BAD_GATEWAY, "upstream response failed"),
+            }
         }
         let mut out = Response::new(Body::from(body));
         *out.status_mut() = status;
@@ -161,20 +178,31 @@ impl Upstream {
     }
 }
 
-/// Refuse a path that could leave the upstream's prefix: a `.` or `..`
-/// segment, literally or percent-encoded (`%2e`), and encoded or backslash
-/// separators that an upstream may decode into one. The URL parser would
-/// otherwise resolve `/app` + `/../admin` to `/admin`.
+/// Refuse a path that could leave the upstream's prefix, however the
+/// upstream reads it: a `.` or `..` segment, literal or percent-encoded
+/// (`%2e`), also with path parameters (`..;x`, which Java servers read as
+/// `..`); encoded or backslash separators; and encodings some servers decode
+/// a second time or leniently: `%25` (double encoding), `%00`, `%u` escapes,
+/// and overlong UTF-8 (`%c0%ae`). The URL parser alone would resolve `/app` +
+/// `/../admin` to `/admin`.
 pub fn check_path(path: &str) -> Result<(), &'static str> {
     if path.contains('\\') {
         return Err("the request path contains a backslash");
     }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%25") || lower.contains("%u") || lower.contains("%00") {
+        return Err("the request path contains a double or non-standard encoding");
+    }
     for segment in path.split('/') {
         let decoded = percent_decode(segment);
-        if decoded.contains(&b'/') || decoded.contains(&b'\\') {
-            return Err("the request path contains an encoded separator");
+        if decoded
+            .iter()
+            .any(|b| matches!(b, b'/' | b'\\' | 0 | 0xC0 | 0xC1))
+        {
+            return Err("the request path contains an encoded separator or an invalid encoding");
         }
-        if decoded == b"." || decoded == b".." {
+        let name = decoded.split(|b| *b == b';').next().unwrap_or_default();
+        if name == b"." || name == b".." {
             return Err("the request path contains a dot segment");
         }
     }
@@ -241,10 +269,28 @@ mod tests {
             "/..%2Fadmin",
             "/a%5c..%5cadmin",
             "/a\\..\\admin",
+            "/..;/admin",
+            "/a/..;x=1/..;/admin",
+            "/..%3b/admin",
+            "/%252e%252e/admin",
+            "/%c0%ae%c0%ae/admin",
+            "/%C0%AE./admin",
+            "/%u002e%u002e/admin",
+            "/.%00./admin",
+            "/..%00/admin",
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
-        for good in ["/", "/echo", "/a/b.c/..d", "/%41", "/...", "/a/.hidden"] {
+        for good in [
+            "/",
+            "/echo",
+            "/a/b.c/..d",
+            "/%41",
+            "/...",
+            "/a/.hidden",
+            "/a;b/c",
+            "/%e2%82%ac",
+        ] {
             assert_eq!(check_path(good), Ok(()), "{good}");
         }
     }

@@ -305,6 +305,41 @@ impl Outer {
     }
 }
 
+/// Where the records of an `application/atls` answer go as they arrive:
+/// into the TLS session, keeping at most `keep` bytes of plaintext.
+struct RecordSink<'s> {
+    tls: &'s mut Session,
+    plaintext: Vec<u8>,
+    keep: usize,
+    /// More plaintext arrived than `keep`: it was decrypted (the session
+    /// stays in step) and dropped.
+    overflow: bool,
+}
+
+impl<'s> RecordSink<'s> {
+    fn new(tls: &'s mut Session, keep: usize) -> Self {
+        Self {
+            tls,
+            plaintext: Vec::new(),
+            keep,
+            overflow: false,
+        }
+    }
+
+    fn take(&mut self) {
+        let data = self.tls.take_received();
+        if self.overflow || data.is_empty() {
+            return;
+        }
+        if self.plaintext.len().saturating_add(data.len()) > self.keep {
+            self.overflow = true;
+            self.plaintext = Vec::new();
+        } else {
+            self.plaintext.extend_from_slice(&data);
+        }
+    }
+}
+
 /// How a request on an existing session ended.
 enum Attempt {
     Done(Response<Bytes>),
@@ -403,7 +438,7 @@ impl AtlsClient {
                 body: flight,
                 limit: MAX_SERVER_FLIGHT,
             };
-            let _ = self.post(request, &session.cookies, &mut Vec::new()).await;
+            let _ = self.post(request, &session.cookies, &mut Vec::new(), None).await;
         }
     }
 
@@ -416,11 +451,16 @@ impl AtlsClient {
         url
     }
 
+    /// One outer exchange. With a `sink`, a 200 `application/atls` answer is
+    /// fed to the TLS session record by record as it arrives (up to the
+    /// records-stream limit), and the returned body is empty; any other
+    /// answer is read whole, up to the request's `limit`.
     async fn post(
         &self,
         request: OuterRequest<'_>,
         cookies: &Mutex<CookieStore>,
         events: &mut Vec<WireEvent>,
+        sink: Option<&mut RecordSink<'_>>,
     ) -> Result<Outer, ClientError> {
         let OuterRequest {
             kind,
@@ -475,15 +515,47 @@ impl AtlsClient {
         let too_large = ClientError::ResponseTooLarge {
             limit: self.options.max_response,
         };
-        if response.content_length().is_some_and(|l| l > limit as u64) {
-            return Err(too_large);
-        }
+        let streamed = status == StatusCode::OK && wire::is_media_type(&headers, wire::CONTENT_TYPE_ATLS);
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(transport)? {
-            if body.len() + chunk.len() > limit {
-                return Err(too_large);
+        let mut received = 0usize;
+        match sink.filter(|_| streamed) {
+            Some(sink) => {
+                let mut pending = Vec::new();
+                while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                    received = received.saturating_add(chunk.len());
+                    if received > self.limits.records_stream {
+                        return Err(too_large);
+                    }
+                    pending.extend_from_slice(&chunk);
+                    let whole = atls_core::records::complete_records_len(atls_core::Framing::Tls, &pending)
+                        .map_err(|e| ClientError::Handshake(TlsError::MalformedFlight(e)))?;
+                    if whole > 0 {
+                        sink.tls
+                            .push_flight(pending.get(..whole).unwrap_or_default(), Instant::now())?;
+                        pending.drain(..whole);
+                        sink.take();
+                    }
+                }
+                if !pending.is_empty() {
+                    return Err(ClientError::Handshake(TlsError::MalformedFlight(
+                        atls_core::FlightError::Truncated {
+                            offset: received - pending.len(),
+                        },
+                    )));
+                }
             }
-            body.extend_from_slice(&chunk);
+            None => {
+                if response.content_length().is_some_and(|l| l > limit as u64) {
+                    return Err(too_large);
+                }
+                while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_large);
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                received = body.len();
+            }
         }
         events.push(WireEvent {
             kind,
@@ -492,7 +564,7 @@ impl AtlsClient {
             request_bytes,
             status,
             response_type: content_type(&headers),
-            response_bytes: body.len(),
+            response_bytes: received,
             elapsed: start.elapsed(),
             http_version,
         });
@@ -519,7 +591,7 @@ impl AtlsClient {
         &self,
         mut request: Option<&[u8]>,
         events: &mut Vec<WireEvent>,
-    ) -> Result<(ClientSession, Option<Vec<u8>>, bool), ClientError> {
+    ) -> Result<(ClientSession, Option<Result<Vec<u8>, ClientError>>, bool), ClientError> {
         let host = self
             .base
             .host_str()
@@ -548,6 +620,7 @@ impl AtlsClient {
             early_written = session.write_early_data(bytes, Instant::now())?;
         }
         let mut answer: Option<Vec<u8>> = None;
+        let mut overflow = false;
         let mut request_sent = early_written > 0;
         loop {
             if session.is_handshake_complete() {
@@ -576,6 +649,7 @@ impl AtlsClient {
                 )
                 .into());
             };
+            let mut sink = RecordSink::new(&mut session, self.limits.inner_message);
             let outer = self
                 .post(
                     OuterRequest {
@@ -584,12 +658,21 @@ impl AtlsClient {
                         path: wire::WELL_KNOWN_PATH,
                         headers: Self::atls_headers(),
                         body: flight,
-                        limit: self.limits.records_body,
+                        limit: MAX_SERVER_FLIGHT,
                     },
                     &cookies,
                     events,
+                    Some(&mut sink),
                 )
                 .await?;
+            let (plaintext, too_much) = (std::mem::take(&mut sink.plaintext), sink.overflow);
+            drop(sink);
+            if too_much {
+                overflow = true;
+                answer.get_or_insert_with(Vec::new);
+            } else if !plaintext.is_empty() && !overflow {
+                answer.get_or_insert_with(Vec::new).extend_from_slice(&plaintext);
+            }
             if outer.status != StatusCode::OK {
                 return Err(self.refused(&mut session, outer));
             }
@@ -598,13 +681,6 @@ impl AtlsClient {
                     status: outer.status,
                     message: format!("answer is {}, not application/atls", content_type(&outer.headers)),
                 });
-            }
-            if !outer.body.is_empty() {
-                session.push_flight(&outer.body, Instant::now())?;
-                let received = session.take_received();
-                if !received.is_empty() {
-                    answer.get_or_insert_with(Vec::new).extend_from_slice(&received);
-                }
             }
             let done = session.is_handshake_complete() && !session.wants_write() && request.is_none();
             if done && (!request_sent || answer.is_some()) {
@@ -642,7 +718,15 @@ impl AtlsClient {
                 oscore,
                 cose,
             },
-            answer.filter(|_| request_sent),
+            answer.filter(|_| request_sent).map(|bytes| {
+                if overflow {
+                    Err(ClientError::ResponseTooLarge {
+                        limit: self.options.max_response,
+                    })
+                } else {
+                    Ok(bytes)
+                }
+            }),
             early,
         ))
     }
@@ -696,8 +780,9 @@ impl AtlsClient {
         for attempt in 0..2 {
             let (session, answered) = self.session(&request, &mut events).await?;
             if let Some((bytes, early)) = answered {
-                // A new record-mode session answered the request during its handshake.
-                let response = self.parse_records_response(&bytes)?;
+                // A new record-mode session answered the request during its
+                // handshake (an answer over the limit leaves the session in step).
+                let response = self.parse_records_response(&bytes?)?;
                 return Ok(Exchange {
                     response,
                     events,
@@ -765,7 +850,7 @@ impl AtlsClient {
         &self,
         request: &Request<Bytes>,
         events: &mut Vec<WireEvent>,
-    ) -> Result<(Arc<ClientSession>, Option<(Vec<u8>, bool)>), ClientError> {
+    ) -> Result<(Arc<ClientSession>, Option<(Result<Vec<u8>, ClientError>, bool)>), ClientError> {
         let mut current = self.current.lock().await;
         if let Some(session) = current.as_ref() {
             return Ok((session.clone(), None));
@@ -804,6 +889,7 @@ impl AtlsClient {
         let mut tls = session.tls.lock().await;
         tls.send(&wire::encode_request(request))?;
         let records = tls.take_flight(Instant::now())?.unwrap_or_default();
+        let mut sink = RecordSink::new(&mut tls, self.limits.inner_message);
         let outer = self
             .post(
                 OuterRequest {
@@ -812,10 +898,11 @@ impl AtlsClient {
                     path: wire::WELL_KNOWN_PATH,
                     headers: Self::atls_headers(),
                     body: records,
-                    limit: self.limits.records_body,
+                    limit: MAX_SERVER_FLIGHT,
                 },
                 &session.cookies,
                 events,
+                Some(&mut sink),
             )
             .await?;
         if outer.is_session_lost() {
@@ -824,9 +911,12 @@ impl AtlsClient {
         if outer.status != StatusCode::OK || !wire::is_media_type(&outer.headers, wire::CONTENT_TYPE_ATLS) {
             return Err(Self::unexpected(outer));
         }
-        tls.push_flight(&outer.body, Instant::now())?;
-        let bytes = tls.take_received();
-        Ok(match self.parse_records_response(&bytes) {
+        if sink.overflow {
+            return Ok(Attempt::Kept(ClientError::ResponseTooLarge {
+                limit: self.options.max_response,
+            }));
+        }
+        Ok(match self.parse_records_response(&sink.plaintext) {
             Ok(response) => Attempt::Done(response),
             Err(e) => Attempt::Kept(e),
         })
@@ -856,6 +946,7 @@ impl AtlsClient {
                 },
                 &session.cookies,
                 events,
+                None,
             )
             .await?;
         if answer.is_session_lost() {
@@ -899,9 +990,16 @@ impl AtlsClient {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
+        // Bind the target as it goes on the wire (the URL parser resolves
+        // dot segments and drops an empty query), base path included.
+        let url = self.url(&target);
+        let sent = match url.query() {
+            Some(query) => format!("{}?{query}", url.path()),
+            None => url.path().to_owned(),
+        };
         let line = cose::RequestLine {
             method: request.method().as_str(),
-            target: &target,
+            target: &sent,
         };
         let (sealed, binding) = cose::seal_request(&mut lock(&session.cose), &line, request.body())?;
         let mut headers = request.headers().clone();
@@ -924,6 +1022,7 @@ impl AtlsClient {
                 },
                 &session.cookies,
                 events,
+                None,
             )
             .await?;
         if answer.is_session_lost() {

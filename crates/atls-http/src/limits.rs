@@ -37,11 +37,16 @@ pub struct DerivedLimits {
     /// Largest body of a POST that opens a session (a ClientHello, with
     /// 0-RTT data when the server accepts it).
     pub first_flight: usize,
-    /// Largest records-mode body a session still decrypts: twice the inner
-    /// message limit (plus record overhead), so that a message somewhat over
-    /// its limit is answered inside TLS and the session stays in step.
-    /// Beyond this, the body is refused unread and the session ends.
-    pub records_body: usize,
+    /// Largest inner message kept in memory (body limit plus head).
+    pub inner_message: usize,
+    /// Largest records-mode body a session reads: eight times the inner
+    /// message (plus record overhead). It is streamed through the TLS
+    /// session, keeping at most `inner_message` bytes of plaintext, so a
+    /// message over its limit is answered (413 on a server,
+    /// `ResponseTooLarge` on a client) with the session still in step.
+    /// Beyond this the rest is not read, and the session's records channel
+    /// ends.
+    pub records_stream: usize,
     /// Largest OSCORE-mode body (ciphertext of the inner message).
     pub oscore_body: usize,
     /// Largest COSE-mode body.
@@ -65,19 +70,23 @@ impl DerivedLimits {
         early_data: usize,
     ) -> Self {
         let inner = receive.saturating_add(HEAD_ALLOWANCE);
-        let records_body = with_record_overhead(inner.saturating_mul(2)).max(flight);
+        let records_stream = with_record_overhead(inner.saturating_mul(8)).max(flight);
+        // Pieces of a streamed body reach the session as they arrive; a
+        // whole body in one piece is bounded by the first-flight read.
+        let piece = with_record_overhead(inner.saturating_mul(2)).max(flight);
         let oscore_body = inner;
         let cose_body = receive.saturating_add(1024);
         Self {
             max_request,
             max_response,
             first_flight: flight.saturating_add(with_record_overhead(early_data)),
-            records_body,
+            inner_message: inner,
+            records_stream,
             oscore_body,
             cose_body,
             tls: Limits {
-                max_flight_len: records_body,
-                max_buffered_application_data: records_body,
+                max_flight_len: piece,
+                max_buffered_application_data: piece,
             },
             // The contexts protect what this side sends, too.
             max_message: oscore_body
@@ -94,11 +103,12 @@ mod tests {
     #[test]
     fn every_limit_covers_the_messages_it_carries() {
         let d = DerivedLimits::new((1 << 20, 4 << 20), 1 << 20, 4 << 20, 64 << 10, 16 << 10);
-        assert!(d.records_body >= 2 * ((1 << 20) + HEAD_ALLOWANCE));
+        assert!(d.records_stream >= 8 * ((1 << 20) + HEAD_ALLOWANCE));
+        assert_eq!(d.inner_message, (1 << 20) + HEAD_ALLOWANCE);
         assert!(d.oscore_body > 1 << 20 && d.cose_body > 1 << 20);
         assert!(d.max_message >= d.oscore_body && d.max_message >= d.cose_body);
         assert!(d.max_message > 4 << 20, "a 4 MiB response can be protected");
-        assert_eq!(d.tls.max_flight_len, d.records_body);
+        assert!(d.tls.max_flight_len >= d.first_flight);
         assert!(d.first_flight >= (64 << 10) + (16 << 10));
         // A full 4 MiB answer in records fits the record count bound.
         assert!(atls_core::records::max_records(with_record_overhead(4 << 20)) >= (4 << 20) / 16384 + 2);

@@ -373,25 +373,32 @@ impl AtlsServer {
     }
 
     fn client_key(&self, request: &Request<Body>) -> Option<ClientKey> {
-        if let Some(name) = &self.options.client_address_header {
-            let value = request
-                .headers()
-                .get_all(name)
-                .iter()
-                .next_back()?
-                .to_str()
-                .ok()?;
-            let last = value.rsplit(',').next()?.trim();
-            let ip: IpAddr = last
-                .parse()
-                .or_else(|_| last.parse::<SocketAddr>().map(|a| a.ip()))
-                .ok()?;
-            return Some(ClientKey::from(ip));
-        }
-        request
-            .extensions()
-            .get::<axum::extract::ConnectInfo<SocketAddr>>()
-            .map(|info| ClientKey::from(info.0.ip()))
+        let peer = || {
+            request
+                .extensions()
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|info| ClientKey::from(info.0.ip()))
+        };
+        let Some(name) = &self.options.client_address_header else {
+            return peer();
+        };
+        // The last address the trusted proxy appended; without one (a request
+        // that bypassed the proxy, or a value that is no address) the
+        // connection's peer counts, so nothing escapes the cap.
+        let forwarded = request
+            .headers()
+            .get_all(name)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(str::trim)
+            .and_then(|last| {
+                last.parse::<IpAddr>()
+                    .or_else(|_| last.parse::<SocketAddr>().map(|a| a.ip()))
+                    .ok()
+            });
+        forwarded.map(ClientKey::from).or_else(peer)
     }
 }
 
@@ -404,6 +411,96 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Reply> {
             &format!("body exceeds {limit} bytes"),
         )),
         Err(_) => Err(plain(StatusCode::BAD_REQUEST, "cannot read the request body")),
+    }
+}
+
+/// Reads a body up to `limit` bytes. Returns everything when the body ends
+/// within the limit, otherwise what was read (just over the limit) and the
+/// rest of the body still to be read.
+async fn read_head(mut body: Body, limit: usize) -> Result<(Vec<u8>, Option<Body>), Reply> {
+    let mut head = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| plain(StatusCode::BAD_REQUEST, "cannot read the request body"))?;
+        if let Ok(data) = frame.into_data() {
+            head.extend_from_slice(&data);
+            if head.len() > limit {
+                return Ok((head, Some(body)));
+            }
+        }
+    }
+    Ok((head, None))
+}
+
+/// Why a records body stopped being processed.
+enum Stop {
+    /// The TLS session refused a flight.
+    Flight(atls_sessions::FlightFailure),
+    /// Not a sequence of TLS records.
+    Malformed,
+    /// The body ended (or broke off) inside a record.
+    Truncated,
+    /// More than the records limit.
+    TooLarge,
+}
+
+/// What the pieces of one records body produced so far.
+struct Inbound {
+    /// Bytes of a record still arriving.
+    pending: Vec<u8>,
+    output: Vec<u8>,
+    established: bool,
+    application_data: Vec<u8>,
+    early_data: bool,
+    /// More application data arrived than `keep`; it was decrypted and dropped.
+    overflow: bool,
+    keep: usize,
+}
+
+impl Inbound {
+    fn new(keep: usize) -> Self {
+        Self {
+            pending: Vec::new(),
+            output: Vec::new(),
+            established: false,
+            application_data: Vec::new(),
+            early_data: false,
+            overflow: false,
+            keep,
+        }
+    }
+
+    /// Feed the whole records of `data` (and of what was pending) to the session.
+    fn feed(&mut self, entry: &Entry, data: &[u8], now: Instant) -> Result<(), Stop> {
+        self.pending.extend_from_slice(data);
+        let whole =
+            records::complete_records_len(Framing::Tls, &self.pending).map_err(|_| Stop::Malformed)?;
+        if whole == 0 {
+            return Ok(());
+        }
+        let progress = {
+            let mut s = lock(entry);
+            s.push_flight(self.pending.get(..whole).unwrap_or_default(), now)
+                .map_err(Stop::Flight)?
+        };
+        self.pending.drain(..whole);
+        self.established |= progress.established;
+        self.early_data |= progress.early_data;
+        self.output.extend_from_slice(&progress.output);
+        if !self.overflow {
+            if self
+                .application_data
+                .len()
+                .saturating_add(progress.application_data.len())
+                > self.keep
+            {
+                self.overflow = true;
+                self.application_data = Vec::new();
+            } else {
+                self.application_data
+                    .extend_from_slice(&progress.application_data);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -589,8 +686,15 @@ where
         )
     }
 
-    fn cookie(&self, headers: &http::HeaderMap) -> CookieLookup {
-        wire::session_cookie(headers, &self.server.options.cookie_name)
+    /// The live session a request's cookies name, and whether it carried a
+    /// session cookie at all.
+    fn lookup(&self, headers: &http::HeaderMap, now: Instant) -> (Option<Found<Entry>>, bool) {
+        let cookies = wire::session_cookies(headers, &self.server.options.cookie_name);
+        let found = cookies.iter().find_map(|c| match c {
+            CookieLookup::Session(id) => self.server.table.get(id, now),
+            _ => None,
+        });
+        (found, !cookies.is_empty())
     }
 
     /// `POST /.well-known/atls`: a handshake flight, or records after it.
@@ -598,64 +702,54 @@ where
         let now = Instant::now();
         let client = self.server.client_key(&request);
         let (parts, body) = request.into_parts();
-        let cookie = self.cookie(&parts.headers);
-        let found = match cookie {
-            CookieLookup::Session(id) => self.server.table.get(&id, now),
-            _ => None,
-        };
+        let (found, cookie_present) = self.lookup(&parts.headers, now);
         let limits = self.server.limits;
-        let cap = if found.is_some() {
-            limits.records_body
-        } else {
-            limits.first_flight
+        let (head, rest) = match read_head(body, limits.first_flight).await {
+            Ok(read) => read,
+            Err(reply) => return reply,
         };
-        let body = match read_body(body, cap).await {
-            Ok(b) => b,
-            Err(reply) => {
-                if let Some(found) = &found {
-                    // Records the session never saw: its TLS state is out of
-                    // step with the client's, so it ends here.
-                    self.server.table.remove(&found.id);
+        let Some(rest) = rest else {
+            // The whole body is here (at most a first flight's size).
+            let first = match records::split_records(Framing::Tls, &head) {
+                Ok(records) => records::first_flight(Framing::Tls, &records),
+                Err(_) => {
+                    return plain(
+                        StatusCode::BAD_REQUEST,
+                        "the body is not a sequence of TLS records",
+                    )
                 }
-                return reply;
-            }
-        };
-        let first = match records::split_records(Framing::Tls, &body) {
-            Ok(records) => records::first_flight(Framing::Tls, &records),
-            Err(_) => {
-                return plain(
+            };
+            return match (found, first) {
+                // A session still handshaking takes every flight, a second
+                // ClientHello after a HelloRetryRequest included.
+                (Some(found), _) if found.phase == Phase::HalfOpen => {
+                    self.continue_session(found, head, None, now).await
+                }
+                (Some(found), FirstFlight::Other | FirstFlight::IncompleteClientHello) => {
+                    self.continue_session(found, head, None, now).await
+                }
+                // A ClientHello with a stale or foreign cookie opens a new session.
+                (_, FirstFlight::ClientHello) => self.open_session(client, &head, now),
+                (None, FirstFlight::IncompleteClientHello) => plain(
                     StatusCode::BAD_REQUEST,
-                    "the body is not a sequence of TLS records",
-                )
-            }
+                    "the ClientHello is incomplete: a first flight carries the whole message",
+                ),
+                (None, FirstFlight::Other) if cookie_present => {
+                    plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")
+                }
+                (None, FirstFlight::Other) => plain(
+                    StatusCode::BAD_REQUEST,
+                    "a new ATLS session starts with a ClientHello",
+                ),
+            };
         };
-        match (found, first) {
-            // A session still handshaking takes every flight, a second
-            // ClientHello after a HelloRetryRequest included.
-            (Some(found), _) if found.phase == Phase::HalfOpen => {
-                self.continue_session(found, &body, now).await
-            }
-            (Some(found), FirstFlight::Other | FirstFlight::IncompleteClientHello) => {
-                self.continue_session(found, &body, now).await
-            }
-            // A ClientHello with a stale or foreign cookie opens a new session.
-            (_, FirstFlight::ClientHello) if body.len() <= limits.first_flight => {
-                self.open_session(client, &body, now)
-            }
-            (_, FirstFlight::ClientHello) => plain(
+        // Longer than any first flight: only a live session's records.
+        match found {
+            Some(found) => self.continue_session(found, head, Some(rest), now).await,
+            None if cookie_present => plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session"),
+            None => plain(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("a first flight exceeds {} bytes", limits.first_flight),
-            ),
-            (None, FirstFlight::IncompleteClientHello) => plain(
-                StatusCode::BAD_REQUEST,
-                "the ClientHello is incomplete: a first flight carries the whole message",
-            ),
-            (None, FirstFlight::Other) if cookie != CookieLookup::Absent => {
-                plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")
-            }
-            (None, FirstFlight::Other) => plain(
-                StatusCode::BAD_REQUEST,
-                "a new ATLS session starts with a ClientHello",
             ),
         }
     }
@@ -714,35 +808,58 @@ where
         reply
     }
 
-    /// A flight of a session in the table: handshake, or records carrying
-    /// one HTTP/1.1 request.
-    async fn continue_session(&mut self, found: Found<Entry>, body: &[u8], now: Instant) -> Reply {
+    /// Records of a session in the table: handshake flights, or one HTTP/1.1
+    /// request. The body is fed to the TLS session as its records arrive
+    /// (`head`, then `rest`), so a body over the limit is still decrypted —
+    /// keeping the session in step — while at most one inner message is
+    /// kept in memory.
+    async fn continue_session(
+        &mut self,
+        found: Found<Entry>,
+        head: Vec<u8>,
+        rest: Option<Body>,
+        now: Instant,
+    ) -> Reply {
         let server = self.server.clone();
-        let (step, peer) = {
-            let mut s = lock(&found.entry);
-            let step = s.push_flight(body, now);
-            let closed = s.is_closed();
-            let peer = match &step {
-                Ok(progress) => peer_of(&s, Mode::Records, progress.early_data),
-                Err(_) => None,
-            };
-            if closed {
-                // close_notify (or a fatal alert): the session ends here.
-                server.table.remove(&found.id);
-            }
-            (step, peer)
-        };
-        let progress = match step {
-            Ok(progress) => progress,
-            Err(failure) => {
-                tracing::debug!(session = ?found.id, error = %failure.error, "ATLS flight refused");
-                if !matches!(failure.error, TlsError::DuplicateFlight) {
-                    server.table.remove(&found.id);
+        let limits = server.limits;
+        if found.phase == Phase::Established && !lock(&found.entry).records_open() {
+            return plain(
+                StatusCode::NOT_FOUND,
+                "the records channel of this ATLS session has ended; start a new session",
+            );
+        }
+        let mut inbound = Inbound::new(limits.inner_message);
+        let mut result = inbound.feed(&found.entry, &head, now);
+        if let (Ok(()), Some(mut rest)) = (&result, rest) {
+            let mut total = head.len();
+            while let Some(frame) = rest.frame().await {
+                let Ok(frame) = frame else {
+                    result = Err(Stop::Truncated);
+                    break;
+                };
+                let Ok(data) = frame.into_data() else { continue };
+                total = total.saturating_add(data.len());
+                if total > limits.records_stream {
+                    result = Err(Stop::TooLarge);
+                    break;
                 }
-                return failure_reply(&failure.error, failure.alert);
+                result = inbound.feed(&found.entry, &data, now);
+                if result.is_err() {
+                    break;
+                }
             }
-        };
-        if progress.established {
+        }
+        if result.is_ok() && !inbound.pending.is_empty() {
+            result = Err(Stop::Truncated);
+        }
+        if let Err(stop) = result {
+            return self.stopped(&found, stop);
+        }
+        if lock(&found.entry).peer_closed() {
+            // An authenticated close_notify: the client ended the session.
+            server.table.remove(&found.id);
+        }
+        if inbound.established {
             if let Err(refusal) = server.table.establish(&found.id, now) {
                 tracing::debug!(session = ?found.id, reason = refusal.reason(), "completed handshake refused");
                 return refusal_reply(&refusal);
@@ -750,21 +867,22 @@ where
         }
         // From here on the output is always sent: dropping records the
         // engine counted would put the two record sequences out of step.
-        let mut out = progress.output;
-        if progress.application_data.is_empty() {
+        let mut out = inbound.output;
+        if inbound.application_data.is_empty() && !inbound.overflow {
             return atls_body(StatusCode::OK, out);
         }
         // The records decrypted: the session is in use.
         server.table.touch(&found.id, now);
-        let max_request = server.limits.max_request;
-        let response = match (wire::parse_request(&progress.application_data, max_request), peer) {
+        let max_request = limits.max_request;
+        let peer = peer_of(&lock(&found.entry), Mode::Records, inbound.early_data);
+        let parsed = if inbound.overflow {
+            Err(crate::WireError::TooLarge)
+        } else {
+            wire::parse_request(&inbound.application_data, max_request)
+        };
+        let response = match (parsed, peer) {
             (Ok(request), Some(peer)) => {
-                call_app(
-                    &mut self.inner,
-                    Inner { request, peer },
-                    server.limits.max_response,
-                )
-                .await
+                call_app(&mut self.inner, Inner { request, peer }, limits.max_response).await
             }
             (Ok(_), None) => plain_bytes(StatusCode::INTERNAL_SERVER_ERROR, NOT_ESTABLISHED),
             (Err(crate::WireError::TooLarge), _) => too_large(max_request),
@@ -779,9 +897,43 @@ where
             }
             Err(error) => {
                 tracing::warn!(session = ?found.id, %error, "cannot encrypt the response");
-                server.table.remove(&found.id);
+                lock(&found.entry).abandon_records();
                 plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("ATLS: {error}"))
             }
+        }
+    }
+
+    /// A records body that could not be processed. A half-open handshake
+    /// ends; an established session keeps its OSCORE and COSE contexts and
+    /// loses only its records channel (its TLS state is spent or out of
+    /// step), so whoever knows a cookie cannot end a protected session.
+    fn stopped(&self, found: &Found<Entry>, stop: Stop) -> Reply {
+        let established = found.phase == Phase::Established;
+        if let Stop::Flight(failure) = &stop {
+            if matches!(failure.error, TlsError::DuplicateFlight) {
+                return plain(StatusCode::BAD_REQUEST, &format!("ATLS: {}", failure.error));
+            }
+        }
+        if established {
+            lock(&found.entry).abandon_records();
+        } else {
+            self.server.table.remove(&found.id);
+        }
+        tracing::debug!(session = ?found.id, established, "ATLS records refused");
+        match stop {
+            Stop::Flight(failure) => failure_reply(&failure.error, failure.alert),
+            Stop::Malformed => plain(
+                StatusCode::BAD_REQUEST,
+                "the body is not a sequence of TLS records",
+            ),
+            Stop::Truncated => plain(StatusCode::BAD_REQUEST, "the body ends inside a TLS record"),
+            Stop::TooLarge => plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!(
+                    "the records body exceeds {} bytes; this session's records channel ended",
+                    self.server.limits.records_stream
+                ),
+            ),
         }
     }
 
@@ -799,13 +951,10 @@ where
                 return Ok(found);
             }
         }
-        match self.cookie(headers) {
-            CookieLookup::Session(id) => match self.server.table.get(&id, now) {
-                Some(found) => Ok(found),
-                None => Err(plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")),
-            },
-            CookieLookup::Malformed => Err(plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")),
-            CookieLookup::Absent => Err(oscore_error_reply(&OscoreError::ContextNotFound)),
+        match self.lookup(headers, now) {
+            (Some(found), _) => Ok(found),
+            (None, true) => Err(plain(StatusCode::NOT_FOUND, "unknown or expired ATLS session")),
+            (None, false) => Err(oscore_error_reply(&OscoreError::ContextNotFound)),
         }
     }
 

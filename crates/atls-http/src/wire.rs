@@ -101,22 +101,36 @@ pub enum CookieLookup {
     Session(SessionId),
 }
 
-/// The session cookie named `name` of a request.
-pub fn session_cookie(headers: &http::HeaderMap, name: &str) -> CookieLookup {
+/// Most cookies of the session cookie's name looked at in one request.
+const MAX_SESSION_COOKIES: usize = 8;
+
+/// Every cookie named `name` in a request, in order (at most 8): a client
+/// may hold several (a stale one with another Path, one a middlebox added),
+/// and the server uses the first that names a live session.
+pub fn session_cookies(headers: &http::HeaderMap, name: &str) -> Vec<CookieLookup> {
+    let mut found = Vec::new();
     for value in headers.get_all(header::COOKIE) {
         let Ok(value) = value.to_str() else { continue };
         for pair in value.split(';') {
             if let Some((n, v)) = pair.trim().split_once('=') {
-                if n.trim() == name {
-                    return match SessionId::parse(v.trim().trim_matches('"')) {
+                if n.trim() == name && found.len() < MAX_SESSION_COOKIES {
+                    found.push(match SessionId::parse(v.trim().trim_matches('"')) {
                         Some(id) => CookieLookup::Session(id),
                         None => CookieLookup::Malformed,
-                    };
+                    });
                 }
             }
         }
     }
-    CookieLookup::Absent
+    found
+}
+
+/// The first session cookie named `name` of a request.
+pub fn session_cookie(headers: &http::HeaderMap, name: &str) -> CookieLookup {
+    session_cookies(headers, name)
+        .into_iter()
+        .next()
+        .unwrap_or(CookieLookup::Absent)
 }
 
 /// Whether a `Content-Type` value names `media` (parameters ignored, case-insensitive).

@@ -300,3 +300,152 @@ async fn only_verified_requests_keep_a_session_recent() {
         assert_eq!(server.server.stats().counters.evicted, 2, "{label}");
     }
 }
+
+/// Whoever saw a session's cookie (it travels in the clear over plain HTTP)
+/// sends junk records, a truncated record and an oversized body with it: an
+/// OSCORE or COSE session keeps working; a records session loses only its
+/// records channel, and its client starts over transparently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_cookie_cannot_end_a_protected_session() {
+    for engine in engines() {
+        let server = serve(engine, &server_config(TlsVersion::Tls13), ServerLimits::default()).await;
+        let url = server.url();
+        let stream_limit = server.server.derived_limits().records_stream;
+        for mode in Mode::ALL {
+            let label = format!("{} {mode}", engine.name());
+            let c = client(
+                engine,
+                &client_config(TlsVersion::Tls13),
+                &url,
+                mode_options(mode),
+            );
+            c.send(get("/hello")).await.expect("session");
+            // A stale session cookie first, as a confused client might send:
+            // the server still finds the live one.
+            let cookie = format!(
+                "{}={}; {}",
+                wire::COOKIE_NAME,
+                "00".repeat(16),
+                c.cookies()
+                    .await
+                    .into_iter()
+                    .map(|(n, v)| format!("{n}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            let mut junk = vec![23, 3, 3, 0, 32];
+            junk.extend_from_slice(&[0xAB; 32]);
+            let r = post_atls(&raw(), &url, junk, Some(&cookie)).await;
+            assert_eq!(r.status(), 400, "{label}");
+            let r = post_atls(&raw(), &url, vec![23, 3, 3, 0, 32, 1, 2], Some(&cookie)).await;
+            assert!(
+                matches!(r.status().as_u16(), 400 | 404),
+                "{label}: {}",
+                r.status()
+            );
+            let mut big = Vec::new();
+            while big.len() <= stream_limit {
+                big.extend_from_slice(&[23, 3, 3, 0x40, 0x00]);
+                big.extend_from_slice(&[0xCD; 0x4000]);
+            }
+            // (The server answers before the body ends, so the upload may
+            // also just be cut off.)
+            let r = raw()
+                .post(format!("{url}{}", wire::WELL_KNOWN_PATH))
+                .header("content-type", wire::CONTENT_TYPE_ATLS)
+                .header("cookie", &cookie)
+                .body(big)
+                .send()
+                .await;
+            if let Ok(r) = r {
+                assert!(
+                    matches!(r.status().as_u16(), 400 | 404 | 413),
+                    "{label}: {}",
+                    r.status()
+                );
+            }
+
+            if mode == Mode::Records {
+                // TLS semantics: the junk records spent that session's
+                // records channel. The client learns it with 404 and starts
+                // over; a POST is not repeated on its own.
+                let lost = c
+                    .send(post("/echo", b"mine"))
+                    .await
+                    .expect_err("records channel ended");
+                assert!(matches!(lost, ClientError::SessionLost { .. }), "{label}: {lost}");
+                let again = c
+                    .send_traced(post("/echo", b"mine"))
+                    .await
+                    .expect("a new session");
+                assert!(again.events.iter().any(|e| e.kind == "handshake"), "{label}");
+            } else {
+                let after = c
+                    .send_traced(post("/echo", b"still mine"))
+                    .await
+                    .expect("answered");
+                assert_eq!(after.response.body().as_ref(), b"still mine", "{label}");
+                assert!(
+                    after.events.iter().all(|e| e.kind != "handshake"),
+                    "{label}: the session survived: {:?}",
+                    after.events
+                );
+            }
+        }
+    }
+}
+
+/// Behind a trusted reverse proxy the per-client cap counts the forwarded
+/// address; a request without a usable one counts against its connection's
+/// peer, so nothing escapes the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_client_cap_follows_the_forwarded_address() {
+    let options = atls_http::ServerOptions {
+        limits: ServerLimits {
+            max_half_open_per_client: 2,
+            ..ServerLimits::default()
+        },
+        client_address_header: Some(http::HeaderName::from_static("x-forwarded-for")),
+        ..atls_http::ServerOptions::default()
+    };
+    let server = serve_app(
+        engines()[0],
+        &server_config(TlsVersion::Tls13),
+        options,
+        atls_http::app::builtin(),
+    )
+    .await;
+    let url = format!("{}{}", server.url(), wire::WELL_KNOWN_PATH);
+    let send = |forwarded: Option<&'static str>| {
+        let url = url.clone();
+        async move {
+            let mut r = raw_from(Some(IpAddr::from([127, 0, 0, 2])))
+                .post(url)
+                .header("content-type", wire::CONTENT_TYPE_ATLS)
+                .body(client_hello());
+            if let Some(f) = forwarded {
+                r = r.header("x-forwarded-for", f);
+            }
+            r.send().await.expect("send").status().as_u16()
+        }
+    };
+    let mut proxied = Vec::new();
+    for _ in 0..3 {
+        proxied.push(send(Some("192.0.2.7, 198.51.100.9")).await);
+    }
+    assert_eq!(proxied, [200, 200, 503], "the last forwarded address is capped");
+    assert_eq!(
+        send(Some("192.0.2.7, 198.51.100.10")).await,
+        200,
+        "another forwarded client"
+    );
+    let mut bypass = Vec::new();
+    for forwarded in [None, Some("not an address"), None] {
+        bypass.push(send(forwarded).await);
+    }
+    assert_eq!(
+        bypass,
+        [200, 200, 503],
+        "without a usable header the peer address is capped"
+    );
+}

@@ -59,6 +59,7 @@ pub struct ServerSession {
     established: Option<Established>,
     early: Vec<u8>,
     max_message: usize,
+    records_abandoned: bool,
 }
 
 impl fmt::Debug for ServerSession {
@@ -91,6 +92,7 @@ impl ServerSession {
             established: None,
             early: Vec::new(),
             max_message,
+            records_abandoned: false,
         })
     }
 
@@ -109,9 +111,23 @@ impl ServerSession {
         self.established.as_mut()
     }
 
-    /// Whether the session ended (close_notify, fatal alert).
-    pub fn is_closed(&self) -> bool {
-        self.session.is_closed()
+    /// Whether the peer ended the session with close_notify (authenticated
+    /// once the handshake is complete).
+    pub fn peer_closed(&self) -> bool {
+        self.session.is_closed() && self.session.failure().is_none()
+    }
+
+    /// Whether records can still be exchanged: the TLS session neither
+    /// failed nor closed, and was not abandoned. An established session
+    /// whose records channel ended keeps its OSCORE and COSE contexts.
+    pub fn records_open(&self) -> bool {
+        !self.records_abandoned && !self.session.is_closed()
+    }
+
+    /// Give up the records channel (its two record sequences are out of
+    /// step, e.g. a body was refused half-read); the exported contexts stay.
+    pub fn abandon_records(&mut self) {
+        self.records_abandoned = true;
     }
 
     /// Push one flight from the client; on success, what to answer and what

@@ -347,9 +347,17 @@ impl<E> Drop for Admission<'_, E> {
     }
 }
 
+/// `now + after`, saturating far in the future: a timeout of
+/// `Duration::MAX` means "never", not "now".
 fn later(now: Instant, after: Duration) -> Instant {
-    now.checked_add(after).unwrap_or(now)
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(after)
+        .or_else(|| now.checked_add(CENTURY))
+        .unwrap_or(now)
 }
+
+/// Random identifiers tried before a space is considered exhausted.
+const ID_ATTEMPTS: usize = 64;
 
 fn until(now: Instant, deadline: Instant) -> Duration {
     deadline.saturating_duration_since(now)
@@ -471,24 +479,30 @@ impl<E> Inner<E> {
         *counter = counter.saturating_add(1);
     }
 
-    fn fresh_cid(&self, kind: KidKind, len: usize) -> Result<Vec<u8>, Refusal> {
+    /// A connection ID no live session has. With short CIDs the space can
+    /// run out: after a bounded number of tries the table counts as full.
+    fn fresh_cid(&self, kind: KidKind, policy: &Policy) -> Result<Vec<u8>, Refusal> {
         let index = self.kids.get(kind.index()).ok_or(Refusal::Random)?;
-        loop {
-            let mut cid = vec![0u8; len];
+        for _ in 0..ID_ATTEMPTS {
+            let mut cid = vec![0u8; policy.cid_len];
             getrandom::fill(&mut cid).map_err(|_| Refusal::Random)?;
             if !index.contains_key(&cid) {
                 return Ok(cid);
             }
         }
+        Err(Refusal::Full {
+            retry_after: policy.handshake_timeout,
+        })
     }
 
     fn fresh_id(&self) -> Result<SessionId, Refusal> {
-        loop {
+        for _ in 0..ID_ATTEMPTS {
             let id = SessionId::random().map_err(|_| Refusal::Random)?;
             if !self.slots.contains_key(&id) {
                 return Ok(id);
             }
         }
+        Err(Refusal::Random)
     }
 }
 
@@ -564,8 +578,8 @@ impl<E> SessionTable<E> {
                 return Err(refusal);
             }
             let id = inner.fresh_id()?;
-            let oscore_cid = inner.fresh_cid(KidKind::Oscore, policy.cid_len)?;
-            let cose_cid = inner.fresh_cid(KidKind::Cose, policy.cid_len)?;
+            let oscore_cid = inner.fresh_cid(KidKind::Oscore, &policy)?;
+            let cose_cid = inner.fresh_cid(KidKind::Cose, &policy)?;
             let deadline = later(now, policy.handshake_timeout.min(policy.lifetime));
             inner.slots.insert(
                 id,
@@ -968,9 +982,9 @@ mod tests {
             cid_len: 1,
             ..policy()
         });
-        // 1-byte CIDs: 256 values for 250 sessions forces collisions to be avoided.
+        // 1-byte CIDs: 256 values for 200 sessions forces collisions to be avoided.
         let mut seen = std::collections::HashSet::new();
-        for i in 0..250u32 {
+        for i in 0..200u32 {
             let a = table.admit(None, &i.to_be_bytes(), t0).expect("admitted");
             assert!(seen.insert(a.oscore_cid().to_vec()), "unique OSCORE CID");
             let kid = a.oscore_cid().to_vec();
@@ -981,5 +995,50 @@ mod tests {
             );
             assert_eq!(found.phase, Phase::HalfOpen);
         }
+    }
+
+    #[test]
+    fn a_short_connection_id_space_runs_out_as_a_refusal() {
+        let t0 = Instant::now();
+        let table = SessionTable::new(Policy {
+            max_sessions: 1000,
+            max_half_open: 1000,
+            cid_len: 1,
+            ..policy()
+        });
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for i in 0..300u32 {
+            match table.admit(None, &i.to_be_bytes(), t0) {
+                Ok(a) => held.push(a.insert(i).expect("in")),
+                Err(Refusal::Full { .. }) => refused += 1,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        assert!(
+            held.len() <= 256 && refused >= 44,
+            "{} held, {refused} refused",
+            held.len()
+        );
+    }
+
+    #[test]
+    fn a_timeout_of_forever_never_expires() {
+        let t0 = Instant::now();
+        let table = SessionTable::new(Policy {
+            handshake_timeout: Duration::MAX,
+            idle_timeout: Duration::MAX,
+            lifetime: Duration::MAX,
+            ..policy()
+        });
+        let half = table
+            .admit(None, b"h", t0)
+            .expect("admitted")
+            .insert(0)
+            .expect("in");
+        let est = open(&table, 1, t0);
+        let much_later = secs(t0, 10 * 365 * 24 * 3600);
+        assert!(table.get(&half.id, much_later).is_some());
+        assert!(table.get(&est, much_later).is_some());
     }
 }
