@@ -80,15 +80,21 @@ pub struct ServerLimits {
 }
 
 impl Default for ServerLimits {
+    /// The table's defaults ([`Policy::default`]), 1 MiB requests, 4 MiB
+    /// responses, 64 KiB handshake flights.
     fn default() -> Self {
+        let policy = Policy::default();
         Self {
-            max_sessions: 10_000,
-            max_half_open: 1_000,
-            max_half_open_per_client: 100,
-            handshake_timeout: Duration::from_secs(30),
-            idle_timeout: Duration::from_secs(10 * 60),
-            lifetime: Duration::from_secs(60 * 60),
-            evict_idle_after: Some(Duration::from_secs(30)),
+            max_sessions: policy.max_sessions,
+            max_half_open: policy.max_half_open,
+            max_half_open_per_client: policy.max_half_open_per_client,
+            handshake_timeout: policy.handshake_timeout,
+            idle_timeout: policy.idle_timeout,
+            lifetime: policy.lifetime,
+            evict_idle_after: match policy.eviction {
+                Eviction::LeastRecentlyUsed { min_idle } => Some(min_idle),
+                Eviction::Never => None,
+            },
             max_request: 1024 * 1024,
             max_response: 4 * 1024 * 1024,
             max_handshake_flight: 64 * 1024,

@@ -25,6 +25,15 @@ fn clients(engine: &dyn atls_core::Engine, url: &str, n: usize) -> Vec<AtlsClien
         .collect()
 }
 
+/// The seconds of a 503's `Retry-After`.
+fn retry_after(r: &reqwest::Response) -> u64 {
+    r.headers()["retry-after"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds")
+}
+
 /// Every established client gets its answer on its existing session.
 async fn all_answered_without_handshake(clients: &[AtlsClient], label: &str) {
     for (i, c) in clients.iter().enumerate() {
@@ -113,11 +122,7 @@ async fn a_flood_of_junk_and_unfinished_handshakes_costs_no_established_session(
         all_answered_without_handshake(&established, label).await;
         let r = post_atls(&raw(), &url, client_hello(), None).await;
         assert_eq!(r.status(), 503, "{label}: a newcomer");
-        let retry: u64 = r.headers()["retry-after"]
-            .to_str()
-            .expect("text")
-            .parse()
-            .expect("seconds");
+        let retry = retry_after(&r);
         assert!(
             (1..=30).contains(&retry),
             "{label}: until a session may give its place: {retry}"
@@ -150,11 +155,7 @@ async fn a_flood_of_junk_and_unfinished_handshakes_costs_no_established_session(
         }
         let r = post_atls(&raw(), &url, client_hello(), None).await;
         assert_eq!(r.status(), 503);
-        let retry: u64 = r.headers()["retry-after"]
-            .to_str()
-            .expect("text")
-            .parse()
-            .expect("seconds");
+        let retry = retry_after(&r);
         assert!(
             (1..=2).contains(&retry),
             "{label}: retry after the half-open ones expire: {retry}"
