@@ -191,43 +191,72 @@ pub fn split_records(framing: Framing, payload: &[u8]) -> Result<Vec<RecordRef<'
 /// For a transport that reads a long body in pieces and feeds each run of
 /// whole records to a session as it arrives.
 pub fn complete_records_len(framing: Framing, buf: &[u8]) -> Result<usize, FlightError> {
+    complete_records_within(framing, buf, usize::MAX, usize::MAX)
+}
+
+/// Like [`complete_records_len`], but a prefix of at most `max_len` bytes
+/// and `max_count` records (at least one whole record when one is there, so
+/// that a caller feeding pieces always advances).
+pub fn complete_records_within(
+    framing: Framing,
+    buf: &[u8],
+    max_len: usize,
+    max_count: usize,
+) -> Result<usize, FlightError> {
     let header_len = match framing {
         Framing::Tls => TLS_HEADER_LEN,
         Framing::Dtls => DTLS_HEADER_LEN,
     };
     let mut offset = 0usize;
+    let mut count = 0usize;
     loop {
         let rest = buf.get(offset..).unwrap_or_default();
         let Some(header) = rest.get(..header_len) else {
             return Ok(offset);
         };
-        // Validate the header by splitting it alone, with a zero length.
-        let mut probe = header.to_vec();
-        let length_at = header_len.saturating_sub(2);
-        let length = match header.get(length_at..header_len) {
-            Some(&[a, b]) => usize::from(u16::from_be_bytes([a, b])),
+        let type_byte = header.first().copied().unwrap_or_default();
+        if ContentType::from_u8(type_byte).is_none() {
+            return Err(FlightError::UnknownContentType {
+                offset,
+                content_type: type_byte,
+            });
+        }
+        let be16 = |at: usize| match header.get(at..at.saturating_add(2)) {
+            Some(&[a, b]) => u16::from_be_bytes([a, b]),
             _ => 0,
         };
-        if let Some(bytes) = probe.get_mut(length_at..header_len) {
-            bytes.copy_from_slice(&[0, 0]);
+        let version = be16(1);
+        if !version_fits(framing, version) {
+            return Err(FlightError::BadVersion { offset, version });
         }
-        split_records(framing, &probe).map_err(|e| match e {
-            FlightError::Truncated { .. } => FlightError::Truncated { offset },
-            FlightError::UnknownContentType { content_type, .. } => {
-                FlightError::UnknownContentType { offset, content_type }
-            }
-            FlightError::BadVersion { version, .. } => FlightError::BadVersion { offset, version },
-            other => other,
-        })?;
+        let length = usize::from(be16(header_len.saturating_sub(2)));
         if length > MAX_RECORD_BODY {
             return Err(FlightError::RecordTooLong { offset, length });
         }
         let total = header_len.saturating_add(length);
-        if rest.len() < total {
+        let end = offset.saturating_add(total);
+        if rest.len() < total || (count > 0 && (end > max_len || count >= max_count)) {
             return Ok(offset);
         }
-        offset = offset.saturating_add(total);
+        offset = end;
+        count = count.saturating_add(1);
     }
+}
+
+/// How a whole payload that might open a session begins: its records'
+/// headers are validated (any number of records), and only the leading
+/// ones are read for [`first_flight`].
+pub fn classify_payload(framing: Framing, payload: &[u8]) -> Result<FirstFlight, FlightError> {
+    if payload.is_empty() {
+        return Err(FlightError::Empty);
+    }
+    let whole = complete_records_len(framing, payload)?;
+    if whole != payload.len() {
+        return Err(FlightError::Truncated { offset: whole });
+    }
+    let leading = complete_records_within(framing, payload, usize::MAX, MAX_RECORDS_PER_FLIGHT)?;
+    let records = split_records(framing, payload.get(..leading).unwrap_or_default())?;
+    Ok(first_flight(framing, &records))
 }
 
 /// How a payload that would open a session begins.
@@ -503,5 +532,25 @@ mod tests {
             complete_records_len(Framing::Dtls, &[22, 0xFE, 0xFD, 0, 1, 0, 0, 0, 0, 0, 7, 0, 1, 9]),
             Ok(14)
         );
+    }
+
+    #[test]
+    fn pieces_of_whole_records_stay_within_their_bounds() {
+        let record = [23u8, 3, 3, 0, 3, 1, 2, 3];
+        let five = record.repeat(5);
+        assert_eq!(
+            complete_records_within(Framing::Tls, &five, 16, usize::MAX),
+            Ok(16)
+        );
+        assert_eq!(
+            complete_records_within(Framing::Tls, &five, usize::MAX, 3),
+            Ok(24)
+        );
+        // Always at least one whole record.
+        assert_eq!(complete_records_within(Framing::Tls, &five, 1, 0), Ok(8));
+        // Many small records: a valid payload, classified without a count limit.
+        let many = record.repeat(MAX_RECORDS_PER_FLIGHT + 50);
+        assert_eq!(classify_payload(Framing::Tls, &many), Ok(FirstFlight::Other));
+        assert!(classify_payload(Framing::Tls, &many[..many.len() - 1]).is_err());
     }
 }

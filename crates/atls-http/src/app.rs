@@ -195,10 +195,9 @@ pub fn check_path(path: &str) -> Result<(), &'static str> {
     }
     for segment in path.split('/') {
         let decoded = percent_decode(segment);
-        if decoded
-            .iter()
-            .any(|b| matches!(b, b'/' | b'\\' | 0 | 0xC0 | 0xC1))
-        {
+        // Overlong and other invalid UTF-8 (`%c0%ae`, `%e0%80%ae`) is
+        // refused too: lenient decoders read it as `.`.
+        if decoded.iter().any(|b| matches!(b, b'/' | b'\\' | 0)) || std::str::from_utf8(&decoded).is_err() {
             return Err("the request path contains an encoded separator or an invalid encoding");
         }
         let name = decoded.split(|b| *b == b';').next().unwrap_or_default();
@@ -275,6 +274,8 @@ mod tests {
             "/%252e%252e/admin",
             "/%c0%ae%c0%ae/admin",
             "/%C0%AE./admin",
+            "/%e0%80%ae%e0%80%ae/admin",
+            "/%f0%80%80%ae/admin",
             "/%u002e%u002e/admin",
             "/.%00./admin",
             "/..%00/admin",

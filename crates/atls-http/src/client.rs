@@ -527,14 +527,25 @@ impl AtlsClient {
                         return Err(too_large);
                     }
                     pending.extend_from_slice(&chunk);
-                    let whole = atls_core::records::complete_records_len(atls_core::Framing::Tls, &pending)
+                    let mut start = 0usize;
+                    loop {
+                        let rest = pending.get(start..).unwrap_or_default();
+                        let piece = atls_core::records::complete_records_within(
+                            atls_core::Framing::Tls,
+                            rest,
+                            self.limits.tls.max_flight_len,
+                            atls_core::records::MAX_RECORDS_PER_FLIGHT,
+                        )
                         .map_err(|e| ClientError::Handshake(TlsError::MalformedFlight(e)))?;
-                    if whole > 0 {
+                        if piece == 0 {
+                            break;
+                        }
                         sink.tls
-                            .push_flight(pending.get(..whole).unwrap_or_default(), Instant::now())?;
-                        pending.drain(..whole);
+                            .push_flight(rest.get(..piece).unwrap_or_default(), Instant::now())?;
+                        start += piece;
                         sink.take();
                     }
+                    pending.drain(..start);
                 }
                 if !pending.is_empty() {
                     return Err(ClientError::Handshake(TlsError::MalformedFlight(
@@ -916,10 +927,14 @@ impl AtlsClient {
                 limit: self.options.max_response,
             }));
         }
-        Ok(match self.parse_records_response(&sink.plaintext) {
-            Ok(response) => Attempt::Done(response),
-            Err(e) => Attempt::Kept(e),
-        })
+        match self.parse_records_response(&sink.plaintext) {
+            Ok(response) => Ok(Attempt::Done(response)),
+            // In step: the answer decrypted, only its body is too large.
+            Err(e @ ClientError::ResponseTooLarge { .. }) => Ok(Attempt::Kept(e)),
+            // An answer missing or cut short: the record sequences may be
+            // out of step.
+            Err(e) => Err(e),
+        }
     }
 
     async fn send_oscore(

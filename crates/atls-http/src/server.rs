@@ -475,37 +475,49 @@ impl Inbound {
         }
     }
 
-    /// Feed the whole records of `data` (and of what was pending) to the session.
-    fn feed(&mut self, entry: &Entry, data: &[u8], now: Instant) -> Result<(), Stop> {
+    /// Feed the whole records of `data` (and of what was pending) to the
+    /// session, in pieces the session accepts (`max_piece` bytes, at most
+    /// 256 records each).
+    fn feed(&mut self, entry: &Entry, data: &[u8], max_piece: usize, now: Instant) -> Result<(), Stop> {
         self.pending.extend_from_slice(data);
-        let whole =
-            records::complete_records_len(Framing::Tls, &self.pending).map_err(|_| Stop::Malformed)?;
-        if whole == 0 {
-            return Ok(());
-        }
-        let progress = {
-            let mut s = lock(entry);
-            s.push_flight(self.pending.get(..whole).unwrap_or_default(), now)
-                .map_err(Stop::Flight)?
-        };
-        self.pending.drain(..whole);
-        self.established |= progress.established;
-        self.early_data |= progress.early_data;
-        self.output.extend_from_slice(&progress.output);
-        if !self.overflow {
-            if self
-                .application_data
-                .len()
-                .saturating_add(progress.application_data.len())
-                > self.keep
-            {
-                self.overflow = true;
-                self.application_data = Vec::new();
-            } else {
-                self.application_data
-                    .extend_from_slice(&progress.application_data);
+        let mut start = 0usize;
+        loop {
+            let rest = self.pending.get(start..).unwrap_or_default();
+            let piece = records::complete_records_within(
+                Framing::Tls,
+                rest,
+                max_piece,
+                records::MAX_RECORDS_PER_FLIGHT,
+            )
+            .map_err(|_| Stop::Malformed)?;
+            if piece == 0 {
+                break;
+            }
+            let progress = {
+                let mut s = lock(entry);
+                s.push_flight(rest.get(..piece).unwrap_or_default(), now)
+                    .map_err(Stop::Flight)?
+            };
+            start = start.saturating_add(piece);
+            self.established |= progress.established;
+            self.early_data |= progress.early_data;
+            self.output.extend_from_slice(&progress.output);
+            if !self.overflow {
+                if self
+                    .application_data
+                    .len()
+                    .saturating_add(progress.application_data.len())
+                    > self.keep
+                {
+                    self.overflow = true;
+                    self.application_data = Vec::new();
+                } else {
+                    self.application_data
+                        .extend_from_slice(&progress.application_data);
+                }
             }
         }
+        self.pending.drain(..start);
         Ok(())
     }
 }
@@ -716,8 +728,8 @@ where
         };
         let Some(rest) = rest else {
             // The whole body is here (at most a first flight's size).
-            let first = match records::split_records(Framing::Tls, &head) {
-                Ok(records) => records::first_flight(Framing::Tls, &records),
+            let first = match records::classify_payload(Framing::Tls, &head) {
+                Ok(first) => first,
                 Err(_) => {
                     return plain(
                         StatusCode::BAD_REQUEST,
@@ -835,7 +847,16 @@ where
             );
         }
         let mut inbound = Inbound::new(limits.inner_message);
-        let mut result = inbound.feed(&found.entry, &head, now);
+        // A body whose start repeats the previous body's (a retried POST)
+        // is refused before the TLS stack sees it; the session is untouched.
+        if lock(&found.entry).repeats_previous_payload(&head) {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "ATLS: this body repeats the previous one (a retried request?); ignored",
+            );
+        }
+        let piece = limits.tls.max_flight_len;
+        let mut result = inbound.feed(&found.entry, &head, piece, now);
         if let (Ok(()), Some(mut rest)) = (&result, rest) {
             let mut total = head.len();
             while let Some(frame) = rest.frame().await {
@@ -849,7 +870,7 @@ where
                     result = Err(Stop::TooLarge);
                     break;
                 }
-                result = inbound.feed(&found.entry, &data, now);
+                result = inbound.feed(&found.entry, &data, piece, now);
                 if result.is_err() {
                     break;
                 }
@@ -914,12 +935,9 @@ where
     /// loses only its records channel (its TLS state is spent or out of
     /// step), so whoever knows a cookie cannot end a protected session.
     fn stopped(&self, found: &Found<Entry>, stop: Stop) -> Reply {
+        // (A whole repeated body was refused before any piece was pushed; a
+        // piece repeated inside a body is a failure like any other.)
         let established = found.phase == Phase::Established;
-        if let Stop::Flight(failure) = &stop {
-            if matches!(failure.error, TlsError::DuplicateFlight) {
-                return plain(StatusCode::BAD_REQUEST, &format!("ATLS: {}", failure.error));
-            }
-        }
         if established {
             lock(&found.entry).abandon_records();
         } else {

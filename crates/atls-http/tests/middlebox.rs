@@ -256,3 +256,44 @@ async fn oscore_and_cose_requests_of_one_client_run_concurrently() {
         }
     }
 }
+
+/// A middlebox (or an HTTP stack retrying) sends a records body again, small
+/// or large: the server refuses the repeat before the TLS stack sees it and
+/// the session carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_records_body_leaves_the_session_intact() {
+    for engine in engines() {
+        let server = serve(engine, &server_config(TlsVersion::Tls13), ServerLimits::default()).await;
+        let proxy = tamper_proxy(&server.url()).await;
+        let c = client(
+            engine,
+            &client_config(TlsVersion::Tls13),
+            &proxy.url(),
+            mode_options(Mode::Records),
+        );
+        c.send(get("/hello")).await.expect("session");
+        for size in [10, 200_000] {
+            let label = format!("{} {size} B", engine.name());
+            let payload = vec![b'r'; size];
+            let echo = c.send(post("/echo", &payload)).await.expect("echo");
+            assert_eq!(echo.body().len(), size, "{label}");
+            let (body, cookie) = proxy
+                .tamper
+                .last_protected
+                .lock()
+                .expect("lock")
+                .clone()
+                .expect("seen");
+            assert!(body.len() > size, "{label}");
+            let r = post_atls(&raw(), &server.url(), body, Some(&cookie)).await;
+            assert_eq!(r.status(), 400, "{label}");
+            let after = c.send_traced(get("/hello")).await.expect("after the repeat");
+            assert_eq!(after.response.body().as_ref(), b"hello", "{label}");
+            assert!(
+                after.events.iter().all(|e| e.kind != "handshake"),
+                "{label}: {:?}",
+                after.events
+            );
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! COSE contexts exported from it.
 
 use std::fmt;
+use std::hash::BuildHasher;
 use std::time::Instant;
 
 use atls_core::{
@@ -10,6 +11,11 @@ use atls_core::{
 use atls_oscore::{ContextParams, SecurityContext};
 
 use crate::table::Admission;
+
+fn payload_hasher() -> &'static std::collections::hash_map::RandomState {
+    static HASHER: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+    HASHER.get_or_init(std::collections::hash_map::RandomState::new)
+}
 
 /// What an established session protects application messages with.
 pub struct Established {
@@ -60,6 +66,8 @@ pub struct ServerSession {
     early: Vec<u8>,
     max_message: usize,
     records_abandoned: bool,
+    /// Fingerprint of the start of the last payload pushed.
+    last_payload: Option<u64>,
 }
 
 impl fmt::Debug for ServerSession {
@@ -93,6 +101,7 @@ impl ServerSession {
             early: Vec::new(),
             max_message,
             records_abandoned: false,
+            last_payload: None,
         })
     }
 
@@ -122,6 +131,21 @@ impl ServerSession {
     /// whose records channel ended keeps its OSCORE and COSE contexts.
     pub fn records_open(&self) -> bool {
         !self.records_abandoned && !self.session.is_closed()
+    }
+
+    /// Whether `payload` starts like the previous payload given here (and
+    /// remember it otherwise). Two payloads of one TLS session never start
+    /// alike — every record carries fresh ciphertext — so a match is a
+    /// resent payload, e.g. a retried POST, however it is split for
+    /// streaming. A transport refuses it before the TLS stack sees it.
+    pub fn repeats_previous_payload(&mut self, payload: &[u8]) -> bool {
+        let start = payload.get(..payload.len().min(256)).unwrap_or_default();
+        let fingerprint = payload_hasher().hash_one((payload.len().min(256), start));
+        if self.last_payload == Some(fingerprint) {
+            return true;
+        }
+        self.last_payload = Some(fingerprint);
+        false
     }
 
     /// Give up the records channel (its two record sequences are out of

@@ -186,6 +186,8 @@ pub struct Tamper {
     pub set_cookies: std::sync::Mutex<Vec<String>>,
     /// The `Cookie` header of every request forwarded, in order.
     pub cookies_seen: std::sync::Mutex<Vec<String>>,
+    /// The body and `Cookie` header of the last protected request forwarded.
+    pub last_protected: std::sync::Mutex<Option<(Vec<u8>, String)>>,
 }
 
 /// A forwarding HTTP proxy on loopback in front of `upstream` that applies
@@ -228,6 +230,15 @@ pub async fn tamper_proxy(upstream: &str) -> TamperProxy {
             let (parts, body) = request.into_parts();
             let body = axum::body::to_bytes(body, 64 << 20).await.expect("body");
             let protected = is_protected(&parts.headers, &body);
+            if protected {
+                let cookie = parts
+                    .headers
+                    .get("cookie")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                *tamper.last_protected.lock().expect("lock") = Some((body.to_vec(), cookie));
+            }
             let mut method = parts.method.clone();
             let mut path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
             if protected {
