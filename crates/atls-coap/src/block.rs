@@ -1,0 +1,226 @@
+//! Blockwise transfer (RFC 7959), bounded: the Block option codec, Block1
+//! reassembly of a request body and Block2 slicing of a response body.
+//!
+//! Written here rather than taken from coap-lite's `BlockHandler`, whose
+//! cache has no bound on the number of transfers it holds nor on the size a
+//! Block1 body may grow to: a server facing strangers needs both.
+
+/// A Block1 or Block2 option value: block number, more flag, size exponent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockValue {
+    /// Block number.
+    pub num: u32,
+    /// More blocks follow.
+    pub more: bool,
+    /// Size exponent: the block holds 2^(szx + 4) bytes (0..=6).
+    pub szx: u8,
+}
+
+/// Why a blockwise message cannot be used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    /// A malformed Block option (more than 3 bytes, SZX 7): 4.02 Bad Option.
+    #[error("malformed Block option")]
+    BadOption,
+    /// A block out of order, or a body missing its start: 4.08.
+    #[error("block out of sequence")]
+    Incomplete,
+    /// The body would exceed the limit: 4.13.
+    #[error("body exceeds the limit")]
+    TooLarge,
+}
+
+impl BlockValue {
+    /// Bytes in a block of this size.
+    pub fn size(self) -> usize {
+        1usize << (u32::from(self.szx.min(6)) + 4)
+    }
+
+    /// The size exponent of the largest block of at most `bytes` (16..=1024).
+    pub fn szx_for(bytes: usize) -> u8 {
+        let mut szx = 0u8;
+        while szx < 6 && (1usize << (u32::from(szx) + 5)) <= bytes {
+            szx += 1;
+        }
+        szx
+    }
+
+    /// Decode an option value (0 to 3 bytes, RFC 7959 §2.2).
+    pub fn decode(bytes: &[u8]) -> Result<Self, BlockError> {
+        if bytes.len() > 3 {
+            return Err(BlockError::BadOption);
+        }
+        let value = bytes.iter().fold(0u32, |acc, b| (acc << 8) | u32::from(*b));
+        let szx = (value & 0x7) as u8;
+        if szx == 7 {
+            return Err(BlockError::BadOption);
+        }
+        Ok(Self {
+            num: value >> 4,
+            more: value & 0x8 != 0,
+            szx,
+        })
+    }
+
+    /// Encode as an option value (minimal length).
+    pub fn encode(self) -> Vec<u8> {
+        let value = (self.num << 4) | (u32::from(self.more) << 3) | u32::from(self.szx & 0x7);
+        let bytes = value.to_be_bytes();
+        let skip = bytes.iter().take_while(|b| **b == 0).count();
+        bytes.get(skip..).unwrap_or_default().to_vec()
+    }
+}
+
+/// A request body arriving in Block1 blocks.
+#[derive(Debug)]
+pub struct Block1Assembly {
+    body: Vec<u8>,
+    next: u32,
+    szx: u8,
+    max: usize,
+}
+
+/// What one Block1 block did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Block1Step {
+    /// More blocks are expected: answer 2.31 Continue echoing the block.
+    Continue,
+    /// The body is complete.
+    Complete(Vec<u8>),
+}
+
+impl Block1Assembly {
+    /// Start a body of at most `max` bytes with its first block.
+    pub fn start(
+        block: BlockValue,
+        payload: &[u8],
+        size1: Option<usize>,
+        max: usize,
+    ) -> Result<(Self, Block1Step), BlockError> {
+        if block.num != 0 {
+            return Err(BlockError::Incomplete);
+        }
+        if size1.is_some_and(|s| s > max) {
+            return Err(BlockError::TooLarge);
+        }
+        let mut assembly = Self {
+            body: Vec::new(),
+            next: 0,
+            szx: block.szx,
+            max,
+        };
+        let step = assembly.accept(block, payload)?;
+        Ok((assembly, step))
+    }
+
+    /// Add the next block.
+    pub fn accept(&mut self, block: BlockValue, payload: &[u8]) -> Result<Block1Step, BlockError> {
+        if block.num != self.next || block.szx != self.szx {
+            return Err(BlockError::Incomplete);
+        }
+        if block.more && payload.len() != block.size() || payload.len() > block.size() {
+            return Err(BlockError::BadOption);
+        }
+        if self.body.len().saturating_add(payload.len()) > self.max {
+            return Err(BlockError::TooLarge);
+        }
+        self.body.extend_from_slice(payload);
+        self.next = self.next.saturating_add(1);
+        Ok(if block.more {
+            Block1Step::Continue
+        } else {
+            Block1Step::Complete(std::mem::take(&mut self.body))
+        })
+    }
+}
+
+/// Block `num` of `body` at size exponent `szx`: the bytes and the option
+/// value, or `None` past the end.
+pub fn block2_slice(body: &[u8], num: u32, szx: u8) -> Option<(&[u8], BlockValue)> {
+    let size = BlockValue {
+        num,
+        more: false,
+        szx,
+    }
+    .size();
+    let start = usize::try_from(num).ok()?.checked_mul(size)?;
+    if start > body.len() || (start == body.len() && start != 0) {
+        return None;
+    }
+    let end = start.saturating_add(size).min(body.len());
+    Some((
+        body.get(start..end)?,
+        BlockValue {
+            num,
+            more: end < body.len(),
+            szx,
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_values_round_trip() {
+        for (num, more, szx) in [(0, false, 0), (0, true, 5), (15, true, 2), (1 << 19, false, 6)] {
+            let b = BlockValue { num, more, szx };
+            assert_eq!(BlockValue::decode(&b.encode()), Ok(b));
+        }
+        assert_eq!(
+            BlockValue {
+                num: 0,
+                more: false,
+                szx: 0
+            }
+            .encode(),
+            Vec::<u8>::new()
+        );
+        assert_eq!(BlockValue::decode(&[0x07]), Err(BlockError::BadOption));
+        assert_eq!(BlockValue::decode(&[1, 2, 3, 4]), Err(BlockError::BadOption));
+        assert_eq!(BlockValue::szx_for(512), 5);
+        assert_eq!(BlockValue::szx_for(64), 2);
+        assert_eq!(BlockValue::szx_for(5000), 6);
+    }
+
+    #[test]
+    fn block1_reassembly_is_ordered_and_bounded() {
+        let b = |num, more| BlockValue { num, more, szx: 0 };
+        let (mut a, step) = Block1Assembly::start(b(0, true), &[1; 16], None, 40).expect("start");
+        assert_eq!(step, Block1Step::Continue);
+        assert_eq!(a.accept(b(2, true), &[2; 16]), Err(BlockError::Incomplete));
+        assert_eq!(a.accept(b(1, true), &[2; 15]), Err(BlockError::BadOption));
+        assert_eq!(a.accept(b(1, true), &[2; 16]), Ok(Block1Step::Continue));
+        assert_eq!(a.accept(b(2, true), &[3; 16]), Err(BlockError::TooLarge));
+        let (mut a, _) = Block1Assembly::start(b(0, true), &[1; 16], None, 40).expect("start");
+        match a.accept(b(1, false), &[2; 5]).expect("last") {
+            Block1Step::Complete(body) => assert_eq!(body.len(), 21),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            Block1Assembly::start(b(0, true), &[1; 16], Some(1 << 30), 40).map(|_| ()),
+            Err(BlockError::TooLarge),
+            "a Size1 over the limit is refused at once"
+        );
+        assert_eq!(
+            Block1Assembly::start(b(7, true), &[1; 16], None, 40).map(|_| ()),
+            Err(BlockError::Incomplete)
+        );
+    }
+
+    #[test]
+    fn block2_slices_cover_the_body() {
+        let body: Vec<u8> = (0..100u8).collect();
+        let (first, v) = block2_slice(&body, 0, 1).expect("first");
+        assert_eq!((first.len(), v.more), (32, true));
+        let (last, v) = block2_slice(&body, 3, 1).expect("last");
+        assert_eq!((last.len(), v.more), (4, false));
+        assert!(block2_slice(&body, 4, 1).is_none());
+        assert!(block2_slice(&body, u32::MAX, 6).is_none());
+        assert_eq!(
+            block2_slice(&[], 0, 1).map(|(b, v)| (b.len(), v.more)),
+            Some((0, false))
+        );
+    }
+}

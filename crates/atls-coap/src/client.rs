@@ -1,0 +1,382 @@
+//! The client: an ATLS handshake over CoAP (flights POSTed to
+//! `/.well-known/atls`, in Block1 blocks when they do not fit one message,
+//! answers fetched in Block2 blocks), then OSCORE requests with the context
+//! of the `atls-oscore` export.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use atls_core::{ClientEndpoint, ClientSessionParams, ConnectionId, HandshakeInfo, ProtectionKind, Session};
+use atls_oscore::{ContextParams, OscoreError, SecurityContext};
+use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
+use tokio::net::UdpSocket;
+
+use crate::block::BlockValue;
+use crate::server::CONTENT_FORMAT_ATLS;
+use crate::udp::{exchange, ExchangeError, Transmission};
+
+/// How an [`AtlsCoapClient`] talks to its server.
+#[derive(Clone, Debug)]
+pub struct CoapClientOptions {
+    /// Content-Format number of ATLS payloads.
+    pub content_format: u16,
+    /// Block size of Block1 uploads and Block2 downloads (16..=1024).
+    pub block_size: usize,
+    /// CoAP retransmission parameters.
+    pub transmission: Transmission,
+    /// Offer the `oscore_connection_id` extension.
+    pub offer_cids: bool,
+    /// The name the server certificate must carry (and SNI).
+    pub server_name: Option<String>,
+    /// Largest server flight reassembled.
+    pub max_flight: usize,
+}
+
+impl Default for CoapClientOptions {
+    fn default() -> Self {
+        Self {
+            content_format: CONTENT_FORMAT_ATLS,
+            block_size: 512,
+            transmission: Transmission::default(),
+            offer_cids: true,
+            server_name: None,
+            max_flight: 64 * 1024,
+        }
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoapClientError {
+    /// The CoAP exchange failed (no answer, reset, socket).
+    #[error("transport: {0}")]
+    Transport(#[from] ExchangeError),
+    /// The TLS handshake failed on this side.
+    #[error("ATLS handshake: {0}")]
+    Handshake(#[from] atls_core::Error),
+    /// The server answered a flight with an error code.
+    #[error("ATLS handshake refused by the server ({code}): {diagnostic}")]
+    Refused {
+        /// The CoAP response code, as "4.00".
+        code: String,
+        /// The server's diagnostic payload, or the alert it sent.
+        diagnostic: String,
+    },
+    /// Protection of the request or response failed.
+    #[error("protection: {0}")]
+    Protection(#[from] OscoreError),
+    /// The server answered something this client cannot use.
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+/// One flight's trip, for tests and `-v` output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlightTrip {
+    /// Bytes of the flight sent.
+    pub sent: usize,
+    /// CoAP messages it took (Block1 blocks).
+    pub blocks_sent: usize,
+    /// Bytes of the answer.
+    pub received: usize,
+    /// CoAP messages the answer took (Block2 blocks).
+    pub blocks_received: usize,
+}
+
+struct Established {
+    info: HandshakeInfo,
+    oscore: SecurityContext,
+}
+
+/// An ATLS client of one CoAP server over UDP.
+pub struct AtlsCoapClient {
+    socket: UdpSocket,
+    server: SocketAddr,
+    endpoint: Arc<dyn ClientEndpoint>,
+    options: CoapClientOptions,
+    next_mid: AtomicU16,
+    state: tokio::sync::Mutex<Option<Established>>,
+    trips: std::sync::Mutex<Vec<FlightTrip>>,
+}
+
+impl fmt::Debug for AtlsCoapClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AtlsCoapClient")
+            .field("server", &self.server)
+            .field("engine", &self.endpoint.engine_name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let _ = getrandom::fill(&mut b);
+    b
+}
+
+fn code_text(code: MessageClass) -> String {
+    let byte = u8::from(code);
+    format!("{}.{:02}", byte >> 5, byte & 0x1F)
+}
+
+impl AtlsCoapClient {
+    /// A client of `server`, from an ephemeral local UDP port.
+    pub async fn new(
+        server: SocketAddr,
+        endpoint: Arc<dyn ClientEndpoint>,
+        options: CoapClientOptions,
+    ) -> Result<Self, CoapClientError> {
+        let local: SocketAddr = if server.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(local).await.map_err(ExchangeError::Io)?;
+        Ok(Self {
+            socket,
+            server,
+            endpoint,
+            options,
+            next_mid: AtomicU16::new(u16::from_be_bytes(random::<2>())),
+            state: tokio::sync::Mutex::new(None),
+            trips: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The local endpoint the server sees.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// The flights of the last handshake, in order.
+    pub fn last_handshake(&self) -> Vec<FlightTrip> {
+        self.trips.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// What the current session negotiated.
+    pub async fn session_info(&self) -> Option<HandshakeInfo> {
+        self.state.lock().await.as_ref().map(|e| e.info.clone())
+    }
+
+    fn message(&self, code: RequestType) -> Packet {
+        let mut p = Packet::new();
+        p.header.code = MessageClass::Request(code);
+        p.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
+        p.set_token(random::<4>().to_vec());
+        p
+    }
+
+    fn flight_request(&self) -> Packet {
+        let mut p = self.message(RequestType::Post);
+        p.add_option(CoapOption::UriPath, b".well-known".to_vec());
+        p.add_option(CoapOption::UriPath, b"atls".to_vec());
+        p.add_option(
+            CoapOption::ContentFormat,
+            uint(u64::from(self.options.content_format)),
+        );
+        p
+    }
+
+    async fn send(&self, request: Packet) -> Result<Packet, CoapClientError> {
+        Ok(exchange(&self.socket, self.server, request, &self.options.transmission).await?)
+    }
+
+    /// POST one flight, in Block1 blocks when needed; returns the answer,
+    /// fetched in Block2 blocks when the server sent it so.
+    async fn post_flight(&self, flight: &[u8]) -> Result<(Packet, Vec<u8>), CoapClientError> {
+        let szx = BlockValue::szx_for(self.options.block_size);
+        let size = BlockValue {
+            num: 0,
+            more: false,
+            szx,
+        }
+        .size();
+        let mut trip = FlightTrip {
+            sent: flight.len(),
+            blocks_sent: 0,
+            received: 0,
+            blocks_received: 0,
+        };
+        let mut answer = None;
+        if flight.len() <= size {
+            let mut p = self.flight_request();
+            p.payload = flight.to_vec();
+            trip.blocks_sent = 1;
+            answer = Some(self.send(p).await?);
+        } else {
+            let blocks: Vec<&[u8]> = flight.chunks(size).collect();
+            for (num, chunk) in blocks.iter().enumerate() {
+                let more = num + 1 < blocks.len();
+                let mut p = self.flight_request();
+                let value = BlockValue {
+                    num: u32::try_from(num).unwrap_or(u32::MAX),
+                    more,
+                    szx,
+                };
+                p.add_option(CoapOption::Block1, value.encode());
+                if num == 0 {
+                    p.add_option(CoapOption::Size1, uint(flight.len() as u64));
+                }
+                p.payload = chunk.to_vec();
+                trip.blocks_sent += 1;
+                let a = self.send(p).await?;
+                if more && a.header.code != MessageClass::Response(ResponseType::Continue) {
+                    answer = Some(a);
+                    break;
+                }
+                if !more {
+                    answer = Some(a);
+                }
+            }
+        }
+        let first = answer.ok_or_else(|| CoapClientError::Unexpected("no answer".into()))?;
+        let mut body = first.payload.clone();
+        trip.blocks_received = 1;
+        if let Some(value) = first.get_first_option(CoapOption::Block2) {
+            let mut block =
+                BlockValue::decode(value).map_err(|e| CoapClientError::Unexpected(e.to_string()))?;
+            while block.more {
+                if body.len() > self.options.max_flight {
+                    return Err(CoapClientError::Unexpected(
+                        "the server's flight exceeds the limit".into(),
+                    ));
+                }
+                let mut p = self.flight_request();
+                let next = BlockValue {
+                    num: block.num.saturating_add(1),
+                    more: false,
+                    szx: block.szx,
+                };
+                p.add_option(CoapOption::Block2, next.encode());
+                let a = self.send(p).await?;
+                if a.header.code != MessageClass::Response(ResponseType::Changed) {
+                    return Err(CoapClientError::Refused {
+                        code: code_text(a.header.code),
+                        diagnostic: String::from_utf8_lossy(&a.payload).into_owned(),
+                    });
+                }
+                block = a
+                    .get_first_option(CoapOption::Block2)
+                    .map(|v| BlockValue::decode(v))
+                    .transpose()
+                    .map_err(|e| CoapClientError::Unexpected(e.to_string()))?
+                    .ok_or_else(|| CoapClientError::Unexpected("a block without Block2".into()))?;
+                if block.num != next.num {
+                    return Err(CoapClientError::Unexpected(
+                        "the server sent another block".into(),
+                    ));
+                }
+                body.extend_from_slice(&a.payload);
+                trip.blocks_received += 1;
+            }
+        }
+        trip.received = body.len();
+        if let Ok(mut trips) = self.trips.lock() {
+            trips.push(trip);
+        }
+        Ok((first, body))
+    }
+
+    async fn handshake(&self) -> Result<Established, CoapClientError> {
+        if let Ok(mut trips) = self.trips.lock() {
+            trips.clear();
+        }
+        let params = ClientSessionParams {
+            server_name: self.options.server_name.clone(),
+            oscore_cid: if self.options.offer_cids {
+                ConnectionId::new(random::<4>().to_vec()).ok()
+            } else {
+                None
+            },
+            cose_cid: None,
+        };
+        let mut session = Session::client(self.endpoint.as_ref(), &params)?;
+        loop {
+            let Some(flight) = session.take_flight(Instant::now())? else {
+                if session.is_handshake_complete() {
+                    break;
+                }
+                return Err(atls_core::Error::Protocol("the handshake stalled".into()).into());
+            };
+            let (answer, body) = self.post_flight(&flight).await?;
+            if answer.header.code != MessageClass::Response(ResponseType::Changed) {
+                if !answer.payload.is_empty() {
+                    if let Err(atls_core::Error::AlertReceived(alert)) =
+                        session.push_flight(&answer.payload, Instant::now())
+                    {
+                        return Err(CoapClientError::Refused {
+                            code: code_text(answer.header.code),
+                            diagnostic: format!("TLS alert {alert}"),
+                        });
+                    }
+                }
+                return Err(CoapClientError::Refused {
+                    code: code_text(answer.header.code),
+                    diagnostic: String::from_utf8_lossy(&answer.payload).into_owned(),
+                });
+            }
+            if !body.is_empty() {
+                session.push_flight(&body, Instant::now())?;
+            }
+            if session.is_handshake_complete() && !session.wants_write() {
+                break;
+            }
+        }
+        let info = session
+            .handshake_info()
+            .cloned()
+            .ok_or(atls_core::Error::HandshakeNotComplete)?;
+        let keys = session.atls_keys(ProtectionKind::Oscore)?;
+        let ids = session.protection_ids(ProtectionKind::Oscore)?;
+        let oscore = SecurityContext::new_in_memory(&ContextParams::from_atls(&keys, &ids))?;
+        Ok(Established { info, oscore })
+    }
+
+    /// Send one inner CoAP request (code, Uri-Path, payload...) protected
+    /// with OSCORE, handshaking first when there is no session.
+    pub async fn request(&self, inner: &Packet) -> Result<Packet, CoapClientError> {
+        let mut state = self.state.lock().await;
+        if state.is_none() {
+            *state = Some(self.handshake().await?);
+        }
+        let Some(est) = state.as_mut() else {
+            return Err(CoapClientError::Unexpected("no session".into()));
+        };
+        let (mut outer, binding) = atls_oscore::protect_request(&mut est.oscore, inner)?;
+        outer.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
+        outer.set_token(random::<4>().to_vec());
+        let answer = self.send(outer).await?;
+        if answer.get_option(CoapOption::Oscore).is_none() {
+            return Err(CoapClientError::Refused {
+                code: code_text(answer.header.code),
+                diagnostic: String::from_utf8_lossy(&answer.payload).into_owned(),
+            });
+        }
+        Ok(atls_oscore::unprotect_response(
+            &mut est.oscore,
+            &answer,
+            &binding,
+        )?)
+    }
+}
+
+fn uint(value: u64) -> Vec<u8> {
+    let bytes = value.to_be_bytes();
+    let skip = bytes.iter().take_while(|b| **b == 0).count();
+    bytes.get(skip..).unwrap_or_default().to_vec()
+}
+
+/// An inner request: `method` on `path` (segments separated by `/`) with `payload`.
+pub fn inner_request(method: RequestType, path: &str, payload: &[u8]) -> Packet {
+    let mut p = Packet::new();
+    p.header.code = MessageClass::Request(method);
+    for segment in path.split('/').filter(|s| !s.is_empty()) {
+        p.add_option(CoapOption::UriPath, segment.as_bytes().to_vec());
+    }
+    p.payload = payload.to_vec();
+    p
+}

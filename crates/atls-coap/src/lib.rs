@@ -1,0 +1,28 @@
+//! ATLS over CoAP (draft-friel-tls-atls §7; RFC 7252, RFC 7959, RFC 8613).
+//!
+//! - [`server`]: [`CoapServer`], a datagram-in, datagram-out core: flights
+//!   in `POST /.well-known/atls` with the ATLS Content-Format (65000 by
+//!   default, from the experimental range: IANA has assigned none), Block1
+//!   and Block2 when a flight does not fit one message, sessions in the
+//!   shared `atls-sessions` table keyed by the client endpoint and the §11
+//!   CIDs, then OSCORE requests to the built-in resources.
+//! - [`udp`]: CoAP over UDP: the server loop, confirmable exchanges with
+//!   retransmission and separate responses.
+//! - [`client`]: [`AtlsCoapClient`], the handshake and OSCORE requests.
+//! - [`block`]: bounded blockwise transfer.
+//!
+//! Not yet here (see the project's notes): CoAP over TCP (RFC 8323), CoAP
+//! over DTLS as the transport, DTLS as the ATLS layer through this
+//! server, records mode, Echo-based anti-amplification, blockwise inside
+//! OSCORE.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod block;
+pub mod client;
+pub mod server;
+pub mod udp;
+
+pub use client::{inner_request, AtlsCoapClient, CoapClientError, CoapClientOptions, FlightTrip};
+pub use server::{CoapConfig, CoapServer, CONTENT_FORMAT_ATLS};

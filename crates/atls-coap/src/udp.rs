@@ -1,0 +1,166 @@
+//! CoAP over UDP (RFC 7252): the server loop, and the client side of a
+//! confirmable exchange with retransmission and separate responses.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coap_lite::{MessageType, Packet};
+use tokio::net::UdpSocket;
+
+use crate::server::CoapServer;
+
+/// Largest datagram read.
+const MAX_DATAGRAM: usize = 1500 + 152;
+
+/// Serve `server` on `socket` until the socket fails.
+pub async fn serve(socket: UdpSocket, server: Arc<CoapServer>) -> std::io::Result<()> {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let (n, from) = socket.recv_from(&mut buf).await?;
+        let Some(datagram) = buf.get(..n) else { continue };
+        if let Some(answer) = server.handle(datagram, from, Instant::now()) {
+            if let Err(e) = socket.send_to(&answer, from).await {
+                tracing::debug!(error = %e, %from, "cannot answer");
+            }
+        }
+    }
+}
+
+/// RFC 7252 §4.8 transmission parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct Transmission {
+    /// ACK_TIMEOUT.
+    pub ack_timeout: Duration,
+    /// ACK_RANDOM_FACTOR.
+    pub ack_random_factor: f64,
+    /// MAX_RETRANSMIT.
+    pub max_retransmit: u32,
+    /// How long to wait for a separate response after an empty ACK.
+    pub separate_timeout: Duration,
+}
+
+impl Default for Transmission {
+    fn default() -> Self {
+        Self {
+            ack_timeout: Duration::from_secs(2),
+            ack_random_factor: 1.5,
+            max_retransmit: 4,
+            separate_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The socket failed.
+    #[error("UDP: {0}")]
+    Io(#[from] std::io::Error),
+    /// No answer after MAX_RETRANSMIT retransmissions.
+    #[error("no answer from {0} after the CoAP retransmissions")]
+    Timeout(SocketAddr),
+    /// The peer answered with Reset.
+    #[error("the peer reset the exchange")]
+    Reset,
+    /// The request could not be encoded.
+    #[error("CoAP message: {0}")]
+    Encode(String),
+}
+
+fn random_factor(t: &Transmission) -> f64 {
+    let mut b = [0u8; 2];
+    let _ = getrandom::fill(&mut b);
+    1.0 + (t.ack_random_factor - 1.0) * (f64::from(u16::from_be_bytes(b)) / 65535.0)
+}
+
+/// What arrived for an exchange.
+enum Received {
+    Response(Packet),
+    /// An empty ACK: the response comes separately.
+    EmptyAck,
+}
+
+/// Wait until `deadline` for what belongs to the exchange (`mid`, `token`).
+async fn receive(
+    socket: &UdpSocket,
+    peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    mid: u16,
+    token: &[u8],
+) -> Result<Option<Received>, ExchangeError> {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let Ok(received) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await else {
+            return Ok(None);
+        };
+        let (n, from) = received?;
+        if from != peer {
+            continue;
+        }
+        let Ok(answer) = Packet::from_bytes(buf.get(..n).unwrap_or_default()) else {
+            continue;
+        };
+        match answer.header.get_type() {
+            MessageType::Reset if answer.header.message_id == mid => return Err(ExchangeError::Reset),
+            MessageType::Acknowledgement if answer.header.message_id == mid => {
+                if answer.header.code == coap_lite::MessageClass::Empty {
+                    return Ok(Some(Received::EmptyAck));
+                }
+                if answer.get_token() == token {
+                    return Ok(Some(Received::Response(answer)));
+                }
+            }
+            MessageType::Confirmable | MessageType::NonConfirmable if answer.get_token() == token => {
+                if answer.header.get_type() == MessageType::Confirmable {
+                    // A separate response: acknowledge it (RFC 7252 §5.2.2).
+                    let mut ack = Packet::new();
+                    ack.header.set_type(MessageType::Acknowledgement);
+                    ack.header.message_id = answer.header.message_id;
+                    if let Ok(ack) = ack.to_bytes() {
+                        socket.send_to(&ack, peer).await?;
+                    }
+                }
+                return Ok(Some(Received::Response(answer)));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Send a confirmable `request` to `peer` and wait for its response:
+/// piggybacked, or separate after an empty ACK (acknowledged in turn).
+/// Retransmits with exponential back-off from a randomised ACK_TIMEOUT.
+pub async fn exchange(
+    socket: &UdpSocket,
+    peer: SocketAddr,
+    mut request: Packet,
+    t: &Transmission,
+) -> Result<Packet, ExchangeError> {
+    request.header.set_type(MessageType::Confirmable);
+    let mid = request.header.message_id;
+    let token = request.get_token().to_vec();
+    let bytes = request
+        .to_bytes()
+        .map_err(|e| ExchangeError::Encode(e.to_string()))?;
+    let mut timeout = t.ack_timeout.mul_f64(random_factor(t));
+    for _ in 0..=t.max_retransmit {
+        socket.send_to(&bytes, peer).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        match receive(socket, peer, deadline, mid, &token).await? {
+            Some(Received::Response(answer)) => return Ok(answer),
+            Some(Received::EmptyAck) => {
+                let deadline = tokio::time::Instant::now() + t.separate_timeout;
+                loop {
+                    match receive(socket, peer, deadline, mid, &token).await? {
+                        Some(Received::Response(answer)) => return Ok(answer),
+                        Some(Received::EmptyAck) => continue,
+                        None => return Err(ExchangeError::Timeout(peer)),
+                    }
+                }
+            }
+            None => timeout = timeout.saturating_mul(2),
+        }
+    }
+    Err(ExchangeError::Timeout(peer))
+}

@@ -1,0 +1,276 @@
+//! ATLS over CoAP over UDP on loopback: handshakes whose flights need
+//! Block1 and Block2, then OSCORE requests, on every engine pairing, TLS 1.2
+//! and 1.3; and hostile datagrams answered with their codes while an
+//! established client keeps working.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atls_coap::{inner_request, AtlsCoapClient, CoapClientOptions, CoapConfig, CoapServer};
+use atls_core::TlsVersion;
+use atls_tests::{client_config, engines, server_config, SERVER_NAME};
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+
+async fn serve(
+    engine: &dyn atls_core::Engine,
+    version: TlsVersion,
+    config: CoapConfig,
+) -> (SocketAddr, Arc<CoapServer>) {
+    let endpoint = engine.server(&server_config(version)).expect("endpoint");
+    let server = CoapServer::new(endpoint, config);
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(atls_coap::udp::serve(socket, server.clone()));
+    (addr, server)
+}
+
+fn options(block_size: usize) -> CoapClientOptions {
+    CoapClientOptions {
+        block_size,
+        server_name: Some(SERVER_NAME.into()),
+        ..CoapClientOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_with_blockwise_flights_then_oscore_requests() {
+    for server_engine in engines() {
+        for client_engine in engines() {
+            for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
+                for block_size in [64, 512] {
+                    let label = format!(
+                        "{} → {} {version:?} blocks of {block_size}",
+                        client_engine.name(),
+                        server_engine.name()
+                    );
+                    let config = CoapConfig {
+                        block_size,
+                        ..CoapConfig::default()
+                    };
+                    let (addr, server) = serve(server_engine, version, config).await;
+                    let endpoint = client_engine
+                        .client(&client_config(version))
+                        .expect("client endpoint");
+                    let client = AtlsCoapClient::new(addr, endpoint, options(block_size))
+                        .await
+                        .expect("client");
+                    let hello = client
+                        .request(&inner_request(RequestType::Get, "/hello", b""))
+                        .await
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                    assert_eq!(
+                        hello.header.code,
+                        MessageClass::Response(ResponseType::Content),
+                        "{label}"
+                    );
+                    assert_eq!(hello.payload, b"hello", "{label}");
+                    let trips = client.last_handshake();
+                    assert!(
+                        trips.iter().any(|t| t.blocks_received > 1),
+                        "{label}: the server flight travelled in Block2 blocks: {trips:?}"
+                    );
+                    if block_size == 64 {
+                        assert!(
+                            trips.iter().any(|t| t.blocks_sent > 1)
+                                && trips.iter().all(|t| t.sent <= block_size || t.blocks_sent > 1),
+                            "{label}: the client flights travelled in Block1 blocks: {trips:?}"
+                        );
+                    }
+                    let payload: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+                    let echo = client
+                        .request(&inner_request(RequestType::Post, "/echo", &payload))
+                        .await
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                    assert_eq!(echo.payload, payload, "{label}");
+                    let session = client
+                        .request(&inner_request(RequestType::Get, "/session", b""))
+                        .await
+                        .expect("session");
+                    let json: serde_json::Value = serde_json::from_slice(&session.payload).expect("json");
+                    assert_eq!(json["tls_version"], version.name(), "{label}");
+                    assert_eq!(json["engine"], server_engine.name(), "{label}");
+                    let cids = server_engine.capabilities().atls_extensions
+                        && client_engine.capabilities().atls_extensions;
+                    assert_eq!(json["cids_negotiated"], cids, "{label}");
+                    assert_eq!(
+                        client.last_handshake(),
+                        trips,
+                        "{label}: one handshake for three requests"
+                    );
+                    assert_eq!(server.stats().established, 1, "{label}");
+                }
+            }
+        }
+    }
+}
+
+/// A raw CoAP exchange from a plain socket.
+async fn raw(socket: &tokio::net::UdpSocket, to: SocketAddr, mut p: Packet) -> Option<Packet> {
+    p.header.set_type(MessageType::Confirmable);
+    socket
+        .send_to(&p.to_bytes().expect("encode"), to)
+        .await
+        .expect("send");
+    let mut buf = vec![0u8; 2048];
+    let got = tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf)).await;
+    let (n, _) = got.ok()?.expect("recv");
+    Some(Packet::from_bytes(&buf[..n]).expect("answer parses"))
+}
+
+fn flight_post(payload: &[u8], mid: u16) -> Packet {
+    let mut p = Packet::new();
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.header.message_id = mid;
+    p.set_token(vec![1, 2, 3, 4]);
+    p.add_option(CoapOption::UriPath, b".well-known".to_vec());
+    p.add_option(CoapOption::UriPath, b"atls".to_vec());
+    p.add_option(CoapOption::ContentFormat, 65000u16.to_be_bytes().to_vec());
+    p.payload = payload.to_vec();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_datagrams_get_their_codes_and_harm_no_one() {
+    for engine in engines() {
+        let (addr, server) = serve(engine, TlsVersion::Tls13, CoapConfig::default()).await;
+        let endpoint = engine
+            .client(&client_config(TlsVersion::Tls13))
+            .expect("endpoint");
+        let bystander = AtlsCoapClient::new(addr, endpoint, options(512))
+            .await
+            .expect("client");
+        bystander
+            .request(&inner_request(RequestType::Get, "/hello", b""))
+            .await
+            .expect("bystander");
+
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let code = |p: &Packet| p.header.code;
+        let mut mid = 100u16;
+        let mut next = || {
+            mid += 1;
+            mid
+        };
+        // Not TLS records: 4.00. Junk handshake record: 4.04 (no session) or 4.00.
+        let a = raw(&socket, addr, flight_post(b"not records", next()))
+            .await
+            .expect("answer");
+        assert_eq!(code(&a), MessageClass::Response(ResponseType::BadRequest));
+        let a = raw(&socket, addr, flight_post(&[22, 3, 1, 0, 1, 0], next()))
+            .await
+            .expect("answer");
+        assert!(matches!(
+            code(&a),
+            MessageClass::Response(ResponseType::NotFound | ResponseType::BadRequest)
+        ));
+        // Wrong Content-Format: 4.15.
+        let mut p = flight_post(&[22, 3, 1, 0, 1, 1], next());
+        p.clear_option(CoapOption::ContentFormat);
+        let a = raw(&socket, addr, p).await.expect("answer");
+        assert_eq!(
+            code(&a),
+            MessageClass::Response(ResponseType::UnsupportedContentFormat)
+        );
+        // Block1 with a huge block number, with a lying Size1, with SZX 7.
+        let mut p = flight_post(&[0; 16], next());
+        p.add_option(CoapOption::Block1, vec![0xFF, 0xFF, 0x08]);
+        let a = raw(&socket, addr, p).await.expect("answer");
+        assert_eq!(
+            code(&a),
+            MessageClass::Response(ResponseType::RequestEntityIncomplete)
+        );
+        let mut p = flight_post(&[0; 16], next());
+        p.add_option(CoapOption::Block1, vec![0x08]);
+        p.add_option(CoapOption::Size1, vec![0x7F, 0xFF, 0xFF, 0xFF]);
+        let a = raw(&socket, addr, p).await.expect("answer");
+        assert_eq!(
+            code(&a),
+            MessageClass::Response(ResponseType::RequestEntityTooLarge)
+        );
+        let mut p = flight_post(&[0; 16], next());
+        p.add_option(CoapOption::Block1, vec![0x0F]);
+        let a = raw(&socket, addr, p).await.expect("answer");
+        assert_eq!(code(&a), MessageClass::Response(ResponseType::BadOption));
+        // An unprotected request to a resource: 4.01.
+        let mut p = Packet::new();
+        p.header.code = MessageClass::Request(RequestType::Get);
+        p.header.message_id = next();
+        p.add_option(CoapOption::UriPath, b"hello".to_vec());
+        let a = raw(&socket, addr, p).await.expect("answer");
+        assert_eq!(code(&a), MessageClass::Response(ResponseType::Unauthorized));
+        // Datagrams that are not CoAP, or truncated: dropped without an answer.
+        for junk in [&[0xFFu8; 3][..], &[0x40, 0x01], &[0x4D, 0x01, 0, 1, 1]] {
+            socket.send_to(junk, addr).await.expect("send");
+        }
+        // A retransmitted confirmable request gets the same answer.
+        let repeat = flight_post(b"again", next());
+        let first = raw(&socket, addr, repeat.clone()).await.expect("answer");
+        let second = raw(&socket, addr, repeat).await.expect("answer");
+        assert_eq!(first.to_bytes().ok(), second.to_bytes().ok());
+
+        let again = bystander
+            .request(&inner_request(RequestType::Post, "/echo", b"still here"))
+            .await
+            .expect("bystander after the abuse");
+        assert_eq!(again.payload, b"still here");
+        assert_eq!(server.stats().established, 1);
+        assert_eq!(server.stats().half_open, 0);
+    }
+}
+
+/// aiocoap (Python) as the CoAP client, carrying a pyOpenSSL memory-BIO
+/// handshake (aiocoap does the blockwise transfer of the flights), then
+/// aiocoap's own OSCORE keyed from pyOpenSSL's export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aiocoap_with_pyopenssl_interoperates() {
+    atls_tests::aiocoap::require_aiocoap();
+    let dir = std::env::temp_dir().join(format!("atls-coap-interop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, atls_tests::pki().ca.certificate_pem()).expect("ca");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../interop/aiocoap_atls_client.py");
+    for engine in engines() {
+        for version in ["1.3", "1.2"] {
+            let tls = if version == "1.3" {
+                TlsVersion::Tls13
+            } else {
+                TlsVersion::Tls12
+            };
+            let (addr, server) = serve(engine, tls, CoapConfig::default()).await;
+            let out = tokio::process::Command::new("python3")
+                .arg(&script)
+                .args([
+                    "127.0.0.1",
+                    &addr.port().to_string(),
+                    ca.to_str().expect("path"),
+                    SERVER_NAME,
+                    version,
+                ])
+                .output()
+                .await
+                .expect("python3");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let label = format!("{} TLS {version}", engine.name());
+            assert!(
+                out.status.success(),
+                "{label}: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(stdout.contains("hello hello"), "{label}: {stdout}");
+            assert!(stdout.contains("echo ok"), "{label}: {stdout}");
+            let largest: usize = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("blocks "))
+                .and_then(|n| n.parse().ok())
+                .expect("flight sizes");
+            assert!(
+                largest > 512,
+                "{label}: a flight larger than one block ({largest} B) went blockwise"
+            );
+            assert_eq!(server.stats().established, 1, "{label}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
