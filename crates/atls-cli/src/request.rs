@@ -82,8 +82,8 @@ fn exit_code(layer: Layer) -> ExitCode {
     })
 }
 
-fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
-    let engine = common::engine(&args.engine)?;
+/// The ATLS client configuration the arguments describe.
+fn client_config(args: &RequestArgs) -> anyhow::Result<ClientConfig> {
     let ca = match &args.ca {
         Some(ca) => Some(ca.clone()),
         None => {
@@ -116,6 +116,20 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
             .and_then(|mut v| v.pop()),
         early_data: true,
     };
+    Ok(config)
+}
+
+fn body(args: &RequestArgs) -> anyhow::Result<Bytes> {
+    Ok(match &args.data {
+        Some(d) if d.starts_with('@') => Bytes::from(common::read(std::path::Path::new(&d[1..]))?),
+        Some(d) => Bytes::from(d.clone().into_bytes()),
+        None => Bytes::new(),
+    })
+}
+
+fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
+    let engine = common::engine(&args.engine)?;
+    let config = client_config(args)?;
     let endpoint = engine.client(&config).context("configuring the ATLS client")?;
 
     let url = reqwest_url(&args.url)?;
@@ -140,11 +154,7 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
     };
     let client = AtlsClient::new(&base, endpoint, options)?;
 
-    let body = match &args.data {
-        Some(d) if d.starts_with('@') => Bytes::from(common::read(std::path::Path::new(&d[1..]))?),
-        Some(d) => Bytes::from(d.clone().into_bytes()),
-        None => Bytes::new(),
-    };
+    let body = body(args)?;
     let method = if args.data.is_some() && args.method == "GET" {
         Method::POST
     } else {
@@ -168,12 +178,127 @@ fn reqwest_url(url: &str) -> anyhow::Result<http::Uri> {
     let uri: http::Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => Ok(uri),
-        _ => anyhow::bail!("the URL must start with http:// or https://"),
+        _ => anyhow::bail!("the URL must start with http://, https:// or coap://"),
+    }
+}
+
+/// `atls request coap://HOST[:PORT]/PATH`: the handshake over CoAP, then
+/// one OSCORE request.
+fn run_coap(args: &RequestArgs) -> ExitCode {
+    use coap_lite::{MessageClass, RequestType};
+    let prepared = (|| -> anyhow::Result<_> {
+        if args.mode != Mode::Oscore {
+            anyhow::bail!("over CoAP the protection is OSCORE (--mode oscore)");
+        }
+        let engine = common::engine(&args.engine)?;
+        let endpoint = engine
+            .client(&client_config(args)?)
+            .context("configuring the ATLS client")?;
+        let uri: http::Uri = args
+            .url
+            .parse()
+            .with_context(|| format!("invalid URL {}", args.url))?;
+        let host = uri
+            .host()
+            .context("the URL has no host")?
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(5683);
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+            .with_context(|| format!("resolving {host}"))?
+            .next()
+            .with_context(|| format!("no address for {host}"))?;
+        let method = match (args.method.as_str(), args.data.is_some()) {
+            ("GET", true) | ("POST", _) => RequestType::Post,
+            ("GET", false) => RequestType::Get,
+            ("PUT", _) => RequestType::Put,
+            ("DELETE", _) => RequestType::Delete,
+            ("FETCH", _) => RequestType::Fetch,
+            ("PATCH", _) => RequestType::Patch,
+            (other, _) => anyhow::bail!("CoAP has no method {other}"),
+        };
+        let mut inner = atls_coap::inner_request(method, uri.path(), &body(args)?);
+        for query in uri
+            .query()
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|q| !q.is_empty())
+        {
+            inner.add_option(coap_lite::CoapOption::UriQuery, query.as_bytes().to_vec());
+        }
+        let options = atls_coap::CoapClientOptions {
+            server_name: Some(args.server_name.clone().unwrap_or(host)),
+            ..atls_coap::CoapClientOptions::default()
+        };
+        Ok((addr, endpoint, options, inner))
+    })();
+    let (addr, endpoint, options, inner) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("atls: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("atls: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let client = atls_coap::AtlsCoapClient::new(addr, endpoint, options).await?;
+        let response = client.request(&inner).await?;
+        Ok::<_, atls_coap::CoapClientError>((response, client.last_handshake()))
+    });
+    match result {
+        Ok((response, trips)) => {
+            if args.verbose {
+                for (i, t) in trips.iter().enumerate() {
+                    eprintln!(
+                        "* flight {}: {} B in {} message(s) -> {} B in {} message(s)",
+                        i + 1,
+                        t.sent,
+                        t.blocks_sent,
+                        t.received,
+                        t.blocks_received
+                    );
+                }
+            }
+            let code = u8::from(response.header.code);
+            let (class, detail) = (code >> 5, code & 0x1F);
+            eprintln!("{class}.{detail:02}");
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout();
+            let _ = stdout.write_all(&response.payload);
+            let _ = stdout.flush();
+            if !matches!(response.header.code, MessageClass::Response(_)) || class >= 4 {
+                eprintln!("atls: application: the inner response is {class}.{detail:02}");
+                return exit_code(Layer::Application);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("atls: {e}");
+            exit_code(match e {
+                atls_coap::CoapClientError::Handshake(_) | atls_coap::CoapClientError::Refused { .. } => {
+                    Layer::Handshake
+                }
+                atls_coap::CoapClientError::Protection(_) => Layer::Protection,
+                _ => Layer::Transport,
+            })
+        }
     }
 }
 
 /// Run `atls request`; the exit code names the failing layer.
 pub(crate) fn run(args: &RequestArgs) -> ExitCode {
+    if args.url.starts_with("coap://") {
+        if args.verbose {
+            crate::init_tracing();
+        }
+        return run_coap(args);
+    }
     if args.verbose {
         crate::init_tracing();
     }

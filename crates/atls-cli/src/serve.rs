@@ -25,6 +25,16 @@ pub(crate) struct ServeArgs {
     /// no listener is given.
     #[arg(long, value_name = "ADDR")]
     pub(crate) http: Option<SocketAddr>,
+    /// CoAP over UDP listener (ATLS flights in POST /.well-known/atls, then
+    /// OSCORE).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) coap: Option<SocketAddr>,
+    /// CoAP Content-Format number of ATLS payloads (IANA has assigned none).
+    #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS)]
+    pub(crate) coap_content_format: u16,
+    /// CoAP block size of the server's Block2 answers (16..=1024).
+    #[arg(long, default_value_t = 512)]
+    pub(crate) coap_block_size: usize,
     /// HTTPS listener (the transport TLS layer; needs --tls-cert, --tls-key).
     #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
     pub(crate) https: Option<SocketAddr>,
@@ -133,6 +143,7 @@ type App = BoxCloneService<Request<Body>, Response<Body>, std::convert::Infallib
 pub(crate) struct Running {
     pub(crate) http: Option<SocketAddr>,
     pub(crate) https: Option<SocketAddr>,
+    pub(crate) coap: Option<SocketAddr>,
     pub(crate) ca_path: Option<PathBuf>,
     pub(crate) server: Arc<AtlsServer>,
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
@@ -201,6 +212,7 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         cookie_name: args.cookie_name.clone(),
         client_address_header,
     };
+    let coap_endpoint = endpoint.clone();
     let server = AtlsServer::with_options(endpoint, options)?;
     let inner: App = match &args.upstream {
         Some(url) => BoxCloneService::new(
@@ -213,7 +225,7 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let http_addr = match (args.http, args.https) {
-        (None, None) => Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        (None, None) if args.coap.is_none() => Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
         (http, _) => http,
     };
     let mut http_bound = None;
@@ -247,8 +259,26 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             .layer(inner.clone());
         tasks.spawn(serve_https(listener, acceptor, service));
     }
+    let mut coap_bound = None;
+    if let Some(addr) = args.coap {
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding UDP {addr}"))?;
+        coap_bound = Some(socket.local_addr()?);
+        let coap = atls_coap::CoapServer::new(
+            coap_endpoint.clone(),
+            atls_coap::CoapConfig {
+                content_format: args.coap_content_format,
+                block_size: args.coap_block_size.clamp(16, 1024),
+                policy: limits.policy(),
+                ..atls_coap::CoapConfig::default()
+            },
+        );
+        tasks.spawn(async move { atls_coap::udp::serve(socket, coap).await.context("CoAP listener") });
+    }
     Ok(Running {
         http: http_bound,
+        coap: coap_bound,
         https: https_bound,
         ca_path,
         server,
@@ -326,6 +356,12 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
         if let Some(addr) = running.http {
             println!(
                 "ATLS over HTTP on http://{addr} (engine {})",
+                running.server.engine_name()
+            );
+        }
+        if let Some(addr) = running.coap {
+            println!(
+                "ATLS over CoAP on coap://{addr} (engine {})",
                 running.server.engine_name()
             );
         }

@@ -621,3 +621,61 @@ fn sec1_pkcs1_and_pkcs8_keys_made_by_openssl_serve_on_both_engines() {
         }
     }
 }
+
+/// `atls serve --coap` and `atls request coap://…`: the handshake over CoAP
+/// (blockwise), then OSCORE, on both engines; failures keep their exit codes.
+#[test]
+fn coap_listener_and_coap_requests() {
+    for engine in ["openssl", "rustls"] {
+        let server = serve(&["--engine", engine, "--coap", "127.0.0.1:0"]);
+        let coap = server.coap.clone().expect("the CoAP listener is reported");
+        let ca = server.ca.to_str().expect("path");
+        for client_engine in ["openssl", "rustls"] {
+            let hello = request(&[
+                &format!("{coap}/hello"),
+                "--ca",
+                ca,
+                "--server-name",
+                "localhost",
+                "--engine",
+                client_engine,
+                "-v",
+            ]);
+            assert!(
+                hello.status.success(),
+                "{engine}/{client_engine}: {}",
+                stderr(&hello)
+            );
+            assert_eq!(stdout(&hello), "hello");
+            assert!(stderr(&hello).contains("2.05"), "{}", stderr(&hello));
+            assert!(
+                stderr(&hello).contains("message(s)"),
+                "-v shows the flights: {}",
+                stderr(&hello)
+            );
+            let echo = request(&[
+                &format!("{coap}/echo"),
+                "--ca",
+                ca,
+                "--server-name",
+                "localhost",
+                "--engine",
+                client_engine,
+                "-d",
+                "over coap",
+            ]);
+            assert!(echo.status.success(), "{}", stderr(&echo));
+            assert_eq!(stdout(&echo), "over coap");
+        }
+        let missing = request(&[
+            &format!("{coap}/missing"),
+            "--ca",
+            ca,
+            "--server-name",
+            "localhost",
+        ]);
+        assert_eq!(missing.status.code(), Some(5), "{}", stderr(&missing));
+        let records = request(&[&format!("{coap}/hello"), "--ca", ca, "--mode", "records"]);
+        assert_eq!(records.status.code(), Some(1), "{}", stderr(&records));
+    }
+}

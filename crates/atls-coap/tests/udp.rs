@@ -274,3 +274,65 @@ async fn aiocoap_with_pyopenssl_interoperates() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// libcoap's `coap-client` POSTs a real ClientHello, in Block1 blocks, and
+/// reassembles the server's flight from Block2 blocks: a well-formed TLS
+/// flight starting with a ServerHello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libcoap_coap_client_posts_a_client_hello_blockwise() {
+    let coap_client = ["/usr/bin/coap-client-notls", "/usr/bin/coap-client"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("libcoap's coap-client is required: run scripts/setup.sh");
+    let dir = std::env::temp_dir().join(format!("atls-coap-libcoap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for engine in engines() {
+        let (addr, server) = serve(engine, TlsVersion::Tls13, CoapConfig::default()).await;
+        let endpoint = engine
+            .client(&client_config(TlsVersion::Tls13))
+            .expect("endpoint");
+        let mut session =
+            atls_core::Session::client(endpoint.as_ref(), &atls_tests::client_params()).expect("session");
+        let hello = session
+            .take_flight(std::time::Instant::now())
+            .expect("flight")
+            .expect("hello");
+        let (hello_path, out_path) = (dir.join("hello.bin"), dir.join("flight.bin"));
+        std::fs::write(&hello_path, &hello).expect("write");
+        let _ = std::fs::remove_file(&out_path);
+        let out = tokio::process::Command::new(coap_client)
+            .args(["-m", "post", "-t", "65000", "-b", "64", "-B", "10", "-f"])
+            .arg(&hello_path)
+            .arg("-o")
+            .arg(&out_path)
+            .arg(format!("coap://{addr}/.well-known/atls"))
+            .output()
+            .await
+            .expect("coap-client");
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            engine.name(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let flight = std::fs::read(&out_path).expect("the server flight");
+        assert!(flight.len() > 1000, "{}: {} B", engine.name(), flight.len());
+        let records = atls_core::records::split_records(atls_core::Framing::Tls, &flight).expect("records");
+        assert_eq!(
+            records[0].content_type,
+            atls_core::records::ContentType::Handshake
+        );
+        assert_eq!(
+            records[0].body.first(),
+            Some(&2),
+            "{}: a ServerHello",
+            engine.name()
+        );
+        // The flight really is the answer to our ClientHello: the session accepts it.
+        session
+            .push_flight(&flight, std::time::Instant::now())
+            .expect("our session accepts the flight");
+        assert_eq!(server.stats().half_open, 1, "{}", engine.name());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

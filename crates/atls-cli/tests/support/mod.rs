@@ -29,6 +29,7 @@ pub struct Serve {
     pub process: Process,
     pub http: String,
     pub https: Option<String>,
+    pub coap: Option<String>,
     pub ca: PathBuf,
     pub state: tempfile::TempDir,
 }
@@ -47,7 +48,9 @@ pub fn serve(extra: &[&str]) -> Serve {
     let process = Process(child);
     let mut http = None;
     let mut https = None;
+    let mut coap = None;
     let wants_https = extra.contains(&"--https");
+    let wants_coap = extra.contains(&"--coap");
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         if let Some(rest) = line.strip_prefix("ATLS over HTTPS on ") {
             https = rest.split_whitespace().next().map(str::to_owned);
@@ -58,7 +61,10 @@ pub fn serve(extra: &[&str]) -> Serve {
                 .next()
                 .map(|url| url.trim_start_matches("http://").to_owned());
         }
-        if http.is_some() && (https.is_some() || !wants_https) {
+        if let Some(rest) = line.strip_prefix("ATLS over CoAP on ") {
+            coap = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if http.is_some() && (https.is_some() || !wants_https) && (coap.is_some() || !wants_coap) {
             break;
         }
     }
@@ -67,6 +73,7 @@ pub fn serve(extra: &[&str]) -> Serve {
         process,
         http,
         https,
+        coap,
         ca: state.path().join("ca.pem"),
         state,
     }
