@@ -7,7 +7,10 @@ handshake, and aiocoap's own OSCORE keyed from pyOpenSSL's export.
 
 Each flight is a CoAP POST to /.well-known/atls with Content-Format 65000
 (the project's experimental number for application/atls) and the flight's
-TLS records as the payload; the server answers 2.04 with its flight. Then
+TLS records as the payload; the server answers 2.04 with its flight. The
+first one is answered 4.01 with an Echo option (RFC 9175): the server
+validates the client's address before it keeps any state for it, and the
+client repeats the request with the Echo value. Then
 the `atls-oscore` export (empty context, RFC 5705) keys an OSCORE context
 with the fallback IDs (pyOpenSSL offers no CIDs: client Sender ID h'',
 Recipient ID h'01') for GET /hello and POST /echo.
@@ -69,6 +72,12 @@ async def main():
         largest = max(largest, len(out))
         request = aiocoap.Message(code=aiocoap.POST, uri=flight_uri, payload=out, content_format=CF_ATLS)
         response = await protocol.request(request).response
+        if response.code == aiocoap.UNAUTHORIZED and response.opt.echo:
+            # RFC 9175: the server validates this endpoint before it spends
+            # any state on it; repeat the request with its Echo value.
+            request = aiocoap.Message(code=aiocoap.POST, uri=flight_uri, payload=out, content_format=CF_ATLS)
+            request.opt.echo = response.opt.echo
+            response = await protocol.request(request).response
         if response.code != aiocoap.CHANGED:
             raise SystemExit(f"flight refused: {response.code} {response.payload[:200]!r}")
         largest = max(largest, len(response.payload))

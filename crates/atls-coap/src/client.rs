@@ -181,8 +181,37 @@ impl AtlsCoapClient {
         p
     }
 
+    /// One exchange; a 4.01 challenge carrying Echo (RFC 9175) is answered
+    /// by repeating the request with that Echo value (a few times at most).
     async fn send(&self, request: Packet) -> Result<Packet, CoapClientError> {
-        Ok(exchange(&self.socket, self.server, request, &self.options.transmission).await?)
+        let mut request = request;
+        let mut answer = exchange(
+            &self.socket,
+            self.server,
+            request.clone(),
+            &self.options.transmission,
+        )
+        .await?;
+        for _ in 0..3 {
+            let echo = answer.get_first_option(CoapOption::Unknown(252)).cloned();
+            let challenged = answer.header.code == MessageClass::Response(ResponseType::Unauthorized)
+                && answer.get_option(CoapOption::Oscore).is_none();
+            let Some(value) = echo.filter(|_| challenged) else {
+                break;
+            };
+            request.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
+            request.set_token(random::<4>().to_vec());
+            request.clear_option(CoapOption::Unknown(252));
+            request.add_option(CoapOption::Unknown(252), value);
+            answer = exchange(
+                &self.socket,
+                self.server,
+                request.clone(),
+                &self.options.transmission,
+            )
+            .await?;
+        }
+        Ok(answer)
     }
 
     /// POST one flight, in Block1 blocks when needed; returns the answer,

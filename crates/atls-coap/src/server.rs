@@ -77,7 +77,20 @@ struct Peer {
     /// (message ID, answer) of recent confirmable requests.
     recent: VecDeque<(u16, Instant, Vec<u8>)>,
     seen: Instant,
+    /// The endpoint proved it receives what is sent to it (it returned an
+    /// Echo value, or completed a handshake): no amplification limit.
+    validated: bool,
+    /// Bytes received from and sent to the endpoint while unvalidated.
+    bytes_in: u64,
+    bytes_out: u64,
+    /// The Echo value (RFC 9175) of the last challenge.
+    echo: Option<Vec<u8>>,
 }
+
+/// An unvalidated endpoint is sent at most this many times the bytes it sent.
+pub const AMPLIFICATION_FACTOR: u64 = 3;
+/// CoAP option number of Echo (RFC 9175).
+const OPTION_ECHO: u16 = 252;
 
 type Entry = Mutex<ServerSession>;
 
@@ -120,10 +133,14 @@ fn answer(request: &Packet, code: ResponseType) -> Packet {
     p
 }
 
-fn random_mid() -> u16 {
-    let mut b = [0u8; 2];
+fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
     let _ = getrandom::fill(&mut b);
-    u16::from_be_bytes(b)
+    b
+}
+
+fn random_mid() -> u16 {
+    u16::from_be_bytes(random::<2>())
 }
 
 fn diagnostic(request: &Packet, code: ResponseType, text: &str) -> Packet {
@@ -189,15 +206,44 @@ impl CoapServer {
             return None;
         }
         let confirmable = request.header.get_type() == MessageType::Confirmable;
-        if confirmable {
-            let peers = lock(&self.peers);
-            if let Some(peer) = peers.get(&from) {
-                if let Some((_, _, cached)) = peer.recent.iter().find(|(mid, at, _)| {
-                    *mid == request.header.message_id && now.duration_since(*at) < DEDUP_LIFETIME
-                }) {
-                    return Some(cached.clone());
+        let echo = request
+            .get_first_option(CoapOption::Unknown(OPTION_ECHO))
+            .cloned();
+        let starts_flight = is_atls_path(&request)
+            && request
+                .get_first_option(CoapOption::Block1)
+                .is_none_or(|b| BlockValue::decode(b).is_ok_and(|b| b.num == 0))
+            && request
+                .get_first_option(CoapOption::Block2)
+                .is_none_or(|b| BlockValue::decode(b).is_ok_and(|b| b.num == 0));
+        let (cached, unvalidated) = self.with_peer(from, now, |peer| {
+            if !peer.validated {
+                peer.bytes_in = peer.bytes_in.saturating_add(datagram.len() as u64);
+                if echo.is_some() && echo == peer.echo {
+                    peer.validated = true;
                 }
             }
+            let cached = confirmable
+                .then(|| {
+                    peer.recent
+                        .iter()
+                        .find(|(mid, at, _)| {
+                            *mid == request.header.message_id && now.duration_since(*at) < DEDUP_LIFETIME
+                        })
+                        .map(|(_, _, cached)| cached.clone())
+                })
+                .flatten();
+            (cached, !peer.validated)
+        });
+        if let Some(cached) = cached {
+            // A retransmission: the same answer, within the same budget.
+            return self.within_budget(&request, cached, from, now);
+        }
+        if unvalidated && starts_flight {
+            // Before any handshake state is spent on it, the endpoint proves
+            // it receives what is sent to it (as DTLS's HelloVerifyRequest
+            // does): a spoofed source never opens a session.
+            return self.challenge(&request, from, now);
         }
         let response = if is_atls_path(&request) {
             self.handle_flight(&request, from, now)
@@ -220,7 +266,52 @@ impl CoapServer {
                 }
             });
         }
-        Some(bytes)
+        self.within_budget(&request, bytes, from, now)
+    }
+
+    /// Anti-amplification (draft §7 asks for CoAP-level DDoS protection):
+    /// until an endpoint is validated, send it at most three times the
+    /// bytes it sent. An answer over that budget is replaced by a 4.01
+    /// carrying a fresh Echo value (RFC 9175 §2.4); a client that repeats
+    /// its request with that value is validated. When even the challenge
+    /// does not fit, nothing is sent.
+    fn within_budget(
+        &self,
+        request: &Packet,
+        bytes: Vec<u8>,
+        from: SocketAddr,
+        now: Instant,
+    ) -> Option<Vec<u8>> {
+        self.with_peer(from, now, |peer| {
+            if peer.validated {
+                return Some(bytes);
+            }
+            let budget = peer.bytes_in.saturating_mul(AMPLIFICATION_FACTOR);
+            let answer = if peer.bytes_out.saturating_add(bytes.len() as u64) <= budget {
+                bytes
+            } else {
+                let challenge = echo_challenge(request, peer)?;
+                if peer.bytes_out.saturating_add(challenge.len() as u64) > budget {
+                    return None;
+                }
+                challenge
+            };
+            peer.bytes_out = peer.bytes_out.saturating_add(answer.len() as u64);
+            Some(answer)
+        })
+    }
+
+    /// A 4.01 with a fresh Echo value for `request`, within the budget.
+    fn challenge(&self, request: &Packet, from: SocketAddr, now: Instant) -> Option<Vec<u8>> {
+        self.with_peer(from, now, |peer| {
+            let challenge = echo_challenge(request, peer)?;
+            let budget = peer.bytes_in.saturating_mul(AMPLIFICATION_FACTOR);
+            if peer.bytes_out.saturating_add(challenge.len() as u64) > budget {
+                return None;
+            }
+            peer.bytes_out = peer.bytes_out.saturating_add(challenge.len() as u64);
+            Some(challenge)
+        })
     }
 
     fn with_peer<R>(&self, from: SocketAddr, now: Instant, f: impl FnOnce(&mut Peer) -> R) -> R {
@@ -239,6 +330,10 @@ impl CoapServer {
             block2: None,
             recent: VecDeque::new(),
             seen: now,
+            validated: false,
+            bytes_in: 0,
+            bytes_out: 0,
+            echo: None,
         });
         peer.seen = now;
         f(peer)
@@ -464,6 +559,8 @@ impl CoapServer {
         self.with_peer(from, now, |p| {
             p.half_open = None;
             p.established = Some(id);
+            // It received every flight of a handshake: its address is real.
+            p.validated = true;
         });
         Ok(())
     }
@@ -528,6 +625,17 @@ fn oscore_error(request: &Packet, e: &OscoreError) -> Packet {
     // RFC 8613 §8.2: error responses carry Max-Age 0.
     p.add_option(CoapOption::MaxAge, Vec::new());
     p
+}
+
+/// A 4.01 Unauthorized carrying the endpoint's Echo value (RFC 9175 §2.4),
+/// unpredictable and chosen the first time the endpoint is challenged.
+fn echo_challenge(request: &Packet, peer: &mut Peer) -> Option<Vec<u8>> {
+    // One value per endpoint until it is validated: a retransmitted request
+    // and a late duplicate of the challenge then agree.
+    let value = peer.echo.get_or_insert_with(|| random::<8>().to_vec()).clone();
+    let mut challenge = answer(request, ResponseType::Unauthorized);
+    challenge.add_option(CoapOption::Unknown(OPTION_ECHO), value);
+    challenge.to_bytes().ok()
 }
 
 /// An error answer to a flight: a code with a diagnostic, or the TLS alert

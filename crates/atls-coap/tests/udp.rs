@@ -152,6 +152,26 @@ async fn hostile_datagrams_get_their_codes_and_harm_no_one() {
             mid += 1;
             mid
         };
+        // The endpoint is validated first: a 4.01 with Echo, repeated.
+        let challenge = raw(&socket, addr, flight_post(b"hello?", next()))
+            .await
+            .expect("challenge");
+        assert_eq!(
+            code(&challenge),
+            MessageClass::Response(ResponseType::Unauthorized)
+        );
+        let echo = challenge
+            .get_first_option(CoapOption::Unknown(252))
+            .expect("Echo")
+            .clone();
+        let mut again = flight_post(b"hello?", next());
+        again.add_option(CoapOption::Unknown(252), echo);
+        let a = raw(&socket, addr, again).await.expect("answer");
+        assert_eq!(
+            code(&a),
+            MessageClass::Response(ResponseType::BadRequest),
+            "validated: the payload is judged"
+        );
         // Not TLS records: 4.00. Junk handshake record: 4.04 (no session) or 4.00.
         let a = raw(&socket, addr, flight_post(b"not records", next()))
             .await
@@ -335,4 +355,198 @@ async fn libcoap_coap_client_posts_a_client_hello_blockwise() {
         assert_eq!(server.stats().half_open, 1, "{}", engine.name());
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A UDP relay between one client and the server that drops, duplicates,
+/// delays and so reorders datagrams in both directions, deterministically.
+async fn lossy_relay(
+    server: SocketAddr,
+    seed: u64,
+) -> (SocketAddr, Arc<[std::sync::atomic::AtomicUsize; 2]>) {
+    let faults: Arc<[std::sync::atomic::AtomicUsize; 2]> = Arc::new(Default::default());
+    let counted = faults.clone();
+    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let addr = front.local_addr().expect("addr");
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let rng = Arc::new(std::sync::Mutex::new(seed | 1));
+    // xorshift64: the same faults in every run.
+    let roll = move |rng: &std::sync::Mutex<u64>| {
+        let mut x = rng.lock().expect("rng");
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x % 100
+    };
+    let forward =
+        move |from: Arc<tokio::net::UdpSocket>, to: Arc<tokio::net::UdpSocket>, towards_server: bool| {
+            let (client, rng, faults) = (client.clone(), rng.clone(), counted.clone());
+            async move {
+                let mut buf = vec![0u8; 2048];
+                loop {
+                    let Ok((n, src)) = from.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    let target = if towards_server {
+                        *client.lock().expect("lock") = Some(src);
+                        server
+                    } else {
+                        match *client.lock().expect("lock") {
+                            Some(c) => c,
+                            None => continue,
+                        }
+                    };
+                    let fate = roll(&rng);
+                    if fate < 20 {
+                        faults[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        continue; // dropped
+                    }
+                    let copies = if fate >= 90 { 2 } else { 1 };
+                    if copies == 2 {
+                        faults[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    for _ in 0..copies {
+                        let delay = Duration::from_millis(roll(&rng) % 30);
+                        let (to, datagram) = (to.clone(), buf[..n].to_vec());
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = to.send_to(&datagram, target).await;
+                        });
+                    }
+                }
+            }
+        };
+    tokio::spawn(forward(front.clone(), back.clone(), true));
+    tokio::spawn(forward(back, front, false));
+    (addr, faults)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_and_requests_survive_a_lossy_link() {
+    let mut seed = 0x5eed_u64;
+    for engine in engines() {
+        for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
+            let label = format!("{} {version:?}", engine.name());
+            let (addr, server) = serve(
+                engine,
+                version,
+                CoapConfig {
+                    block_size: 128,
+                    ..CoapConfig::default()
+                },
+            )
+            .await;
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let (relay, faults) = lossy_relay(addr, seed).await;
+            let endpoint = engine.client(&client_config(version)).expect("endpoint");
+            let client = AtlsCoapClient::new(
+                relay,
+                endpoint,
+                CoapClientOptions {
+                    block_size: 128,
+                    transmission: atls_coap::udp::Transmission {
+                        ack_timeout: Duration::from_millis(60),
+                        ack_random_factor: 1.5,
+                        max_retransmit: 10,
+                        separate_timeout: Duration::from_secs(5),
+                    },
+                    ..options(128)
+                },
+            )
+            .await
+            .expect("client");
+            for i in 0..5u8 {
+                let payload = vec![i; 200];
+                let echo = client
+                    .request(&inner_request(RequestType::Post, "/echo", &payload))
+                    .await
+                    .unwrap_or_else(|e| panic!("{label} request {i}: {e}"));
+                assert_eq!(echo.payload, payload, "{label}");
+            }
+            assert_eq!(
+                server.stats().established,
+                1,
+                "{label}: one handshake despite the losses"
+            );
+            let (dropped, duplicated) = (
+                faults[0].load(std::sync::atomic::Ordering::Relaxed),
+                faults[1].load(std::sync::atomic::Ordering::Relaxed),
+            );
+            assert!(
+                dropped > 0 && duplicated > 0,
+                "{label}: the link really lost {dropped} and duplicated {duplicated}"
+            );
+        }
+    }
+}
+
+/// Towards an endpoint that has not shown it receives what is sent to it,
+/// the server sends at most three times the bytes it received, and keeps no
+/// handshake state: a spoofed source cannot use it to amplify, nor fill the
+/// table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unvalidated_endpoint_gets_at_most_three_times_its_bytes() {
+    for engine in engines() {
+        let (addr, server) = serve(engine, TlsVersion::Tls13, CoapConfig::default()).await;
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let endpoint = engine
+            .client(&client_config(TlsVersion::Tls13))
+            .expect("endpoint");
+        let (mut sent, mut received) = (0usize, 0usize);
+        let mut buf = vec![0u8; 4096];
+        for i in 0..20u16 {
+            // Real ClientHellos, Block2 follow-ups, tiny requests: never an Echo.
+            let mut p = match i % 3 {
+                0 => {
+                    let mut s = atls_core::Session::client(endpoint.as_ref(), &atls_tests::client_params())
+                        .expect("session");
+                    flight_post(
+                        &s.take_flight(std::time::Instant::now())
+                            .expect("flight")
+                            .expect("hello"),
+                        i,
+                    )
+                }
+                1 => {
+                    let mut p = flight_post(b"", i);
+                    p.add_option(CoapOption::Block2, vec![0x15]);
+                    p
+                }
+                _ => {
+                    let mut p = Packet::new();
+                    p.header.code = MessageClass::Request(RequestType::Get);
+                    p.header.message_id = i;
+                    p
+                }
+            };
+            p.header.set_type(MessageType::Confirmable);
+            let bytes = p.to_bytes().expect("encode");
+            sent += bytes.len();
+            socket.send_to(&bytes, addr).await.expect("send");
+            if let Ok(Ok((n, _))) =
+                tokio::time::timeout(Duration::from_millis(300), socket.recv_from(&mut buf)).await
+            {
+                received += n;
+            }
+        }
+        assert!(
+            received > 0,
+            "{}: the endpoint was answered (challenged)",
+            engine.name()
+        );
+        assert!(
+            received <= 3 * sent,
+            "{}: {received} B out for {sent} B in",
+            engine.name()
+        );
+        let stats = server.stats();
+        assert_eq!(
+            (stats.half_open, stats.counters.admitted),
+            (0, 0),
+            "{}: no state for it",
+            engine.name()
+        );
+    }
 }
