@@ -13,7 +13,7 @@
 //! caps, expiry, LRU); a client endpoint (address and port) names its
 //! handshake and, without the §11 CIDs, its OSCORE context.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -92,6 +92,59 @@ pub const AMPLIFICATION_FACTOR: u64 = 3;
 /// CoAP option number of Echo (RFC 9175).
 const OPTION_ECHO: u16 = 252;
 
+/// The endpoints the server knows, with least-recently-seen order kept
+/// separately for unvalidated and validated ones: at capacity an
+/// unvalidated endpoint is forgotten first, so a flood from spoofed
+/// addresses cannot push out the state of endpoints that proved themselves.
+/// Every operation is O(log n).
+#[derive(Default)]
+struct Peers {
+    map: HashMap<SocketAddr, Peer>,
+    order: [BTreeSet<(Instant, SocketAddr)>; 2],
+}
+
+impl Peers {
+    fn with<R>(
+        &mut self,
+        from: SocketAddr,
+        now: Instant,
+        capacity: usize,
+        f: impl FnOnce(&mut Peer) -> R,
+    ) -> R {
+        if !self.map.contains_key(&from) && self.map.len() >= capacity.max(1) {
+            let oldest = self.order[0].first().or_else(|| self.order[1].first()).copied();
+            if let Some((seen, addr)) = oldest {
+                self.order[0].remove(&(seen, addr));
+                self.order[1].remove(&(seen, addr));
+                self.map.remove(&addr);
+            }
+        }
+        let peer = self.map.entry(from).or_insert_with(|| Peer {
+            half_open: None,
+            established: None,
+            block1: None,
+            block2: None,
+            recent: VecDeque::new(),
+            seen: now,
+            validated: false,
+            bytes_in: 0,
+            bytes_out: 0,
+            echo: None,
+        });
+        let before = (peer.seen, usize::from(peer.validated));
+        peer.seen = peer.seen.max(now);
+        let result = f(peer);
+        let after = (peer.seen, usize::from(peer.validated));
+        if let Some(set) = self.order.get_mut(before.1) {
+            set.remove(&(before.0, from));
+        }
+        if let Some(set) = self.order.get_mut(after.1) {
+            set.insert((after.0, from));
+        }
+        result
+    }
+}
+
 type Entry = Mutex<ServerSession>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,7 +156,7 @@ pub struct CoapServer {
     endpoint: Arc<dyn ServerEndpoint>,
     config: CoapConfig,
     table: SessionTable<Entry>,
-    peers: Mutex<HashMap<SocketAddr, Peer>>,
+    peers: Mutex<Peers>,
 }
 
 impl fmt::Debug for CoapServer {
@@ -182,7 +235,7 @@ impl CoapServer {
             table: SessionTable::new(config.policy),
             endpoint,
             config,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(Peers::default()),
         })
     }
 
@@ -316,27 +369,7 @@ impl CoapServer {
 
     fn with_peer<R>(&self, from: SocketAddr, now: Instant, f: impl FnOnce(&mut Peer) -> R) -> R {
         let mut peers = lock(&self.peers);
-        if !peers.contains_key(&from) && peers.len() >= self.config.max_endpoints {
-            // Forget the endpoint seen least recently (a rare O(n) step,
-            // only when the map is full).
-            if let Some(oldest) = peers.iter().min_by_key(|(_, p)| p.seen).map(|(a, _)| *a) {
-                peers.remove(&oldest);
-            }
-        }
-        let peer = peers.entry(from).or_insert_with(|| Peer {
-            half_open: None,
-            established: None,
-            block1: None,
-            block2: None,
-            recent: VecDeque::new(),
-            seen: now,
-            validated: false,
-            bytes_in: 0,
-            bytes_out: 0,
-            echo: None,
-        });
-        peer.seen = now;
-        f(peer)
+        peers.with(from, now, self.config.max_endpoints, f)
     }
 
     fn handle_flight(&self, request: &Packet, from: SocketAddr, now: Instant) -> Packet {
@@ -702,5 +735,37 @@ impl Reply {
             p.add_option(CoapOption::MaxAge, uint_option(max_age));
         }
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_endpoint_map_forgets_unvalidated_endpoints_first() {
+        let t0 = Instant::now();
+        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let mut peers = Peers::default();
+        peers.with(addr(1), t0, 3, |p| p.validated = true);
+        for (i, port) in [2u16, 3, 4, 5].into_iter().enumerate() {
+            peers.with(addr(port), t0 + Duration::from_secs(i as u64 + 1), 3, |_| ());
+        }
+        assert_eq!(peers.map.len(), 3);
+        assert!(peers.map.contains_key(&addr(1)), "the validated endpoint stays");
+        assert!(!peers.map.contains_key(&addr(2)) && !peers.map.contains_key(&addr(3)));
+        assert_eq!(
+            peers.order[0].len() + peers.order[1].len(),
+            3,
+            "the order sets follow the map"
+        );
+        // With only validated endpoints left, the least recently seen goes.
+        let mut peers = Peers::default();
+        for port in 1..=3u16 {
+            peers.with(addr(port), t0 + Duration::from_secs(u64::from(port)), 2, |p| {
+                p.validated = true
+            });
+        }
+        assert!(!peers.map.contains_key(&addr(1)) && peers.map.contains_key(&addr(3)));
     }
 }
