@@ -37,7 +37,9 @@ async def server(context_dir, port):
     credentials = CredentialsMap()
     credentials[":peer"] = aiocoap.oscore.FilesystemSecurityContext(context_dir)
     wrapped = OscoreSiteWrapper(site, credentials)
-    await aiocoap.Context.create_server_context(wrapped, bind=("127.0.0.1", int(port)))
+    # UDP only: the other transports would also bind TCP (and WebSocket)
+    # ports, which other tests' listeners may hold.
+    await aiocoap.Context.create_server_context(wrapped, bind=("127.0.0.1", int(port)), transports=["udp6"])
     print("ready", port, flush=True)
     await asyncio.get_running_loop().create_future()
 
