@@ -272,6 +272,9 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let (http_ran, http_failed) = crate::demo_http::run(args.engine.as_deref())?;
         ran += http_ran;
         failures += http_failed;
+        let (coap_ran, coap_failed) = crate::demo_coap::run(args.engine.as_deref())?;
+        ran += coap_ran;
+        failures += coap_failed;
     }
     if ran == 0 {
         bail!("no scenario matches the engine filter");

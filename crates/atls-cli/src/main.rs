@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod common;
 mod demo;
+mod demo_coap;
 mod demo_http;
 mod inspect;
 mod request;

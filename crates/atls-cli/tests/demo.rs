@@ -1,5 +1,6 @@
 //! `atls demo` with no arguments: every in-memory scenario and the loopback
-//! HTTP scenarios succeed, and the output shows the wire beside the app.
+//! HTTP and CoAP scenarios succeed, and the output shows the wire beside the
+//! app.
 
 use std::process::Command;
 
@@ -30,6 +31,9 @@ fn demo_runs_every_scenario_on_embedded_defaults() {
         "application/cose; cose-type=\"cose-encrypt0\"",
         "app:  POST /echo \"temperature=21.5\" → 200 \"temperature=21.5\"",
         "session seen by the app: mode records, engine rustls",
+        "ATLS over CoAP over UDP on loopback",
+        "== rustls client → openssl server, TLSv1.2",
+        "wire: POST (OSCORE, path hidden)",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }

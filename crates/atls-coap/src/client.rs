@@ -101,6 +101,8 @@ pub struct AtlsCoapClient {
     next_mid: AtomicU16,
     state: tokio::sync::Mutex<Option<Established>>,
     trips: std::sync::Mutex<Vec<FlightTrip>>,
+    /// Bytes of the last protected request and response messages.
+    last_request: std::sync::Mutex<(usize, usize)>,
 }
 
 impl fmt::Debug for AtlsCoapClient {
@@ -144,6 +146,7 @@ impl AtlsCoapClient {
             next_mid: AtomicU16::new(u16::from_be_bytes(random::<2>())),
             state: tokio::sync::Mutex::new(None),
             trips: std::sync::Mutex::new(Vec::new()),
+            last_request: std::sync::Mutex::new((0, 0)),
         })
     }
 
@@ -155,6 +158,12 @@ impl AtlsCoapClient {
     /// The flights of the last handshake, in order.
     pub fn last_handshake(&self) -> Vec<FlightTrip> {
         self.trips.lock().map(|t| t.clone()).unwrap_or_default()
+    }
+
+    /// Bytes of the last OSCORE-protected request and response, as CoAP
+    /// messages on the wire.
+    pub fn last_request(&self) -> (usize, usize) {
+        self.last_request.lock().map(|l| *l).unwrap_or_default()
     }
 
     /// What the current session negotiated.
@@ -378,7 +387,11 @@ impl AtlsCoapClient {
         let (mut outer, binding) = atls_oscore::protect_request(&mut est.oscore, inner)?;
         outer.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
         outer.set_token(random::<4>().to_vec());
+        let sent = outer.to_bytes().map(|b| b.len()).unwrap_or(0);
         let answer = self.send(outer).await?;
+        if let Ok(mut last) = self.last_request.lock() {
+            *last = (sent, answer.to_bytes().map(|b| b.len()).unwrap_or(0));
+        }
         if answer.get_option(CoapOption::Oscore).is_none() {
             return Err(CoapClientError::Refused {
                 code: code_text(answer.header.code),
