@@ -15,7 +15,8 @@ the `atls-oscore` export (empty context, RFC 5705) keys an OSCORE context
 with the fallback IDs (pyOpenSSL offers no CIDs: client Sender ID h'',
 Recipient ID h'01') for GET /hello and POST /echo.
 
-Prints "suite <name>", "blocks <n>", "hello <payload>" and "echo <ok>" lines.
+Prints "suite <name>", "blocks <n>", "hello <payload>", "echo <ok>" and
+"big <ok>" (a 3 KB POST, blockwise inside OSCORE both ways) lines.
 """
 
 import asyncio
@@ -128,6 +129,12 @@ async def main():
         aiocoap.Message(code=aiocoap.POST, uri=f"coap://{host}:{port}/echo", payload=body)
     ).response
     print("echo", "ok" if response.code == aiocoap.CHANGED and response.payload == body else f"bad {response.code}", flush=True)
+    # Large enough for blockwise inside OSCORE, in both directions.
+    big = bytes(range(256)) * 12
+    response = await protocol.request(
+        aiocoap.Message(code=aiocoap.POST, uri=f"coap://{host}:{port}/echo", payload=big)
+    ).response
+    print("big", "ok" if response.code == aiocoap.CHANGED and response.payload == big else f"bad {response.code} {len(response.payload)}", flush=True)
     await protocol.shutdown()
 
 

@@ -85,6 +85,10 @@ struct Peer {
     bytes_out: u64,
     /// The Echo value (RFC 9175) of the last challenge.
     echo: Option<Vec<u8>>,
+    /// Blockwise inside OSCORE (RFC 8613 §4.1.3.4.2: Block options are
+    /// inner): a request body arriving, and the last large response.
+    inner_block1: Option<Block1Assembly>,
+    inner_block2: Option<(coap_lite::MessageClass, Vec<u8>)>,
 }
 
 /// An unvalidated endpoint is sent at most this many times the bytes it sent.
@@ -130,6 +134,8 @@ impl Peers {
             bytes_in: 0,
             bytes_out: 0,
             echo: None,
+            inner_block1: None,
+            inner_block2: None,
         });
         let before = (peer.seen, usize::from(peer.validated));
         peer.seen = peer.seen.max(now);
@@ -625,8 +631,7 @@ impl CoapServer {
             Err(e) => return oscore_error(request, &e),
         };
         self.table.touch(&found.id, now);
-        let info = lock(&found.entry).established().map(|e| e.info.clone());
-        let inner_response = app::builtin(&inner, info.as_ref(), lock(&found.entry).session().engine_name());
+        let inner_response = self.inner_exchange(&found, &inner, from, now);
         let protected = {
             let mut s = lock(&found.entry);
             match s.established_mut() {
@@ -644,6 +649,105 @@ impl CoapServer {
             }
             Err(e) => oscore_error(request, &e),
         }
+    }
+}
+
+impl CoapServer {
+    /// The inner (decrypted) exchange, with blockwise transfer inside
+    /// OSCORE: Block1 request bodies are reassembled (bounded like flights)
+    /// and responses larger than a block go in Block2 blocks.
+    fn inner_exchange(
+        &self,
+        found: &atls_sessions::Found<Entry>,
+        inner: &Packet,
+        from: SocketAddr,
+        now: Instant,
+    ) -> Packet {
+        let reply = |code: ResponseType| {
+            let mut p = Packet::new();
+            p.header.code = MessageClass::Response(code);
+            p
+        };
+        if let Some(value) = inner.get_first_option(CoapOption::Block2) {
+            let block = match BlockValue::decode(value) {
+                Ok(b) => b,
+                Err(_) => return reply(ResponseType::BadOption),
+            };
+            if block.num > 0 {
+                let stored = self.with_peer(from, now, |p| p.inner_block2.clone());
+                let Some((code, body)) = stored else {
+                    return reply(ResponseType::RequestEntityIncomplete);
+                };
+                let Some((slice, value)) = block2_slice(&body, block.num, block.szx.min(self.szx())) else {
+                    return reply(ResponseType::RequestEntityIncomplete);
+                };
+                let mut p = Packet::new();
+                p.header.code = code;
+                p.add_option(CoapOption::Block2, value.encode());
+                p.payload = slice.to_vec();
+                return p;
+            }
+        }
+        let mut request = inner.clone();
+        if let Some(value) = inner.get_first_option(CoapOption::Block1) {
+            let block = match BlockValue::decode(value) {
+                Ok(b) => b,
+                Err(_) => return reply(ResponseType::BadOption),
+            };
+            let size1 = inner
+                .get_first_option(CoapOption::Size1)
+                .and_then(|v| read_uint(v))
+                .map(|s| usize::try_from(s).unwrap_or(usize::MAX));
+            let step = self.with_peer(from, now, |peer| {
+                let step = match (block.num, peer.inner_block1.as_mut()) {
+                    (0, _) => Block1Assembly::start(block, &inner.payload, size1, self.config.max_flight)
+                        .map(|(a, step)| {
+                            peer.inner_block1 = Some(a);
+                            step
+                        }),
+                    (_, Some(a)) => a.accept(block, &inner.payload),
+                    (_, None) => Err(BlockError::Incomplete),
+                };
+                if !matches!(step, Ok(Block1Step::Continue)) {
+                    peer.inner_block1 = None;
+                }
+                step
+            });
+            match step {
+                Ok(Block1Step::Continue) => {
+                    let mut p = reply(ResponseType::Continue);
+                    p.add_option(CoapOption::Block1, value.clone());
+                    return p;
+                }
+                Ok(Block1Step::Complete(body)) => {
+                    request.clear_option(CoapOption::Block1);
+                    request.clear_option(CoapOption::Size1);
+                    request.payload = body;
+                }
+                Err(BlockError::BadOption) => return reply(ResponseType::BadOption),
+                Err(BlockError::Incomplete) => return reply(ResponseType::RequestEntityIncomplete),
+                Err(BlockError::TooLarge) => return reply(ResponseType::RequestEntityTooLarge),
+            }
+        }
+        let (info, engine) = {
+            let s = lock(&found.entry);
+            (s.established().map(|e| e.info.clone()), s.session().engine_name())
+        };
+        let mut response = app::builtin(&request, info.as_ref(), engine);
+        if let Some(value) = inner.get_first_option(CoapOption::Block1) {
+            response.add_option(CoapOption::Block1, value.clone());
+        }
+        if response.payload.len() > self.config.block_size {
+            let body = std::mem::take(&mut response.payload);
+            if let Some((slice, value)) = block2_slice(&body, 0, self.szx()) {
+                response.payload = slice.to_vec();
+                response.add_option(CoapOption::Block2, value.encode());
+                response.add_option(CoapOption::Size2, uint_option(body.len() as u64));
+            }
+            let code = response.header.code;
+            self.with_peer(from, now, |p| p.inner_block2 = Some((code, body)));
+        }
+        response
     }
 }
 

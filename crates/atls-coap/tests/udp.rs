@@ -280,6 +280,10 @@ async fn aiocoap_with_pyopenssl_interoperates() {
             );
             assert!(stdout.contains("hello hello"), "{label}: {stdout}");
             assert!(stdout.contains("echo ok"), "{label}: {stdout}");
+            assert!(
+                stdout.contains("big ok"),
+                "{label}: blockwise inside OSCORE: {stdout}"
+            );
             let largest: usize = stdout
                 .lines()
                 .find_map(|l| l.strip_prefix("blocks "))
