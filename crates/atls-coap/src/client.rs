@@ -375,7 +375,9 @@ impl AtlsCoapClient {
     }
 
     /// Send one inner CoAP request (code, Uri-Path, payload...) protected
-    /// with OSCORE, handshaking first when there is no session.
+    /// with OSCORE, handshaking first when there is no session. A payload
+    /// larger than a block goes in inner Block1 blocks, a large response is
+    /// fetched in inner Block2 blocks (RFC 8613 §4.1.3.4.2).
     pub async fn request(&self, inner: &Packet) -> Result<Packet, CoapClientError> {
         let mut state = self.state.lock().await;
         if state.is_none() {
@@ -384,6 +386,87 @@ impl AtlsCoapClient {
         let Some(est) = state.as_mut() else {
             return Err(CoapClientError::Unexpected("no session".into()));
         };
+        let szx = BlockValue::szx_for(self.options.block_size);
+        let size = BlockValue {
+            num: 0,
+            more: false,
+            szx,
+        }
+        .size();
+        let mut response = if inner.payload.len() <= size {
+            self.protected(est, inner).await?
+        } else {
+            let blocks: Vec<&[u8]> = inner.payload.chunks(size).collect();
+            let mut last = None;
+            for (num, chunk) in blocks.iter().enumerate() {
+                let more = num + 1 < blocks.len();
+                let mut part = inner.clone();
+                part.add_option(
+                    CoapOption::Block1,
+                    BlockValue {
+                        num: u32::try_from(num).unwrap_or(u32::MAX),
+                        more,
+                        szx,
+                    }
+                    .encode(),
+                );
+                if num == 0 {
+                    part.add_option(CoapOption::Size1, uint(inner.payload.len() as u64));
+                }
+                part.payload = chunk.to_vec();
+                let answer = self.protected(est, &part).await?;
+                let continues = answer.header.code == MessageClass::Response(ResponseType::Continue);
+                if !more || !continues {
+                    last = Some(answer);
+                    break;
+                }
+            }
+            last.ok_or_else(|| CoapClientError::Unexpected("no answer".into()))?
+        };
+        response.clear_option(CoapOption::Block1);
+        let mut block = match response.get_first_option(CoapOption::Block2) {
+            Some(v) => Some(BlockValue::decode(v).map_err(|e| CoapClientError::Unexpected(e.to_string()))?),
+            None => None,
+        };
+        while let Some(b) = block.filter(|b| b.more) {
+            if response.payload.len() > self.options.max_flight.max(1 << 20) {
+                return Err(CoapClientError::Unexpected(
+                    "the response exceeds the limit".into(),
+                ));
+            }
+            let mut next = inner.clone();
+            next.payload.clear();
+            let value = BlockValue {
+                num: b.num.saturating_add(1),
+                more: false,
+                szx: b.szx,
+            };
+            next.add_option(CoapOption::Block2, value.encode());
+            let part = self.protected(est, &next).await?;
+            let got = part
+                .get_first_option(CoapOption::Block2)
+                .map(|v| BlockValue::decode(v))
+                .transpose()
+                .map_err(|e| CoapClientError::Unexpected(e.to_string()))?;
+            match got {
+                Some(g) if g.num == value.num => {
+                    response.payload.extend_from_slice(&part.payload);
+                    block = Some(g);
+                }
+                _ => {
+                    return Err(CoapClientError::Unexpected(
+                        "the server sent another block".into(),
+                    ))
+                }
+            }
+        }
+        response.clear_option(CoapOption::Block2);
+        response.clear_option(CoapOption::Size2);
+        Ok(response)
+    }
+
+    /// One OSCORE-protected exchange of `inner`.
+    async fn protected(&self, est: &mut Established, inner: &Packet) -> Result<Packet, CoapClientError> {
         let (mut outer, binding) = atls_oscore::protect_request(&mut est.oscore, inner)?;
         outer.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
         outer.set_token(random::<4>().to_vec());

@@ -8,10 +8,11 @@
 //!   CIDs, then OSCORE requests to the built-in resources.
 //! - [`udp`]: CoAP over UDP: the server loop, confirmable exchanges with
 //!   retransmission and separate responses.
+//! - [`tcp`]: CoAP over TCP (RFC 8323): framing, CSM, the server loop.
 //! - [`client`]: [`AtlsCoapClient`], the handshake and OSCORE requests.
 //! - [`block`]: bounded blockwise transfer.
 //!
-//! Not yet here (see the project's notes): CoAP over TCP (RFC 8323), CoAP
+//! Not yet here (see the project's notes): a CoAP-over-TCP client, CoAP
 //! over DTLS as the transport, DTLS as the ATLS layer through this
 //! server, records mode, Echo-based anti-amplification, blockwise inside
 //! OSCORE.
@@ -21,7 +22,9 @@
 pub mod app;
 pub mod block;
 pub mod client;
+pub mod message;
 pub mod server;
+pub mod tcp;
 pub mod udp;
 
 pub use client::{inner_request, AtlsCoapClient, CoapClientError, CoapClientOptions, FlightTrip};

@@ -203,6 +203,7 @@ fn random_mid() -> u16 {
 }
 
 fn diagnostic(request: &Packet, code: ResponseType, text: &str) -> Packet {
+    // (Diagnostic payloads are plain text, RFC 7252 §5.5.2.)
     let mut p = answer(request, code);
     p.payload = text.as_bytes().to_vec();
     p
@@ -256,9 +257,11 @@ impl CoapServer {
 
     /// Handle one datagram from `from`; returns the datagram to answer with.
     pub fn handle(&self, datagram: &[u8], from: SocketAddr, now: Instant) -> Option<Vec<u8>> {
+        // Not a CoAP message, or a malformed one (truncated, a long token,
+        // reserved nibbles, a payload marker with no payload): silently
+        // ignored, as RFC 7252 §4.2 allows for message format errors.
+        crate::message::validate(datagram).ok()?;
         let Ok(request) = Packet::from_bytes(datagram) else {
-            // Not a CoAP message (or one coap-lite cannot read): silently
-            // ignored, as RFC 7252 §4.2 allows for malformed messages.
             return None;
         };
         if !matches!(request.header.code, MessageClass::Request(_)) {
@@ -304,17 +307,7 @@ impl CoapServer {
             // does): a spoofed source never opens a session.
             return self.challenge(&request, from, now);
         }
-        let response = if is_atls_path(&request) {
-            self.handle_flight(&request, from, now)
-        } else if request.get_option(CoapOption::Oscore).is_some() {
-            self.handle_oscore(&request, from, now)
-        } else {
-            diagnostic(
-                &request,
-                ResponseType::Unauthorized,
-                "this resource is served only through ATLS (OSCORE)",
-            )
-        };
+        let response = self.respond(&request, from, now);
         let bytes = response.to_bytes().ok()?;
         if confirmable {
             self.with_peer(from, now, |peer| {
@@ -326,6 +319,38 @@ impl CoapServer {
             });
         }
         self.within_budget(&request, bytes, from, now)
+    }
+
+    /// Handle one request from a reliable transport (CoAP over TCP, RFC
+    /// 8323): no deduplication, and the endpoint needs no validation (the
+    /// TCP handshake did it).
+    pub fn handle_reliable(&self, request: &Packet, from: SocketAddr, now: Instant) -> Option<Packet> {
+        if !matches!(request.header.code, MessageClass::Request(_)) {
+            return None;
+        }
+        self.with_peer(from, now, |peer| peer.validated = true);
+        Some(self.respond(request, from, now))
+    }
+
+    fn respond(&self, request: &Packet, from: SocketAddr, now: Instant) -> Packet {
+        if let Some(option) = crate::message::unknown_critical(request) {
+            return diagnostic(
+                request,
+                ResponseType::BadOption,
+                &format!("unknown critical option {option}"),
+            );
+        }
+        if is_atls_path(request) {
+            self.handle_flight(request, from, now)
+        } else if request.get_option(CoapOption::Oscore).is_some() {
+            self.handle_oscore(request, from, now)
+        } else {
+            diagnostic(
+                request,
+                ResponseType::Unauthorized,
+                "this resource is served only through ATLS (OSCORE)",
+            )
+        }
     }
 
     /// Anti-amplification (draft §7 asks for CoAP-level DDoS protection):
