@@ -178,7 +178,7 @@ fn reqwest_url(url: &str) -> anyhow::Result<http::Uri> {
     let uri: http::Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => Ok(uri),
-        _ => anyhow::bail!("the URL must start with http://, https:// or coap://"),
+        _ => anyhow::bail!("the URL must start with http://, https://, coap:// or coap+tcp://"),
     }
 }
 
@@ -246,8 +246,13 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let tcp = args.url.starts_with("coap+tcp://");
     let result = runtime.block_on(async {
-        let client = atls_coap::AtlsCoapClient::new(addr, endpoint, options).await?;
+        let client = if tcp {
+            atls_coap::AtlsCoapClient::new_tcp(addr, endpoint, options).await?
+        } else {
+            atls_coap::AtlsCoapClient::new(addr, endpoint, options).await?
+        };
         let response = client.request(&inner).await?;
         Ok::<_, atls_coap::CoapClientError>((response, client.last_handshake()))
     });
@@ -293,7 +298,7 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
 
 /// Run `atls request`; the exit code names the failing layer.
 pub(crate) fn run(args: &RequestArgs) -> ExitCode {
-    if args.url.starts_with("coap://") {
+    if args.url.starts_with("coap://") || args.url.starts_with("coap+tcp://") {
         if args.verbose {
             crate::init_tracing();
         }

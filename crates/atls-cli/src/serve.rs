@@ -29,6 +29,9 @@ pub(crate) struct ServeArgs {
     /// OSCORE).
     #[arg(long, value_name = "ADDR")]
     pub(crate) coap: Option<SocketAddr>,
+    /// CoAP over TCP listener (RFC 8323).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) coap_tcp: Option<SocketAddr>,
     /// CoAP Content-Format number of ATLS payloads (IANA has assigned none).
     #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS)]
     pub(crate) coap_content_format: u16,
@@ -144,6 +147,7 @@ pub(crate) struct Running {
     pub(crate) http: Option<SocketAddr>,
     pub(crate) https: Option<SocketAddr>,
     pub(crate) coap: Option<SocketAddr>,
+    pub(crate) coap_tcp: Option<SocketAddr>,
     pub(crate) ca_path: Option<PathBuf>,
     pub(crate) server: Arc<AtlsServer>,
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
@@ -225,7 +229,9 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let http_addr = match (args.http, args.https) {
-        (None, None) if args.coap.is_none() => Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+        (None, None) if args.coap.is_none() && args.coap_tcp.is_none() => {
+            Some(SocketAddr::from(([127, 0, 0, 1], 8080)))
+        }
         (http, _) => http,
     };
     let mut http_bound = None;
@@ -259,26 +265,41 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             .layer(inner.clone());
         tasks.spawn(serve_https(listener, acceptor, service));
     }
+    let coap_config = atls_coap::CoapConfig {
+        content_format: args.coap_content_format,
+        block_size: args.coap_block_size.clamp(16, 1024),
+        policy: limits.policy(),
+        ..atls_coap::CoapConfig::default()
+    };
+    // One CoAP server for both transports: a device's sessions are the same
+    // whichever it uses.
+    let coap_server = atls_coap::CoapServer::new(coap_endpoint.clone(), coap_config);
+    let mut coap_tcp_bound = None;
+    if let Some(addr) = args.coap_tcp {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding TCP {addr}"))?;
+        coap_tcp_bound = Some(listener.local_addr()?);
+        let coap = coap_server.clone();
+        tasks.spawn(async move {
+            atls_coap::tcp::serve(listener, coap)
+                .await
+                .context("CoAP over TCP listener")
+        });
+    }
     let mut coap_bound = None;
     if let Some(addr) = args.coap {
         let socket = tokio::net::UdpSocket::bind(addr)
             .await
             .with_context(|| format!("binding UDP {addr}"))?;
         coap_bound = Some(socket.local_addr()?);
-        let coap = atls_coap::CoapServer::new(
-            coap_endpoint.clone(),
-            atls_coap::CoapConfig {
-                content_format: args.coap_content_format,
-                block_size: args.coap_block_size.clamp(16, 1024),
-                policy: limits.policy(),
-                ..atls_coap::CoapConfig::default()
-            },
-        );
+        let coap = coap_server.clone();
         tasks.spawn(async move { atls_coap::udp::serve(socket, coap).await.context("CoAP listener") });
     }
     Ok(Running {
         http: http_bound,
         coap: coap_bound,
+        coap_tcp: coap_tcp_bound,
         https: https_bound,
         ca_path,
         server,
@@ -362,6 +383,12 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
         if let Some(addr) = running.coap {
             println!(
                 "ATLS over CoAP on coap://{addr} (engine {})",
+                running.server.engine_name()
+            );
+        }
+        if let Some(addr) = running.coap_tcp {
+            println!(
+                "ATLS over CoAP over TCP on coap+tcp://{addr} (engine {})",
                 running.server.engine_name()
             );
         }

@@ -622,13 +622,25 @@ fn sec1_pkcs1_and_pkcs8_keys_made_by_openssl_serve_on_both_engines() {
     }
 }
 
-/// `atls serve --coap` and `atls request coap://…`: the handshake over CoAP
-/// (blockwise), then OSCORE, on both engines; failures keep their exit codes.
+/// `atls serve --coap --coap-tcp` and `atls request coap://…`,
+/// `coap+tcp://…`: the handshake over CoAP (blockwise on UDP), then OSCORE,
+/// on both engines; failures keep their exit codes.
 #[test]
 fn coap_listener_and_coap_requests() {
     for engine in ["openssl", "rustls"] {
-        let server = serve(&["--engine", engine, "--coap", "127.0.0.1:0"]);
+        let server = serve(&[
+            "--engine",
+            engine,
+            "--coap",
+            "127.0.0.1:0",
+            "--coap-tcp",
+            "127.0.0.1:0",
+        ]);
         let coap = server.coap.clone().expect("the CoAP listener is reported");
+        let coap_tcp = server
+            .coap_tcp
+            .clone()
+            .expect("the CoAP over TCP listener is reported");
         let ca = server.ca.to_str().expect("path");
         for client_engine in ["openssl", "rustls"] {
             let hello = request(&[
@@ -667,6 +679,17 @@ fn coap_listener_and_coap_requests() {
             assert!(echo.status.success(), "{}", stderr(&echo));
             assert_eq!(stdout(&echo), "over coap");
         }
+        let over_tcp = request(&[
+            &format!("{coap_tcp}/echo"),
+            "--ca",
+            ca,
+            "--server-name",
+            "localhost",
+            "-d",
+            "over tcp",
+        ]);
+        assert!(over_tcp.status.success(), "{}", stderr(&over_tcp));
+        assert_eq!(stdout(&over_tcp), "over tcp");
         let missing = request(&[
             &format!("{coap}/missing"),
             "--ca",

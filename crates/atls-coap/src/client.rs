@@ -87,6 +87,12 @@ pub struct FlightTrip {
     pub blocks_received: usize,
 }
 
+/// The transport under the client.
+enum Link {
+    Udp(UdpSocket),
+    Tcp(tokio::sync::Mutex<crate::tcp::Connection>),
+}
+
 struct Established {
     info: HandshakeInfo,
     oscore: SecurityContext,
@@ -94,7 +100,7 @@ struct Established {
 
 /// An ATLS client of one CoAP server over UDP.
 pub struct AtlsCoapClient {
-    socket: UdpSocket,
+    link: Link,
     server: SocketAddr,
     endpoint: Arc<dyn ClientEndpoint>,
     options: CoapClientOptions,
@@ -138,8 +144,35 @@ impl AtlsCoapClient {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let socket = UdpSocket::bind(local).await.map_err(ExchangeError::Io)?;
-        Ok(Self {
-            socket,
+        Ok(Self::with_link(Link::Udp(socket), server, endpoint, options))
+    }
+
+    /// A client of `server` over CoAP over TCP (RFC 8323). Flights and
+    /// messages travel whole (no blockwise on a reliable transport).
+    pub async fn new_tcp(
+        server: SocketAddr,
+        endpoint: Arc<dyn ClientEndpoint>,
+        options: CoapClientOptions,
+    ) -> Result<Self, CoapClientError> {
+        let connection = crate::tcp::Connection::connect(server)
+            .await
+            .map_err(ExchangeError::Io)?;
+        Ok(Self::with_link(
+            Link::Tcp(tokio::sync::Mutex::new(connection)),
+            server,
+            endpoint,
+            options,
+        ))
+    }
+
+    fn with_link(
+        link: Link,
+        server: SocketAddr,
+        endpoint: Arc<dyn ClientEndpoint>,
+        options: CoapClientOptions,
+    ) -> Self {
+        Self {
+            link,
             server,
             endpoint,
             options,
@@ -147,12 +180,43 @@ impl AtlsCoapClient {
             state: tokio::sync::Mutex::new(None),
             trips: std::sync::Mutex::new(Vec::new()),
             last_request: std::sync::Mutex::new((0, 0)),
-        })
+        }
+    }
+
+    /// The largest payload sent in one message: a block of size exponent
+    /// `szx` over UDP; over TCP messages travel whole.
+    fn block_size(&self, szx: u8) -> usize {
+        match self.link {
+            Link::Udp(_) => BlockValue {
+                num: 0,
+                more: false,
+                szx,
+            }
+            .size(),
+            Link::Tcp(_) => crate::tcp::MAX_MESSAGE_SIZE,
+        }
+    }
+
+    async fn exchange_once(&self, request: Packet) -> Result<Packet, CoapClientError> {
+        match &self.link {
+            Link::Udp(socket) => {
+                Ok(exchange(socket, self.server, request, &self.options.transmission).await?)
+            }
+            Link::Tcp(connection) => Ok(connection
+                .lock()
+                .await
+                .exchange(&request, self.options.transmission.separate_timeout)
+                .await
+                .map_err(ExchangeError::Io)?),
+        }
     }
 
     /// The local endpoint the server sees.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.socket.local_addr()
+    pub async fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match &self.link {
+            Link::Udp(socket) => socket.local_addr(),
+            Link::Tcp(connection) => connection.lock().await.local_addr(),
+        }
     }
 
     /// The flights of the last handshake, in order.
@@ -194,13 +258,7 @@ impl AtlsCoapClient {
     /// by repeating the request with that Echo value (a few times at most).
     async fn send(&self, request: Packet) -> Result<Packet, CoapClientError> {
         let mut request = request;
-        let mut answer = exchange(
-            &self.socket,
-            self.server,
-            request.clone(),
-            &self.options.transmission,
-        )
-        .await?;
+        let mut answer = self.exchange_once(request.clone()).await?;
         for _ in 0..3 {
             let echo = answer.get_first_option(CoapOption::Unknown(252)).cloned();
             let challenged = answer.header.code == MessageClass::Response(ResponseType::Unauthorized)
@@ -212,13 +270,7 @@ impl AtlsCoapClient {
             request.set_token(random::<4>().to_vec());
             request.clear_option(CoapOption::Unknown(252));
             request.add_option(CoapOption::Unknown(252), value);
-            answer = exchange(
-                &self.socket,
-                self.server,
-                request.clone(),
-                &self.options.transmission,
-            )
-            .await?;
+            answer = self.exchange_once(request.clone()).await?;
         }
         Ok(answer)
     }
@@ -227,12 +279,7 @@ impl AtlsCoapClient {
     /// fetched in Block2 blocks when the server sent it so.
     async fn post_flight(&self, flight: &[u8]) -> Result<(Packet, Vec<u8>), CoapClientError> {
         let szx = BlockValue::szx_for(self.options.block_size);
-        let size = BlockValue {
-            num: 0,
-            more: false,
-            szx,
-        }
-        .size();
+        let size = self.block_size(szx);
         let mut trip = FlightTrip {
             sent: flight.len(),
             blocks_sent: 0,
@@ -387,12 +434,7 @@ impl AtlsCoapClient {
             return Err(CoapClientError::Unexpected("no session".into()));
         };
         let szx = BlockValue::szx_for(self.options.block_size);
-        let size = BlockValue {
-            num: 0,
-            more: false,
-            szx,
-        }
-        .size();
+        let size = self.block_size(szx);
         let mut response = if inner.payload.len() <= size {
             self.protected(est, inner).await?
         } else {

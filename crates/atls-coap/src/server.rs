@@ -307,7 +307,7 @@ impl CoapServer {
             // does): a spoofed source never opens a session.
             return self.challenge(&request, from, now);
         }
-        let response = self.respond(&request, from, now);
+        let response = self.respond(&request, from, now, self.config.block_size);
         let bytes = response.to_bytes().ok()?;
         if confirmable {
             self.with_peer(from, now, |peer| {
@@ -329,10 +329,13 @@ impl CoapServer {
             return None;
         }
         self.with_peer(from, now, |peer| peer.validated = true);
-        Some(self.respond(request, from, now))
+        // A reliable transport carries whole messages (up to the size both
+        // sides announced): no Block2 for answers.
+        Some(self.respond(request, from, now, crate::tcp::MAX_MESSAGE_SIZE))
     }
 
-    fn respond(&self, request: &Packet, from: SocketAddr, now: Instant) -> Packet {
+    /// `whole`: the largest answer payload sent without Block2.
+    fn respond(&self, request: &Packet, from: SocketAddr, now: Instant, whole: usize) -> Packet {
         if let Some(option) = crate::message::unknown_critical(request) {
             return diagnostic(
                 request,
@@ -341,9 +344,9 @@ impl CoapServer {
             );
         }
         if is_atls_path(request) {
-            self.handle_flight(request, from, now)
+            self.handle_flight(request, from, now, whole)
         } else if request.get_option(CoapOption::Oscore).is_some() {
-            self.handle_oscore(request, from, now)
+            self.handle_oscore(request, from, now, whole)
         } else {
             diagnostic(
                 request,
@@ -403,7 +406,7 @@ impl CoapServer {
         peers.with(from, now, self.config.max_endpoints, f)
     }
 
-    fn handle_flight(&self, request: &Packet, from: SocketAddr, now: Instant) -> Packet {
+    fn handle_flight(&self, request: &Packet, from: SocketAddr, now: Instant, whole: usize) -> Packet {
         if request.header.code != MessageClass::Request(RequestType::Post) {
             return diagnostic(request, ResponseType::MethodNotAllowed, "ATLS flights are POSTed");
         }
@@ -477,7 +480,7 @@ impl CoapServer {
             Ok(output) => output,
             Err(reply) => return reply.into_packet(request),
         };
-        let mut p = self.block2_answer_or_whole(request, output, from, now);
+        let mut p = self.block2_answer_or_whole(request, output, from, now, whole);
         if let Some(block1) = request.get_first_option(CoapOption::Block1) {
             p.add_option(CoapOption::Block1, block1.clone());
         }
@@ -492,8 +495,9 @@ impl CoapServer {
         body: Vec<u8>,
         from: SocketAddr,
         now: Instant,
+        whole: usize,
     ) -> Packet {
-        if body.len() <= self.config.block_size {
+        if body.len() <= whole {
             let mut p = answer(request, ResponseType::Changed);
             p.add_option(
                 CoapOption::ContentFormat,
@@ -629,7 +633,7 @@ impl CoapServer {
         Ok(())
     }
 
-    fn handle_oscore(&self, request: &Packet, from: SocketAddr, now: Instant) -> Packet {
+    fn handle_oscore(&self, request: &Packet, from: SocketAddr, now: Instant, whole: usize) -> Packet {
         let kid = match atls_oscore::message::oscore_option(request) {
             Ok(option) => option.kid,
             Err(e) => return oscore_error(request, &e),
@@ -656,7 +660,7 @@ impl CoapServer {
             Err(e) => return oscore_error(request, &e),
         };
         self.table.touch(&found.id, now);
-        let inner_response = self.inner_exchange(&found, &inner, from, now);
+        let inner_response = self.inner_exchange(&found, &inner, from, now, whole);
         let protected = {
             let mut s = lock(&found.entry);
             match s.established_mut() {
@@ -687,6 +691,7 @@ impl CoapServer {
         inner: &Packet,
         from: SocketAddr,
         now: Instant,
+        whole: usize,
     ) -> Packet {
         let reply = |code: ResponseType| {
             let mut p = Packet::new();
@@ -762,7 +767,7 @@ impl CoapServer {
         if let Some(value) = inner.get_first_option(CoapOption::Block1) {
             response.add_option(CoapOption::Block1, value.clone());
         }
-        if response.payload.len() > self.config.block_size {
+        if response.payload.len() > whole {
             let body = std::mem::take(&mut response.payload);
             if let Some((slice, value)) = block2_slice(&body, 0, self.szx()) {
                 response.payload = slice.to_vec();

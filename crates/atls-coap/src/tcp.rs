@@ -241,3 +241,84 @@ mod tests {
         assert_eq!(decode(&[]).map(|_| ()), Err(FrameError::Malformed));
     }
 }
+
+/// A client's connection: the stream and the bytes read past the last frame.
+#[derive(Debug)]
+pub struct Connection {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    /// Connect to `server` and send this side's CSM (RFC 8323 §5.3).
+    pub async fn connect(server: SocketAddr) -> std::io::Result<Self> {
+        let mut stream = TcpStream::connect(server).await?;
+        stream.set_nodelay(true)?;
+        stream.write_all(&csm()).await?;
+        Ok(Self {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The local endpoint.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.local_addr()
+    }
+
+    /// Send `request` and read frames until the response with its token;
+    /// signaling messages in between are handled (Ping answered).
+    pub async fn exchange(
+        &mut self,
+        request: &Packet,
+        timeout: std::time::Duration,
+    ) -> std::io::Result<Packet> {
+        let frame = encode(request).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        self.stream.write_all(&frame).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            while let Some(len) = frame_len(&self.buf) {
+                if len > MAX_MESSAGE_SIZE + 16 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        FrameError::TooLarge(len),
+                    ));
+                }
+                if self.buf.len() < len {
+                    break;
+                }
+                let frame: Vec<u8> = self.buf.drain(..len).collect();
+                let (code, packet) =
+                    decode(&frame).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                match code {
+                    CSM | PONG => {}
+                    PING => {
+                        let mut pong = Packet::new();
+                        pong.header.code = MessageClass::from(PONG);
+                        pong.set_token(packet.get_token().to_vec());
+                        self.stream.write_all(&encode(&pong).unwrap_or_default()).await?;
+                    }
+                    0xE4 | ABORT => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the peer aborted",
+                        ))
+                    }
+                    _ if packet.get_token() == request.get_token() => return Ok(packet),
+                    _ => {}
+                }
+            }
+            let read = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await;
+            let n =
+                read.map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no CoAP response"))??;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                ));
+            }
+            self.buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        }
+    }
+}

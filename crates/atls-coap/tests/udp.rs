@@ -554,3 +554,46 @@ async fn an_unvalidated_endpoint_gets_at_most_three_times_its_bytes() {
         );
     }
 }
+
+/// CoAP over TCP (RFC 8323): CSM, whole messages, the same handshake and
+/// OSCORE on every engine pairing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_over_coap_over_tcp() {
+    for server_engine in engines() {
+        for client_engine in engines() {
+            for version in [TlsVersion::Tls13, TlsVersion::Tls12] {
+                let label = format!("{} → {} {version:?}", client_engine.name(), server_engine.name());
+                let endpoint = server_engine.server(&server_config(version)).expect("endpoint");
+                let server = CoapServer::new(endpoint, CoapConfig::default());
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let addr = listener.local_addr().expect("addr");
+                let task = tokio::spawn(atls_coap::tcp::serve(listener, server.clone()));
+                let endpoint = client_engine
+                    .client(&client_config(version))
+                    .expect("client endpoint");
+                let client = AtlsCoapClient::new_tcp(addr, endpoint, options(512))
+                    .await
+                    .expect("client");
+                let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+                let echo = client
+                    .request(&inner_request(RequestType::Post, "/echo", &payload))
+                    .await
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                assert_eq!(echo.payload, payload, "{label}");
+                let trips = client.last_handshake();
+                assert!(
+                    trips.iter().all(|t| t.blocks_sent == 1 && t.blocks_received == 1),
+                    "{label}: whole flights over TCP: {trips:?}"
+                );
+                assert!(trips.iter().any(|t| t.received > 1000), "{label}: {trips:?}");
+                let hello = client
+                    .request(&inner_request(RequestType::Get, "/hello", b""))
+                    .await
+                    .expect("hello");
+                assert_eq!(hello.payload, b"hello", "{label}");
+                assert_eq!(server.stats().established, 1, "{label}");
+                task.abort();
+            }
+        }
+    }
+}

@@ -30,6 +30,7 @@ pub struct Serve {
     pub http: String,
     pub https: Option<String>,
     pub coap: Option<String>,
+    pub coap_tcp: Option<String>,
     pub ca: PathBuf,
     pub state: tempfile::TempDir,
 }
@@ -49,6 +50,8 @@ pub fn serve(extra: &[&str]) -> Serve {
     let mut http = None;
     let mut https = None;
     let mut coap = None;
+    let mut coap_tcp = None;
+    let wants_coap_tcp = extra.contains(&"--coap-tcp");
     let wants_https = extra.contains(&"--https");
     let wants_coap = extra.contains(&"--coap");
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -64,7 +67,14 @@ pub fn serve(extra: &[&str]) -> Serve {
         if let Some(rest) = line.strip_prefix("ATLS over CoAP on ") {
             coap = rest.split_whitespace().next().map(str::to_owned);
         }
-        if http.is_some() && (https.is_some() || !wants_https) && (coap.is_some() || !wants_coap) {
+        if let Some(rest) = line.strip_prefix("ATLS over CoAP over TCP on ") {
+            coap_tcp = rest.split_whitespace().next().map(str::to_owned);
+        }
+        if http.is_some()
+            && (https.is_some() || !wants_https)
+            && (coap.is_some() || !wants_coap)
+            && (coap_tcp.is_some() || !wants_coap_tcp)
+        {
             break;
         }
     }
@@ -74,6 +84,7 @@ pub fn serve(extra: &[&str]) -> Serve {
         http,
         https,
         coap,
+        coap_tcp,
         ca: state.path().join("ca.pem"),
         state,
     }
