@@ -28,6 +28,9 @@ pub enum BlockError {
     /// The body would exceed the limit: 4.13.
     #[error("body exceeds the limit")]
     TooLarge,
+    /// Too many transfers in progress: 5.03.
+    #[error("too many blockwise transfers in progress")]
+    Busy,
 }
 
 impl BlockValue {
@@ -113,6 +116,11 @@ impl Block1Assembly {
         Ok((assembly, step))
     }
 
+    /// The number of the block expected next.
+    pub fn next(&self) -> u32 {
+        self.next
+    }
+
     /// Add the next block.
     pub fn accept(&mut self, block: BlockValue, payload: &[u8]) -> Result<Block1Step, BlockError> {
         if block.num != self.next || block.szx != self.szx {
@@ -137,6 +145,10 @@ impl Block1Assembly {
 /// Block `num` of `body` at size exponent `szx`: the bytes and the option
 /// value, or `None` past the end.
 pub fn block2_slice(body: &[u8], num: u32, szx: u8) -> Option<(&[u8], BlockValue)> {
+    // Three option bytes hold block numbers below 2^20.
+    if num >= 1 << 20 {
+        return None;
+    }
     let size = BlockValue {
         num,
         more: false,

@@ -324,6 +324,7 @@ impl AtlsCoapClient {
         if let Some(value) = first.get_first_option(CoapOption::Block2) {
             let mut block =
                 BlockValue::decode(value).map_err(|e| CoapClientError::Unexpected(e.to_string()))?;
+            check_block(block, None, first.payload.len(), 1, self.options.max_flight)?;
             while block.more {
                 if body.len() > self.options.max_flight {
                     return Err(CoapClientError::Unexpected(
@@ -350,13 +351,15 @@ impl AtlsCoapClient {
                     .transpose()
                     .map_err(|e| CoapClientError::Unexpected(e.to_string()))?
                     .ok_or_else(|| CoapClientError::Unexpected("a block without Block2".into()))?;
-                if block.num != next.num {
-                    return Err(CoapClientError::Unexpected(
-                        "the server sent another block".into(),
-                    ));
-                }
-                body.extend_from_slice(&a.payload);
                 trip.blocks_received += 1;
+                check_block(
+                    block,
+                    Some(next),
+                    a.payload.len(),
+                    trip.blocks_received,
+                    self.options.max_flight,
+                )?;
+                body.extend_from_slice(&a.payload);
             }
         }
         trip.received = body.len();
@@ -426,6 +429,19 @@ impl AtlsCoapClient {
     /// larger than a block goes in inner Block1 blocks, a large response is
     /// fetched in inner Block2 blocks (RFC 8613 §4.1.3.4.2).
     pub async fn request(&self, inner: &Packet) -> Result<Packet, CoapClientError> {
+        match self.request_once(inner).await {
+            // The server no longer has the context (it restarted, or forgot
+            // this endpoint): it did not process the request, so a new
+            // handshake and one more try is safe for any method.
+            Err(CoapClientError::Refused { code, .. }) if code == "4.01" => {
+                *self.state.lock().await = None;
+                self.request_once(inner).await
+            }
+            other => other,
+        }
+    }
+
+    async fn request_once(&self, inner: &Packet) -> Result<Packet, CoapClientError> {
         let mut state = self.state.lock().await;
         if state.is_none() {
             *state = Some(self.handshake().await?);
@@ -470,8 +486,13 @@ impl AtlsCoapClient {
             Some(v) => Some(BlockValue::decode(v).map_err(|e| CoapClientError::Unexpected(e.to_string()))?),
             None => None,
         };
+        let max_response = self.options.max_flight.max(1 << 20);
+        if let Some(b) = block {
+            check_block(b, None, response.payload.len(), 1, max_response)?;
+        }
+        let mut count = 1usize;
         while let Some(b) = block.filter(|b| b.more) {
-            if response.payload.len() > self.options.max_flight.max(1 << 20) {
+            if response.payload.len() > max_response {
                 return Err(CoapClientError::Unexpected(
                     "the response exceeds the limit".into(),
                 ));
@@ -490,17 +511,15 @@ impl AtlsCoapClient {
                 .map(|v| BlockValue::decode(v))
                 .transpose()
                 .map_err(|e| CoapClientError::Unexpected(e.to_string()))?;
-            match got {
-                Some(g) if g.num == value.num => {
-                    response.payload.extend_from_slice(&part.payload);
-                    block = Some(g);
-                }
-                _ => {
-                    return Err(CoapClientError::Unexpected(
-                        "the server sent another block".into(),
-                    ))
-                }
-            }
+            count += 1;
+            let Some(g) = got else {
+                return Err(CoapClientError::Unexpected(
+                    "Block2: a block without Block2".into(),
+                ));
+            };
+            check_block(g, Some(value), part.payload.len(), count, max_response)?;
+            response.payload.extend_from_slice(&part.payload);
+            block = Some(g);
         }
         response.clear_option(CoapOption::Block2);
         response.clear_option(CoapOption::Size2);
@@ -529,6 +548,30 @@ impl AtlsCoapClient {
             &binding,
         )?)
     }
+}
+
+/// A Block2 block is usable: the one asked for (`expected`), at the same
+/// size, full when more follow, and not beyond what `max` bytes can take.
+fn check_block(
+    got: BlockValue,
+    expected: Option<BlockValue>,
+    payload: usize,
+    count: usize,
+    max: usize,
+) -> Result<(), CoapClientError> {
+    let bad = |what: &str| Err(CoapClientError::Unexpected(format!("Block2: {what}")));
+    if let Some(expected) = expected {
+        if got.num != expected.num || got.szx != expected.szx {
+            return bad("the server sent another block");
+        }
+    }
+    if got.more && payload != got.size() {
+        return bad("a block that is not full announces more");
+    }
+    if count > max / 16 + 1 {
+        return bad("more blocks than the limit allows");
+    }
+    Ok(())
 }
 
 fn uint(value: u64) -> Vec<u8> {

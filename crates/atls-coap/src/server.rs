@@ -37,16 +37,20 @@ pub const CONTENT_FORMAT_ATLS: u16 = 65000;
 pub struct CoapConfig {
     /// Content-Format number of ATLS payloads.
     pub content_format: u16,
-    /// Block size for Block2 answers, and the largest this server accepts
-    /// in one message (16..=1024, a power of two).
+    /// Block size of this server's Block2 answers (16..=1024, a power of
+    /// two). Block1 blocks of any size up to 1024 are accepted.
     pub block_size: usize,
     /// The session table's bounds.
     pub policy: Policy,
     /// Largest handshake flight reassembled from Block1 blocks.
     pub max_flight: usize,
-    /// Client endpoints remembered (handshakes, blockwise transfers,
-    /// deduplication); the least recently seen is forgotten beyond it.
+    /// Validated client endpoints remembered (handshakes, blockwise
+    /// transfers, deduplication); the least recently seen is forgotten
+    /// beyond it.
     pub max_endpoints: usize,
+    /// Endpoints remembered per IP address. A gateway that gives each
+    /// device its own source port (draft §5.1.5) needs one per device.
+    pub max_endpoints_per_ip: usize,
 }
 
 impl Default for CoapConfig {
@@ -57,97 +61,179 @@ impl Default for CoapConfig {
             policy: Policy::default(),
             max_flight: 64 * 1024,
             max_endpoints: 20_000,
+            max_endpoints_per_ip: 1024,
         }
     }
 }
 
-/// Responses remembered per endpoint for deduplication (RFC 7252 §4.5).
+/// Answers remembered per endpoint for deduplication (RFC 7252 §4.5).
 const RECENT_PER_ENDPOINT: usize = 4;
-/// How long a message ID is remembered (EXCHANGE_LIFETIME is 247 s; what
-/// matters is covering a client's retransmissions).
+/// Message IDs remembered per endpoint beyond those answers: a late
+/// duplicate of one is dropped rather than run again.
+const MIDS_PER_ENDPOINT: usize = 64;
+/// How long a message ID is remembered (EXCHANGE_LIFETIME, RFC 7252 §4.8.2).
 const DEDUP_LIFETIME: Duration = Duration::from_secs(247);
+/// A Block1 transfer not continued for this long is abandoned.
+const BLOCK1_LIFETIME: Duration = Duration::from_secs(60);
+/// Block1 transfers in progress at once, over all endpoints (each at most
+/// `max_flight` bytes): the bound on what strangers can make the server buffer.
+const MAX_BLOCK1_TRANSFERS: usize = 256;
+/// How long an Echo value stays valid (it changes every window; the current
+/// and the previous one are accepted).
+const ECHO_WINDOW_SECS: u64 = 60;
 
-/// What the server knows of one client endpoint.
+/// A client endpoint: its address and port, and the transport (a TCP
+/// connection and a UDP socket of the same address and port are different
+/// endpoints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// CoAP over TCP rather than UDP.
+    pub reliable: bool,
+}
+
+/// What the server knows of one *validated* client endpoint (an endpoint
+/// that returned an Echo value, or reached the server over TCP). Nothing is
+/// kept for any other.
 struct Peer {
     half_open: Option<SessionId>,
     established: Option<SessionId>,
-    block1: Option<Block1Assembly>,
-    /// The last answer too large for one message, served in Block2 blocks.
+    block1: Option<(Block1Assembly, Instant)>,
+    /// The last answer too large for one message, served in Block2 blocks
+    /// until its last block is fetched.
     block2: Option<Vec<u8>>,
     /// (message ID, answer) of recent confirmable requests.
     recent: VecDeque<(u16, Instant, Vec<u8>)>,
+    /// Message IDs of older confirmable requests.
+    mids: VecDeque<(u16, Instant)>,
     seen: Instant,
-    /// The endpoint proved it receives what is sent to it (it returned an
-    /// Echo value, or completed a handshake): no amplification limit.
-    validated: bool,
-    /// Bytes received from and sent to the endpoint while unvalidated.
-    bytes_in: u64,
-    bytes_out: u64,
-    /// The Echo value (RFC 9175) of the last challenge.
-    echo: Option<Vec<u8>>,
     /// Blockwise inside OSCORE (RFC 8613 §4.1.3.4.2: Block options are
     /// inner): a request body arriving, and the last large response.
-    inner_block1: Option<Block1Assembly>,
+    inner_block1: Option<(Block1Assembly, Instant)>,
     inner_block2: Option<(coap_lite::MessageClass, Vec<u8>)>,
 }
 
-/// An unvalidated endpoint is sent at most this many times the bytes it sent.
-pub const AMPLIFICATION_FACTOR: u64 = 3;
-/// CoAP option number of Echo (RFC 9175).
-const OPTION_ECHO: u16 = 252;
-
-/// The endpoints the server knows, with least-recently-seen order kept
-/// separately for unvalidated and validated ones: at capacity an
-/// unvalidated endpoint is forgotten first, so a flood from spoofed
-/// addresses cannot push out the state of endpoints that proved themselves.
-/// Every operation is O(log n).
-#[derive(Default)]
-struct Peers {
-    map: HashMap<SocketAddr, Peer>,
-    order: [BTreeSet<(Instant, SocketAddr)>; 2],
-}
-
-impl Peers {
-    fn with<R>(
-        &mut self,
-        from: SocketAddr,
-        now: Instant,
-        capacity: usize,
-        f: impl FnOnce(&mut Peer) -> R,
-    ) -> R {
-        if !self.map.contains_key(&from) && self.map.len() >= capacity.max(1) {
-            let oldest = self.order[0].first().or_else(|| self.order[1].first()).copied();
-            if let Some((seen, addr)) = oldest {
-                self.order[0].remove(&(seen, addr));
-                self.order[1].remove(&(seen, addr));
-                self.map.remove(&addr);
-            }
-        }
-        let peer = self.map.entry(from).or_insert_with(|| Peer {
+impl Peer {
+    fn new(now: Instant) -> Self {
+        Self {
             half_open: None,
             established: None,
             block1: None,
             block2: None,
             recent: VecDeque::new(),
+            mids: VecDeque::new(),
             seen: now,
-            validated: false,
-            bytes_in: 0,
-            bytes_out: 0,
-            echo: None,
             inner_block1: None,
             inner_block2: None,
-        });
-        let before = (peer.seen, usize::from(peer.validated));
+        }
+    }
+
+    fn transfers(&self) -> usize {
+        usize::from(self.block1.is_some()) + usize::from(self.inner_block1.is_some())
+    }
+}
+
+/// An unvalidated endpoint is sent at most this many times the bytes it sent.
+pub const AMPLIFICATION_FACTOR: usize = 3;
+/// CoAP option number of Echo (RFC 9175).
+const OPTION_ECHO: u16 = 252;
+
+/// The validated endpoints, least recently seen first, with a cap per IP
+/// address (so one host cannot push out everyone's state) and the count of
+/// Block1 transfers in progress. Every operation is O(log n).
+#[derive(Default)]
+struct Peers {
+    map: HashMap<Endpoint, Peer>,
+    order: BTreeSet<(Instant, Endpoint)>,
+    per_ip: HashMap<std::net::IpAddr, usize>,
+    transfers: usize,
+}
+
+/// Why an endpoint cannot be remembered.
+struct NoRoom;
+
+impl Peers {
+    fn remove(&mut self, endpoint: &Endpoint) {
+        if let Some(peer) = self.map.remove(endpoint) {
+            self.order.remove(&(peer.seen, *endpoint));
+            self.transfers = self.transfers.saturating_sub(peer.transfers());
+            if let Some(n) = self.per_ip.get_mut(&endpoint.addr.ip()) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_ip.remove(&endpoint.addr.ip());
+                }
+            }
+        }
+    }
+
+    /// Run `f` on the endpoint's state, creating it (the endpoint is
+    /// validated) when there is room.
+    fn with<R>(
+        &mut self,
+        from: Endpoint,
+        now: Instant,
+        config: &CoapConfig,
+        f: impl FnOnce(&mut Peer, &mut usize) -> R,
+    ) -> Result<R, NoRoom> {
+        if !self.map.contains_key(&from) {
+            if self.per_ip.get(&from.addr.ip()).copied().unwrap_or(0) >= config.max_endpoints_per_ip.max(1) {
+                return Err(NoRoom);
+            }
+            if self.map.len() >= config.max_endpoints.max(1) {
+                if let Some((_, oldest)) = self.order.first().copied() {
+                    self.remove(&oldest);
+                }
+            }
+            self.map.insert(from, Peer::new(now));
+            self.order.insert((now, from));
+            *self.per_ip.entry(from.addr.ip()).or_insert(0) += 1;
+        }
+        if self.transfers >= MAX_BLOCK1_TRANSFERS {
+            self.expire_transfers(now);
+        }
+        let Some(peer) = self.map.get_mut(&from) else {
+            return Err(NoRoom);
+        };
+        let before = peer.seen;
         peer.seen = peer.seen.max(now);
-        let result = f(peer);
-        let after = (peer.seen, usize::from(peer.validated));
-        if let Some(set) = self.order.get_mut(before.1) {
-            set.remove(&(before.0, from));
+        let transfers_before = peer.transfers();
+        let result = f(peer, &mut self.transfers);
+        let (seen, transfers_after) = (peer.seen, peer.transfers());
+        self.transfers = self
+            .transfers
+            .saturating_add(transfers_after)
+            .saturating_sub(transfers_before);
+        if seen != before {
+            self.order.remove(&(before, from));
+            self.order.insert((seen, from));
         }
-        if let Some(set) = self.order.get_mut(after.1) {
-            set.insert((after.0, from));
+        Ok(result)
+    }
+
+    /// Drop Block1 transfers idle for `BLOCK1_LIFETIME`, looking at the
+    /// endpoints seen least recently (where idle transfers are), a bounded
+    /// number per call.
+    fn expire_transfers(&mut self, now: Instant) {
+        let stale: Vec<Endpoint> = self
+            .order
+            .iter()
+            .take(64)
+            .take_while(|(seen, _)| now.saturating_duration_since(*seen) > BLOCK1_LIFETIME)
+            .map(|(_, e)| *e)
+            .collect();
+        for endpoint in stale {
+            if let Some(peer) = self.map.get_mut(&endpoint) {
+                let before = peer.transfers();
+                peer.block1 = None;
+                peer.inner_block1 = None;
+                self.transfers = self.transfers.saturating_sub(before);
+            }
         }
-        result
+    }
+
+    fn contains(&self, endpoint: &Endpoint) -> bool {
+        self.map.contains_key(endpoint)
     }
 }
 
@@ -163,6 +249,9 @@ pub struct CoapServer {
     config: CoapConfig,
     table: SessionTable<Entry>,
     peers: Mutex<Peers>,
+    /// Key of the stateless Echo values.
+    secret: [u8; 32],
+    created: Instant,
 }
 
 impl fmt::Debug for CoapServer {
@@ -224,6 +313,7 @@ fn block_error(request: &Packet, e: BlockError) -> Packet {
         BlockError::BadOption => ResponseType::BadOption,
         BlockError::Incomplete => ResponseType::RequestEntityIncomplete,
         BlockError::TooLarge => ResponseType::RequestEntityTooLarge,
+        BlockError::Busy => ResponseType::ServiceUnavailable,
     };
     diagnostic(request, code, &e.to_string())
 }
@@ -243,6 +333,8 @@ impl CoapServer {
             endpoint,
             config,
             peers: Mutex::new(Peers::default()),
+            secret: random::<32>(),
+            created: Instant::now(),
         })
     }
 
@@ -261,64 +353,83 @@ impl CoapServer {
         // reserved nibbles, a payload marker with no payload): silently
         // ignored, as RFC 7252 §4.2 allows for message format errors.
         crate::message::validate(datagram).ok()?;
-        let Ok(request) = Packet::from_bytes(datagram) else {
-            return None;
-        };
-        if !matches!(request.header.code, MessageClass::Request(_)) {
-            return None;
-        }
+        let request = Packet::from_bytes(datagram).ok()?;
         let confirmable = request.header.get_type() == MessageType::Confirmable;
-        let echo = request
-            .get_first_option(CoapOption::Unknown(OPTION_ECHO))
-            .cloned();
-        let starts_flight = is_atls_path(&request)
-            && request
-                .get_first_option(CoapOption::Block1)
-                .is_none_or(|b| BlockValue::decode(b).is_ok_and(|b| b.num == 0))
-            && request
-                .get_first_option(CoapOption::Block2)
-                .is_none_or(|b| BlockValue::decode(b).is_ok_and(|b| b.num == 0));
-        let (cached, unvalidated) = self.with_peer(from, now, |peer| {
-            if !peer.validated {
-                peer.bytes_in = peer.bytes_in.saturating_add(datagram.len() as u64);
-                if echo.is_some() && echo == peer.echo {
-                    peer.validated = true;
-                }
-            }
-            let cached = confirmable
-                .then(|| {
-                    peer.recent
-                        .iter()
-                        .find(|(mid, at, _)| {
-                            *mid == request.header.message_id && now.duration_since(*at) < DEDUP_LIFETIME
-                        })
-                        .map(|(_, _, cached)| cached.clone())
-                })
-                .flatten();
-            (cached, !peer.validated)
-        });
-        if let Some(cached) = cached {
-            // A retransmission: the same answer, within the same budget.
-            return self.within_budget(&request, cached, from, now);
+        if !matches!(request.header.code, MessageClass::Request(_))
+            || !matches!(
+                request.header.get_type(),
+                MessageType::Confirmable | MessageType::NonConfirmable
+            )
+        {
+            return None;
         }
-        if unvalidated && starts_flight {
-            // Before any handshake state is spent on it, the endpoint proves
-            // it receives what is sent to it (as DTLS's HelloVerifyRequest
-            // does): a spoofed source never opens a session.
-            return self.challenge(&request, from, now);
+        let from = Endpoint {
+            addr: from,
+            reliable: false,
+        };
+        // Address validation (draft §7; RFC 9175 §2.4): nothing is kept for,
+        // and at most three times its bytes are sent to, an endpoint that
+        // has not shown it receives what is sent to it. Its requests get a
+        // 4.01 with an Echo value computed from its address and the time
+        // (so the challenge needs no state, as DTLS's HelloVerifyRequest);
+        // the endpoint is validated when it repeats a request with it.
+        if !lock(&self.peers).contains(&from) {
+            let echo = request.get_first_option(CoapOption::Unknown(OPTION_ECHO));
+            if !echo.is_some_and(|e| self.echo_valid(from, e, now)) {
+                let mut challenge = answer(&request, ResponseType::Unauthorized);
+                challenge.add_option(
+                    CoapOption::Unknown(OPTION_ECHO),
+                    self.echo_value(from, self.window(now)).to_vec(),
+                );
+                let bytes = challenge.to_bytes().ok()?;
+                return (bytes.len() <= datagram.len().saturating_mul(AMPLIFICATION_FACTOR)).then_some(bytes);
+            }
+        }
+        let mid = request.header.message_id;
+        let seen = self.with_peer(from, now, |peer, _| {
+            if !confirmable {
+                return Ok(None);
+            }
+            let fresh = |at: &Instant| now.duration_since(*at) < DEDUP_LIFETIME;
+            if let Some((_, _, cached)) = peer.recent.iter().find(|(m, at, _)| *m == mid && fresh(at)) {
+                // A retransmission: the same answer, the TLS stack untouched.
+                return Ok(Some(cached.clone()));
+            }
+            if peer.mids.iter().any(|(m, at)| *m == mid && fresh(at)) {
+                // A late duplicate of an older request: already answered.
+                return Err(());
+            }
+            Ok(None)
+        });
+        match seen {
+            Err(NoRoom) => {
+                let p = diagnostic(
+                    &request,
+                    ResponseType::ServiceUnavailable,
+                    "too many endpoints from this address",
+                );
+                return p.to_bytes().ok();
+            }
+            Ok(Err(())) => return None,
+            Ok(Ok(Some(cached))) => return Some(cached),
+            Ok(Ok(None)) => {}
         }
         let response = self.respond(&request, from, now, self.config.block_size);
-        let bytes = response.to_bytes().ok()?;
+        let bytes = response.to_bytes_unlimited().ok()?;
         if confirmable {
-            self.with_peer(from, now, |peer| {
-                peer.recent
-                    .push_back((request.header.message_id, now, bytes.clone()));
+            let _ = self.with_peer(from, now, |peer, _| {
+                peer.recent.push_back((mid, now, bytes.clone()));
                 while peer.recent.len() > RECENT_PER_ENDPOINT {
-                    peer.recent.pop_front();
+                    if let Some((old, at, _)) = peer.recent.pop_front() {
+                        peer.mids.push_back((old, at));
+                    }
+                }
+                while peer.mids.len() > MIDS_PER_ENDPOINT {
+                    peer.mids.pop_front();
                 }
             });
         }
-        self.within_budget(&request, bytes, from, now)
+        Some(bytes)
     }
 
     /// Handle one request from a reliable transport (CoAP over TCP, RFC
@@ -328,19 +439,68 @@ impl CoapServer {
         if !matches!(request.header.code, MessageClass::Request(_)) {
             return None;
         }
-        self.with_peer(from, now, |peer| peer.validated = true);
+        let from = Endpoint {
+            addr: from,
+            reliable: true,
+        };
+        if self.with_peer(from, now, |_, _| ()).is_err() {
+            return Some(diagnostic(
+                request,
+                ResponseType::ServiceUnavailable,
+                "too many endpoints from this address",
+            ));
+        }
         // A reliable transport carries whole messages (up to the size both
         // sides announced): no Block2 for answers.
         Some(self.respond(request, from, now, crate::tcp::MAX_MESSAGE_SIZE))
     }
 
+    fn window(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.created).as_secs() / ECHO_WINDOW_SECS
+    }
+
+    /// The Echo value of `endpoint` in time window `window`: a keyed hash,
+    /// unpredictable without the server's secret.
+    fn echo_value(&self, endpoint: Endpoint, window: u64) -> [u8; 8] {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(self.secret);
+        h.update(window.to_be_bytes());
+        match endpoint.addr.ip() {
+            std::net::IpAddr::V4(ip) => h.update(ip.octets()),
+            std::net::IpAddr::V6(ip) => h.update(ip.octets()),
+        }
+        h.update(endpoint.addr.port().to_be_bytes());
+        let digest = h.finalize();
+        let mut value = [0u8; 8];
+        value.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
+        value
+    }
+
+    fn echo_valid(&self, endpoint: Endpoint, echo: &[u8], now: Instant) -> bool {
+        let window = self.window(now);
+        echo == self.echo_value(endpoint, window)
+            || window
+                .checked_sub(1)
+                .is_some_and(|w| echo == self.echo_value(endpoint, w))
+    }
+
     /// `whole`: the largest answer payload sent without Block2.
-    fn respond(&self, request: &Packet, from: SocketAddr, now: Instant, whole: usize) -> Packet {
+    fn respond(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Packet {
         if let Some(option) = crate::message::unknown_critical(request) {
             return diagnostic(
                 request,
                 ResponseType::BadOption,
                 &format!("unknown critical option {option}"),
+            );
+        }
+        if request.get_option(CoapOption::ProxyUri).is_some()
+            || request.get_option(CoapOption::ProxyScheme).is_some()
+        {
+            return diagnostic(
+                request,
+                ResponseType::ProxyingNotSupported,
+                "this server is not a proxy",
             );
         }
         if is_atls_path(request) {
@@ -356,57 +516,18 @@ impl CoapServer {
         }
     }
 
-    /// Anti-amplification (draft §7 asks for CoAP-level DDoS protection):
-    /// until an endpoint is validated, send it at most three times the
-    /// bytes it sent. An answer over that budget is replaced by a 4.01
-    /// carrying a fresh Echo value (RFC 9175 §2.4); a client that repeats
-    /// its request with that value is validated. When even the challenge
-    /// does not fit, nothing is sent.
-    fn within_budget(
+    /// Run `f` on a validated endpoint's state (created when there is room).
+    fn with_peer<R>(
         &self,
-        request: &Packet,
-        bytes: Vec<u8>,
-        from: SocketAddr,
+        from: Endpoint,
         now: Instant,
-    ) -> Option<Vec<u8>> {
-        self.with_peer(from, now, |peer| {
-            if peer.validated {
-                return Some(bytes);
-            }
-            let budget = peer.bytes_in.saturating_mul(AMPLIFICATION_FACTOR);
-            let answer = if peer.bytes_out.saturating_add(bytes.len() as u64) <= budget {
-                bytes
-            } else {
-                let challenge = echo_challenge(request, peer)?;
-                if peer.bytes_out.saturating_add(challenge.len() as u64) > budget {
-                    return None;
-                }
-                challenge
-            };
-            peer.bytes_out = peer.bytes_out.saturating_add(answer.len() as u64);
-            Some(answer)
-        })
-    }
-
-    /// A 4.01 with a fresh Echo value for `request`, within the budget.
-    fn challenge(&self, request: &Packet, from: SocketAddr, now: Instant) -> Option<Vec<u8>> {
-        self.with_peer(from, now, |peer| {
-            let challenge = echo_challenge(request, peer)?;
-            let budget = peer.bytes_in.saturating_mul(AMPLIFICATION_FACTOR);
-            if peer.bytes_out.saturating_add(challenge.len() as u64) > budget {
-                return None;
-            }
-            peer.bytes_out = peer.bytes_out.saturating_add(challenge.len() as u64);
-            Some(challenge)
-        })
-    }
-
-    fn with_peer<R>(&self, from: SocketAddr, now: Instant, f: impl FnOnce(&mut Peer) -> R) -> R {
+        f: impl FnOnce(&mut Peer, &mut usize) -> R,
+    ) -> Result<R, NoRoom> {
         let mut peers = lock(&self.peers);
-        peers.with(from, now, self.config.max_endpoints, f)
+        peers.with(from, now, &self.config, f)
     }
 
-    fn handle_flight(&self, request: &Packet, from: SocketAddr, now: Instant, whole: usize) -> Packet {
+    fn handle_flight(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Packet {
         if request.header.code != MessageClass::Request(RequestType::Post) {
             return diagnostic(request, ResponseType::MethodNotAllowed, "ATLS flights are POSTed");
         }
@@ -421,10 +542,20 @@ impl CoapServer {
                 Err(e) => return block_error(request, e),
             };
             if block2.num > 0 {
-                let stored = self.with_peer(from, now, |peer| peer.block2.clone());
-                return match stored {
-                    Some(body) => self.block2_answer(request, &body, block2.num, block2.szx.min(self.szx())),
-                    None => block_error(request, BlockError::Incomplete),
+                let szx = block2.szx.min(self.szx());
+                let answer = self.with_peer(from, now, |peer, _| {
+                    let body = peer.block2.as_ref()?;
+                    let p = self.block2_answer(request, body, block2.num, szx);
+                    let last = block2_slice(body, block2.num, szx).is_some_and(|(_, v)| !v.more);
+                    if last {
+                        // The whole answer was fetched: nothing more to keep.
+                        peer.block2 = None;
+                    }
+                    Some(p)
+                });
+                return match answer {
+                    Ok(Some(p)) => p,
+                    _ => block_error(request, BlockError::Incomplete),
                 };
             }
         }
@@ -448,23 +579,20 @@ impl CoapServer {
                     .get_first_option(CoapOption::Size1)
                     .and_then(|v| read_uint(v))
                     .map(|s| usize::try_from(s).unwrap_or(usize::MAX));
-                let step = self.with_peer(from, now, |peer| {
-                    let step = match (block1.num, peer.block1.as_mut()) {
-                        (0, _) => {
-                            Block1Assembly::start(block1, &request.payload, size1, self.config.max_flight)
-                                .map(|(assembly, step)| {
-                                    peer.block1 = Some(assembly);
-                                    step
-                                })
-                        }
-                        (_, Some(assembly)) => assembly.accept(block1, &request.payload),
-                        (_, None) => Err(BlockError::Incomplete),
-                    };
-                    if !matches!(step, Ok(Block1Step::Continue)) {
-                        peer.block1 = None;
-                    }
-                    step
-                });
+                let max = self.config.max_flight;
+                let step = self
+                    .with_peer(from, now, |peer, transfers| {
+                        block1_step(
+                            &mut peer.block1,
+                            *transfers,
+                            block1,
+                            &request.payload,
+                            size1,
+                            max,
+                            now,
+                        )
+                    })
+                    .unwrap_or(Err(BlockError::Busy));
                 match step {
                     Ok(Block1Step::Continue) => {
                         let mut p = answer(request, ResponseType::Continue);
@@ -478,7 +606,7 @@ impl CoapServer {
         };
         let output = match self.flight(&flight, from, now) {
             Ok(output) => output,
-            Err(reply) => return reply.into_packet(request),
+            Err(reply) => return reply.into_packet(request, self.config.content_format),
         };
         let mut p = self.block2_answer_or_whole(request, output, from, now, whole);
         if let Some(block1) = request.get_first_option(CoapOption::Block1) {
@@ -493,7 +621,7 @@ impl CoapServer {
         &self,
         request: &Packet,
         body: Vec<u8>,
-        from: SocketAddr,
+        from: Endpoint,
         now: Instant,
         whole: usize,
     ) -> Packet {
@@ -507,7 +635,7 @@ impl CoapServer {
             return p;
         }
         let p = self.block2_answer(request, &body, 0, self.szx());
-        self.with_peer(from, now, |peer| peer.block2 = Some(body));
+        let _ = self.with_peer(from, now, |peer, _| peer.block2 = Some(body));
         p
     }
 
@@ -530,7 +658,7 @@ impl CoapServer {
 
     /// Run one whole flight: a ClientHello opens a session for the endpoint,
     /// anything else continues the endpoint's session.
-    fn flight(&self, flight: &[u8], from: SocketAddr, now: Instant) -> Result<Vec<u8>, Reply> {
+    fn flight(&self, flight: &[u8], from: Endpoint, now: Instant) -> Result<Vec<u8>, Reply> {
         let framing = atls_core::records::detect_framing(flight).unwrap_or(Framing::Tls);
         let first = records::classify_payload(framing, flight).map_err(|_| {
             Reply::new(
@@ -538,12 +666,37 @@ impl CoapServer {
                 "the payload is not a sequence of TLS records",
             )
         })?;
-        let (half_open, established) = self.with_peer(from, now, |p| (p.half_open, p.established));
+        let (half_open, established) = self
+            .with_peer(from, now, |p, _| (p.half_open, p.established))
+            .unwrap_or((None, None));
         let continuing = half_open
             .and_then(|id| self.table.get(&id, now))
             .or_else(|| established.and_then(|id| self.table.get(&id, now)));
         match (continuing, first) {
+            // A ClientHello for a handshake in progress: its second
+            // ClientHello after a HelloRetryRequest continues it; one that
+            // does not fit it (a client that started over from the same
+            // port) opens a new session; a late duplicate of a flight
+            // already taken is refused and changes nothing.
+            (Some(found), FirstFlight::ClientHello) if found.phase == Phase::HalfOpen => {
+                if lock(&found.entry).repeats_previous_payload(flight) {
+                    return Err(Reply::new(
+                        ResponseType::BadRequest,
+                        "a duplicate of a flight already taken",
+                    ));
+                }
+                match self.continue_flight(found, flight, from, now) {
+                    Ok(output) => Ok(output),
+                    Err(_) => self.open(flight, from, now),
+                }
+            }
             (Some(found), _) if found.phase == Phase::HalfOpen => {
+                if lock(&found.entry).repeats_previous_payload(flight) {
+                    return Err(Reply::new(
+                        ResponseType::BadRequest,
+                        "a duplicate of a flight already taken",
+                    ));
+                }
                 self.continue_flight(found, flight, from, now)
             }
             (Some(found), FirstFlight::Other | FirstFlight::IncompleteClientHello) => {
@@ -568,14 +721,15 @@ impl CoapServer {
         }
     }
 
-    fn open(&self, flight: &[u8], from: SocketAddr, now: Instant) -> Result<Vec<u8>, Reply> {
+    fn open(&self, flight: &[u8], from: Endpoint, now: Instant) -> Result<Vec<u8>, Reply> {
         let admission = self
             .table
-            .admit(Some(ClientKey::from(from.ip())), flight, now)
+            .admit(Some(ClientKey::from(from.addr.ip())), flight, now)
             .map_err(|r| Reply::refused(&r))?;
         let id = admission.id();
         let mut session = ServerSession::accept(self.endpoint.as_ref(), &admission, self.limits(), 64 * 1024)
             .map_err(|_| Reply::new(ResponseType::InternalServerError, "cannot start an ATLS session"))?;
+        session.repeats_previous_payload(flight);
         let progress = session
             .push_flight(flight, now)
             .map_err(|f| Reply::failure(f.alert))?;
@@ -588,7 +742,7 @@ impl CoapServer {
         admission
             .insert(Mutex::new(session))
             .map_err(|r| Reply::refused(&r))?;
-        self.with_peer(from, now, |p| p.half_open = Some(id));
+        let _ = self.with_peer(from, now, |p, _| p.half_open = Some(id));
         if progress.established {
             self.complete(id, from, now)?;
         }
@@ -599,7 +753,7 @@ impl CoapServer {
         &self,
         found: atls_sessions::Found<Entry>,
         flight: &[u8],
-        from: SocketAddr,
+        from: Endpoint,
         now: Instant,
     ) -> Result<Vec<u8>, Reply> {
         let result = lock(&found.entry).push_flight(flight, now);
@@ -613,7 +767,7 @@ impl CoapServer {
             Err(failure) => {
                 if found.phase == Phase::HalfOpen {
                     self.table.remove(&found.id);
-                    self.with_peer(from, now, |p| p.half_open = None);
+                    let _ = self.with_peer(from, now, |p, _| p.half_open = None);
                 } else {
                     lock(&found.entry).abandon_records();
                 }
@@ -622,18 +776,17 @@ impl CoapServer {
         }
     }
 
-    fn complete(&self, id: SessionId, from: SocketAddr, now: Instant) -> Result<(), Reply> {
+    fn complete(&self, id: SessionId, from: Endpoint, now: Instant) -> Result<(), Reply> {
         self.table.establish(&id, now).map_err(|r| Reply::refused(&r))?;
-        self.with_peer(from, now, |p| {
+        let _ = self.with_peer(from, now, |p, _| {
             p.half_open = None;
             p.established = Some(id);
-            // It received every flight of a handshake: its address is real.
-            p.validated = true;
+            p.block2 = None;
         });
         Ok(())
     }
 
-    fn handle_oscore(&self, request: &Packet, from: SocketAddr, now: Instant, whole: usize) -> Packet {
+    fn handle_oscore(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Packet {
         let kid = match atls_oscore::message::oscore_option(request) {
             Ok(option) => option.kid,
             Err(e) => return oscore_error(request, &e),
@@ -642,7 +795,7 @@ impl CoapServer {
             .filter(|k| !k.is_empty())
             .and_then(|k| self.table.get_by_kid(KidKind::Oscore, &k, now));
         let found = by_kid.or_else(|| {
-            let established = self.with_peer(from, now, |p| p.established);
+            let established = self.with_peer(from, now, |p, _| p.established).ok().flatten();
             established.and_then(|id| self.table.get(&id, now))
         });
         let Some(found) = found.filter(|f| f.phase == Phase::Established) else {
@@ -689,7 +842,7 @@ impl CoapServer {
         &self,
         found: &atls_sessions::Found<Entry>,
         inner: &Packet,
-        from: SocketAddr,
+        from: Endpoint,
         now: Instant,
         whole: usize,
     ) -> Packet {
@@ -704,10 +857,16 @@ impl CoapServer {
                 Err(_) => return reply(ResponseType::BadOption),
             };
             if block.num > 0 {
-                let stored = self.with_peer(from, now, |p| p.inner_block2.clone());
+                let stored = self
+                    .with_peer(from, now, |p, _| p.inner_block2.clone())
+                    .ok()
+                    .flatten();
                 let Some((code, body)) = stored else {
                     return reply(ResponseType::RequestEntityIncomplete);
                 };
+                if block2_slice(&body, block.num, block.szx.min(self.szx())).is_some_and(|(_, v)| !v.more) {
+                    let _ = self.with_peer(from, now, |p, _| p.inner_block2 = None);
+                }
                 let Some((slice, value)) = block2_slice(&body, block.num, block.szx.min(self.szx())) else {
                     return reply(ResponseType::RequestEntityIncomplete);
                 };
@@ -728,21 +887,20 @@ impl CoapServer {
                 .get_first_option(CoapOption::Size1)
                 .and_then(|v| read_uint(v))
                 .map(|s| usize::try_from(s).unwrap_or(usize::MAX));
-            let step = self.with_peer(from, now, |peer| {
-                let step = match (block.num, peer.inner_block1.as_mut()) {
-                    (0, _) => Block1Assembly::start(block, &inner.payload, size1, self.config.max_flight)
-                        .map(|(a, step)| {
-                            peer.inner_block1 = Some(a);
-                            step
-                        }),
-                    (_, Some(a)) => a.accept(block, &inner.payload),
-                    (_, None) => Err(BlockError::Incomplete),
-                };
-                if !matches!(step, Ok(Block1Step::Continue)) {
-                    peer.inner_block1 = None;
-                }
-                step
-            });
+            let max = self.config.max_flight;
+            let step = self
+                .with_peer(from, now, |peer, transfers| {
+                    block1_step(
+                        &mut peer.inner_block1,
+                        *transfers,
+                        block,
+                        &inner.payload,
+                        size1,
+                        max,
+                        now,
+                    )
+                })
+                .unwrap_or(Err(BlockError::Busy));
             match step {
                 Ok(Block1Step::Continue) => {
                     let mut p = reply(ResponseType::Continue);
@@ -757,6 +915,7 @@ impl CoapServer {
                 Err(BlockError::BadOption) => return reply(ResponseType::BadOption),
                 Err(BlockError::Incomplete) => return reply(ResponseType::RequestEntityIncomplete),
                 Err(BlockError::TooLarge) => return reply(ResponseType::RequestEntityTooLarge),
+                Err(BlockError::Busy) => return reply(ResponseType::ServiceUnavailable),
             }
         }
         let (info, engine) = {
@@ -775,10 +934,53 @@ impl CoapServer {
                 response.add_option(CoapOption::Size2, uint_option(body.len() as u64));
             }
             let code = response.header.code;
-            self.with_peer(from, now, |p| p.inner_block2 = Some((code, body)));
+            let _ = self.with_peer(from, now, |p, _| p.inner_block2 = Some((code, body)));
         }
         response
     }
+}
+
+/// One Block1 block of the endpoint's transfer in `slot`. Block 0 starts
+/// (or restarts) a transfer; a block already received (a duplicate) is
+/// acknowledged again and changes nothing; a gap is 4.08 and keeps the
+/// transfer; a transfer idle for `BLOCK1_LIFETIME` is dropped; at most
+/// `MAX_BLOCK1_TRANSFERS` run at once over all endpoints.
+fn block1_step(
+    slot: &mut Option<(Block1Assembly, Instant)>,
+    transfers: usize,
+    block: BlockValue,
+    payload: &[u8],
+    size1: Option<usize>,
+    max: usize,
+    now: Instant,
+) -> Result<Block1Step, BlockError> {
+    if slot
+        .as_ref()
+        .is_some_and(|(_, at)| now.saturating_duration_since(*at) > BLOCK1_LIFETIME)
+    {
+        *slot = None;
+    }
+    if block.num == 0 {
+        if slot.is_none() && transfers >= MAX_BLOCK1_TRANSFERS {
+            return Err(BlockError::Busy);
+        }
+        let (assembly, step) =
+            Block1Assembly::start(block, payload, size1, max).inspect_err(|_| *slot = None)?;
+        *slot = matches!(step, Block1Step::Continue).then_some((assembly, now));
+        return Ok(step);
+    }
+    let Some((assembly, at)) = slot.as_mut() else {
+        return Err(BlockError::Incomplete);
+    };
+    if block.num < assembly.next() {
+        return Ok(Block1Step::Continue);
+    }
+    let step = assembly.accept(block, payload)?;
+    *at = now;
+    if matches!(step, Block1Step::Complete(_)) {
+        *slot = None;
+    }
+    Ok(step)
 }
 
 fn oscore_error(request: &Packet, e: &OscoreError) -> Packet {
@@ -792,17 +994,6 @@ fn oscore_error(request: &Packet, e: &OscoreError) -> Packet {
     // RFC 8613 §8.2: error responses carry Max-Age 0.
     p.add_option(CoapOption::MaxAge, Vec::new());
     p
-}
-
-/// A 4.01 Unauthorized carrying the endpoint's Echo value (RFC 9175 §2.4),
-/// unpredictable and chosen the first time the endpoint is challenged.
-fn echo_challenge(request: &Packet, peer: &mut Peer) -> Option<Vec<u8>> {
-    // One value per endpoint until it is validated: a retransmitted request
-    // and a late duplicate of the challenge then agree.
-    let value = peer.echo.get_or_insert_with(|| random::<8>().to_vec()).clone();
-    let mut challenge = answer(request, ResponseType::Unauthorized);
-    challenge.add_option(CoapOption::Unknown(OPTION_ECHO), value);
-    challenge.to_bytes().ok()
 }
 
 /// An error answer to a flight: a code with a diagnostic, or the TLS alert
@@ -856,13 +1047,10 @@ impl Reply {
         }
     }
 
-    fn into_packet(self, request: &Packet) -> Packet {
+    fn into_packet(self, request: &Packet, content_format: u16) -> Packet {
         let mut p = diagnostic(request, self.code, self.text);
         if let Some(alert) = self.alert {
-            p.add_option(
-                CoapOption::ContentFormat,
-                uint_option(u64::from(CONTENT_FORMAT_ATLS)),
-            );
+            p.add_option(CoapOption::ContentFormat, uint_option(u64::from(content_format)));
             p.payload = alert;
         }
         if let Some(max_age) = self.max_age {
@@ -876,30 +1064,86 @@ impl Reply {
 mod tests {
     use super::*;
 
+    fn endpoint(ip: u8, port: u16) -> Endpoint {
+        Endpoint {
+            addr: SocketAddr::from(([127, 0, 0, ip], port)),
+            reliable: false,
+        }
+    }
+
     #[test]
-    fn a_full_endpoint_map_forgets_unvalidated_endpoints_first() {
+    fn the_endpoint_map_is_bounded_overall_and_per_address() {
         let t0 = Instant::now();
-        let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let config = CoapConfig {
+            max_endpoints: 3,
+            max_endpoints_per_ip: 2,
+            ..CoapConfig::default()
+        };
         let mut peers = Peers::default();
-        peers.with(addr(1), t0, 3, |p| p.validated = true);
-        for (i, port) in [2u16, 3, 4, 5].into_iter().enumerate() {
-            peers.with(addr(port), t0 + Duration::from_secs(i as u64 + 1), 3, |_| ());
-        }
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(peers.with(endpoint(1, 1), at(1), &config, |_, _| ()).is_ok());
+        assert!(peers.with(endpoint(1, 2), at(2), &config, |_, _| ()).is_ok());
+        // A third port of the same address finds no room; nothing is pushed out.
+        assert!(peers.with(endpoint(1, 3), at(3), &config, |_, _| ()).is_err());
+        assert_eq!(peers.map.len(), 2);
+        // Other addresses fill the map; the least recently seen goes first.
+        peers.with(endpoint(1, 1), at(4), &config, |_, _| ()).ok();
+        assert!(peers.with(endpoint(2, 1), at(5), &config, |_, _| ()).is_ok());
+        assert!(peers.with(endpoint(3, 1), at(6), &config, |_, _| ()).is_ok());
         assert_eq!(peers.map.len(), 3);
-        assert!(peers.map.contains_key(&addr(1)), "the validated endpoint stays");
-        assert!(!peers.map.contains_key(&addr(2)) && !peers.map.contains_key(&addr(3)));
-        assert_eq!(
-            peers.order[0].len() + peers.order[1].len(),
-            3,
-            "the order sets follow the map"
+        assert!(
+            !peers.map.contains_key(&endpoint(1, 2)),
+            "the least recently seen was forgotten"
         );
-        // With only validated endpoints left, the least recently seen goes.
+        assert!(peers.map.contains_key(&endpoint(1, 1)));
+        assert_eq!(peers.order.len(), 3, "the order follows the map");
+        assert_eq!(peers.per_ip.get(&endpoint(1, 1).addr.ip()), Some(&1));
+    }
+
+    #[test]
+    fn block1_transfers_are_counted_and_expire() {
+        let t0 = Instant::now();
+        let config = CoapConfig::default();
         let mut peers = Peers::default();
-        for port in 1..=3u16 {
-            peers.with(addr(port), t0 + Duration::from_secs(u64::from(port)), 2, |p| {
-                p.validated = true
-            });
-        }
-        assert!(!peers.map.contains_key(&addr(1)) && peers.map.contains_key(&addr(3)));
+        let first = BlockValue {
+            num: 0,
+            more: true,
+            szx: 0,
+        };
+        peers
+            .with(endpoint(1, 1), t0, &config, |p, transfers| {
+                block1_step(&mut p.block1, *transfers, first, &[0; 16], None, 1024, t0)
+            })
+            .ok();
+        assert_eq!(peers.transfers, 1);
+        // A duplicate block changes nothing; a gap keeps the transfer.
+        let dup = peers.with(endpoint(1, 1), t0, &config, |p, transfers| {
+            block1_step(&mut p.block1, *transfers, first, &[0; 16], None, 1024, t0).map(|_| ())
+        });
+        assert!(matches!(dup, Ok(Ok(()))));
+        let gap = BlockValue {
+            num: 5,
+            more: true,
+            szx: 0,
+        };
+        let gapped = peers.with(endpoint(1, 1), t0, &config, |p, transfers| {
+            block1_step(&mut p.block1, *transfers, gap, &[0; 16], None, 1024, t0).map(|_| ())
+        });
+        assert!(matches!(gapped, Ok(Err(BlockError::Incomplete))));
+        assert_eq!(peers.transfers, 1, "still in progress");
+        // Idle past its lifetime, it is dropped when touched.
+        let later = t0 + BLOCK1_LIFETIME + Duration::from_secs(1);
+        let next = BlockValue {
+            num: 1,
+            more: true,
+            szx: 0,
+        };
+        let expired = peers.with(endpoint(1, 1), later, &config, |p, transfers| {
+            block1_step(&mut p.block1, *transfers, next, &[0; 16], None, 1024, later).map(|_| ())
+        });
+        assert!(matches!(expired, Ok(Err(BlockError::Incomplete))));
+        assert_eq!(peers.transfers, 0);
+        peers.remove(&endpoint(1, 1));
+        assert!(peers.map.is_empty() && peers.order.is_empty() && peers.per_ip.is_empty());
     }
 }

@@ -597,3 +597,62 @@ async fn the_same_over_coap_over_tcp() {
         }
     }
 }
+
+/// A hostile server that answers every flight with Block2 blocks that
+/// announce more but carry nothing: the client gives up with an error
+/// instead of asking forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_refuses_endless_empty_blocks() {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = answered.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            let Ok(request) = Packet::from_bytes(&buf[..n]) else {
+                continue;
+            };
+            let num = request
+                .get_first_option(CoapOption::Block2)
+                .and_then(|v| atls_coap::block::BlockValue::decode(v).ok())
+                .map_or(0, |b| b.num);
+            let mut p = Packet::new();
+            p.header.set_type(MessageType::Acknowledgement);
+            p.header.message_id = request.header.message_id;
+            p.header.code = MessageClass::Response(ResponseType::Changed);
+            p.set_token(request.get_token().to_vec());
+            p.add_option(
+                CoapOption::Block2,
+                atls_coap::block::BlockValue {
+                    num,
+                    more: true,
+                    szx: 0,
+                }
+                .encode(),
+            );
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = socket.send_to(&p.to_bytes().expect("encode"), from).await;
+        }
+    });
+    let endpoint = engines()[0]
+        .client(&client_config(TlsVersion::Tls13))
+        .expect("endpoint");
+    let client = AtlsCoapClient::new(addr, endpoint, options(512))
+        .await
+        .expect("client");
+    let result = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(&inner_request(RequestType::Get, "/hello", b"")),
+    )
+    .await
+    .expect("the client gives up by itself");
+    assert!(
+        matches!(result, Err(atls_coap::CoapClientError::Unexpected(_))),
+        "{result:?}"
+    );
+    assert!(answered.load(std::sync::atomic::Ordering::Relaxed) < 10);
+}
