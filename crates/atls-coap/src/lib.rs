@@ -23,6 +23,7 @@ pub mod app;
 pub mod block;
 pub mod client;
 pub mod message;
+pub mod multipart;
 pub mod server;
 pub mod tcp;
 pub mod udp;

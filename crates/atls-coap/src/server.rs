@@ -32,6 +32,9 @@ use crate::block::{block2_slice, Block1Assembly, Block1Step, BlockError, BlockVa
 /// so a value from the experimental range (RFC 7252 §12.3), configurable.
 pub const CONTENT_FORMAT_ATLS: u16 = 65000;
 
+/// Content-Format of `application/multipart-core` (RFC 8710).
+pub const CONTENT_FORMAT_MULTIPART_CORE: u64 = 62;
+
 /// Settings of a [`CoapServer`].
 #[derive(Clone, Debug)]
 pub struct CoapConfig {
@@ -559,7 +562,8 @@ impl CoapServer {
                 };
             }
         }
-        if format != Some(u64::from(self.config.content_format)) {
+        let multipart = format == Some(CONTENT_FORMAT_MULTIPART_CORE);
+        if format != Some(u64::from(self.config.content_format)) && !multipart {
             return diagnostic(
                 request,
                 ResponseType::UnsupportedContentFormat,
@@ -603,6 +607,16 @@ impl CoapServer {
                     Err(e) => return block_error(request, e),
                 }
             }
+        };
+        // RFC 8710 (draft §7): a multipart-core payload carries the flight
+        // as its application/atls parts, concatenated in order.
+        let flight = if multipart {
+            match crate::multipart::atls_parts(&flight, self.config.content_format) {
+                Ok(parts) => parts,
+                Err(e) => return diagnostic(request, ResponseType::BadRequest, e),
+            }
+        } else {
+            flight
         };
         let output = match self.flight(&flight, from, now) {
             Ok(output) => output,

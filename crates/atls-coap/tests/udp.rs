@@ -212,6 +212,45 @@ async fn hostile_datagrams_get_their_codes_and_harm_no_one() {
         p.add_option(CoapOption::Block1, vec![0x0F]);
         let a = raw(&socket, addr, p).await.expect("answer");
         assert_eq!(code(&a), MessageClass::Response(ResponseType::BadOption));
+        // An unknown critical option: 4.02; a proxy request: 5.05.
+        let mut p = flight_post(b"x", next());
+        p.add_option(CoapOption::Unknown(9999), vec![1]);
+        let a = raw(&socket, addr, p).await.expect("answer");
+        assert_eq!(code(&a), MessageClass::Response(ResponseType::BadOption));
+        let mut p = flight_post(b"x", next());
+        p.add_option(CoapOption::ProxyUri, b"coap://elsewhere/".to_vec());
+        let a = raw(&socket, addr, p).await.expect("answer");
+        assert_eq!(
+            code(&a),
+            MessageClass::Response(ResponseType::ProxyingNotSupported)
+        );
+        // A ClientHello inside application/multipart-core (RFC 8710) opens a
+        // session like a plain one.
+        let hello = {
+            let endpoint = engine
+                .client(&client_config(TlsVersion::Tls13))
+                .expect("endpoint");
+            let mut s =
+                atls_core::Session::client(endpoint.as_ref(), &atls_tests::client_params()).expect("session");
+            s.take_flight(std::time::Instant::now())
+                .expect("flight")
+                .expect("hello")
+        };
+        let mut multipart = vec![0x82, 0x19, 0xFD, 0xE8];
+        multipart.push(0x59);
+        multipart.extend_from_slice(&(hello.len() as u16).to_be_bytes());
+        multipart.extend_from_slice(&hello);
+        let mut p = flight_post(&multipart, next());
+        p.clear_option(CoapOption::ContentFormat);
+        p.add_option(CoapOption::ContentFormat, vec![62]);
+        let a = raw(&socket, addr, p).await.expect("answer");
+        assert_eq!(
+            code(&a),
+            MessageClass::Response(ResponseType::Changed),
+            "{:?}",
+            String::from_utf8_lossy(&a.payload)
+        );
+        assert_eq!(a.payload.first(), Some(&22), "a server flight");
         // An unprotected request to a resource: 4.01.
         let mut p = Packet::new();
         p.header.code = MessageClass::Request(RequestType::Get);
@@ -235,7 +274,11 @@ async fn hostile_datagrams_get_their_codes_and_harm_no_one() {
             .expect("bystander after the abuse");
         assert_eq!(again.payload, b"still here");
         assert_eq!(server.stats().established, 1);
-        assert_eq!(server.stats().half_open, 0);
+        assert_eq!(
+            server.stats().half_open,
+            1,
+            "only the multipart ClientHello's handshake"
+        );
     }
 }
 
