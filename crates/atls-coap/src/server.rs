@@ -575,36 +575,17 @@ impl CoapServer {
             Some(value) => {
                 // Any block size (16..=1024) is taken; the configured size
                 // is the one this server's own Block2 answers use.
-                let block1 = match BlockValue::decode(value) {
-                    Ok(b) => b,
+                let (block1, step) = match self.block1(request, value, from, now, false) {
+                    Ok(decoded) => decoded,
                     Err(e) => return block_error(request, e),
                 };
-                let size1 = request
-                    .get_first_option(CoapOption::Size1)
-                    .and_then(|v| read_uint(v))
-                    .map(|s| usize::try_from(s).unwrap_or(usize::MAX));
-                let max = self.config.max_flight;
-                let step = self
-                    .with_peer(from, now, |peer, transfers| {
-                        block1_step(
-                            &mut peer.block1,
-                            *transfers,
-                            block1,
-                            &request.payload,
-                            size1,
-                            max,
-                            now,
-                        )
-                    })
-                    .unwrap_or(Err(BlockError::Busy));
                 match step {
-                    Ok(Block1Step::Continue) => {
+                    Block1Step::Continue => {
                         let mut p = answer(request, ResponseType::Continue);
                         p.add_option(CoapOption::Block1, block1.encode());
                         return p;
                     }
-                    Ok(Block1Step::Complete(body)) => body,
-                    Err(e) => return block_error(request, e),
+                    Block1Step::Complete(body) => body,
                 }
             }
         };
@@ -849,6 +830,35 @@ impl CoapServer {
 }
 
 impl CoapServer {
+    /// One Block1 block of `packet` (option value `value`) for the
+    /// endpoint's outer (flight) or inner (OSCORE) transfer.
+    fn block1(
+        &self,
+        packet: &Packet,
+        value: &[u8],
+        from: Endpoint,
+        now: Instant,
+        inner: bool,
+    ) -> Result<(BlockValue, Block1Step), BlockError> {
+        let block = BlockValue::decode(value)?;
+        let size1 = packet
+            .get_first_option(CoapOption::Size1)
+            .and_then(|v| read_uint(v))
+            .map(|s| usize::try_from(s).unwrap_or(usize::MAX));
+        let max = self.config.max_flight;
+        let step = self
+            .with_peer(from, now, |peer, transfers| {
+                let slot = if inner {
+                    &mut peer.inner_block1
+                } else {
+                    &mut peer.block1
+                };
+                block1_step(slot, *transfers, block, &packet.payload, size1, max, now)
+            })
+            .unwrap_or(Err(BlockError::Busy))?;
+        Ok((block, step))
+    }
+
     /// The inner (decrypted) exchange, with blockwise transfer inside
     /// OSCORE: Block1 request bodies are reassembled (bounded like flights)
     /// and responses larger than a block go in Block2 blocks.
@@ -893,28 +903,10 @@ impl CoapServer {
         }
         let mut request = inner.clone();
         if let Some(value) = inner.get_first_option(CoapOption::Block1) {
-            let block = match BlockValue::decode(value) {
-                Ok(b) => b,
-                Err(_) => return reply(ResponseType::BadOption),
+            let step = match self.block1(inner, value, from, now, true) {
+                Ok((_, step)) => Ok(step),
+                Err(e) => Err(e),
             };
-            let size1 = inner
-                .get_first_option(CoapOption::Size1)
-                .and_then(|v| read_uint(v))
-                .map(|s| usize::try_from(s).unwrap_or(usize::MAX));
-            let max = self.config.max_flight;
-            let step = self
-                .with_peer(from, now, |peer, transfers| {
-                    block1_step(
-                        &mut peer.inner_block1,
-                        *transfers,
-                        block,
-                        &inner.payload,
-                        size1,
-                        max,
-                        now,
-                    )
-                })
-                .unwrap_or(Err(BlockError::Busy));
             match step {
                 Ok(Block1Step::Continue) => {
                     let mut p = reply(ResponseType::Continue);
