@@ -249,6 +249,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The ATLS-over-CoAP server core.
 pub struct CoapServer {
     endpoint: Arc<dyn ServerEndpoint>,
+    /// DTLS 1.2 as the ATLS layer (layered TLS over an unreliable link):
+    /// flights in DTLS framing go to this endpoint.
+    dtls: Option<Arc<dyn ServerEndpoint>>,
     config: CoapConfig,
     table: SessionTable<Entry>,
     peers: Mutex<Peers>,
@@ -331,9 +334,20 @@ fn is_atls_path(request: &Packet) -> bool {
 impl CoapServer {
     /// A server on `endpoint` with `config`.
     pub fn new(endpoint: Arc<dyn ServerEndpoint>, config: CoapConfig) -> Arc<Self> {
+        Self::with_dtls(endpoint, None, config)
+    }
+
+    /// A server whose ATLS layer is TLS on `endpoint` and, for flights in
+    /// DTLS framing (known from the first record), DTLS 1.2 on `dtls`.
+    pub fn with_dtls(
+        endpoint: Arc<dyn ServerEndpoint>,
+        dtls: Option<Arc<dyn ServerEndpoint>>,
+        config: CoapConfig,
+    ) -> Arc<Self> {
         Arc::new(Self {
             table: SessionTable::new(config.policy),
             endpoint,
+            dtls,
             config,
             peers: Mutex::new(Peers::default()),
             secret: random::<32>(),
@@ -722,7 +736,14 @@ impl CoapServer {
             .admit(Some(ClientKey::from(from.addr.ip())), flight, now)
             .map_err(|r| Reply::refused(&r))?;
         let id = admission.id();
-        let mut session = ServerSession::accept(self.endpoint.as_ref(), &admission, self.limits(), 64 * 1024)
+        let endpoint = match records::detect_framing(flight) {
+            Some(Framing::Dtls) => self.dtls.as_deref().ok_or(Reply::new(
+                ResponseType::BadRequest,
+                "this server does not run DTLS",
+            ))?,
+            _ => self.endpoint.as_ref(),
+        };
+        let mut session = ServerSession::accept(endpoint, &admission, self.limits(), 64 * 1024)
             .map_err(|_| Reply::new(ResponseType::InternalServerError, "cannot start an ATLS session"))?;
         session.repeats_previous_payload(flight);
         let progress = session

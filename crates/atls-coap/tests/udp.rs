@@ -699,3 +699,67 @@ async fn a_client_refuses_endless_empty_blocks() {
     );
     assert!(answered.load(std::sync::atomic::Ordering::Relaxed) < 10);
 }
+
+/// DTLS 1.2 as the ATLS layer over CoAP (layered TLS over an unreliable
+/// link; OpenSSL, the engine with DTLS): the server tells the framing from
+/// the first record, the flights (fragmented to the DTLS MTU) travel
+/// blockwise, then OSCORE keyed from the DTLS export — also through the
+/// lossy relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dtls_as_the_atls_layer_over_coap() {
+    let openssl = engines()[0];
+    assert!(openssl.capabilities().versions.contains(&TlsVersion::Dtls12));
+    for lossy in [false, true] {
+        let tls = openssl
+            .server(&server_config(TlsVersion::Tls13))
+            .expect("tls endpoint");
+        let dtls = openssl
+            .server(&server_config(TlsVersion::Dtls12))
+            .expect("dtls endpoint");
+        let server = CoapServer::with_dtls(tls, Some(dtls), CoapConfig::default());
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let addr = socket.local_addr().expect("addr");
+        tokio::spawn(atls_coap::udp::serve(socket, server.clone()));
+        let target = if lossy {
+            lossy_relay(addr, 0xD715).await.0
+        } else {
+            addr
+        };
+        let endpoint = openssl
+            .client(&client_config(TlsVersion::Dtls12))
+            .expect("client endpoint");
+        let client = AtlsCoapClient::new(
+            target,
+            endpoint,
+            CoapClientOptions {
+                transmission: atls_coap::udp::Transmission {
+                    ack_timeout: Duration::from_millis(60),
+                    ack_random_factor: 1.5,
+                    max_retransmit: 10,
+                    separate_timeout: Duration::from_secs(5),
+                },
+                ..options(256)
+            },
+        )
+        .await
+        .expect("client");
+        let echo = client
+            .request(&inner_request(RequestType::Post, "/echo", b"over DTLS"))
+            .await
+            .unwrap_or_else(|e| panic!("lossy={lossy}: {e}"));
+        assert_eq!(echo.payload, b"over DTLS");
+        let info = client.session_info().await.expect("session");
+        assert_eq!(info.version, TlsVersion::Dtls12);
+        assert!(
+            client.last_handshake().iter().any(|t| t.blocks_received > 1),
+            "blockwise flights"
+        );
+        let session = client
+            .request(&inner_request(RequestType::Get, "/session", b""))
+            .await
+            .expect("session");
+        let json: serde_json::Value = serde_json::from_slice(&session.payload).expect("json");
+        assert_eq!(json["tls_version"], "DTLSv1.2");
+        assert_eq!(server.stats().established, 1);
+    }
+}
