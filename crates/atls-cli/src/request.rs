@@ -182,6 +182,17 @@ fn reqwest_url(url: &str) -> anyhow::Result<http::Uri> {
     }
 }
 
+/// The single-threaded runtime of one request; exit 1 when it cannot start.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("atls: {e}");
+            ExitCode::from(1)
+        })
+}
+
 /// `atls request coap://HOST[:PORT]/PATH`: the handshake over CoAP, then
 /// one OSCORE request.
 fn run_coap(args: &RequestArgs) -> ExitCode {
@@ -239,12 +250,9 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("atls: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let tcp = args.url.starts_with("coap+tcp://");
     let result = runtime.block_on(async {
@@ -298,14 +306,11 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
 
 /// Run `atls request`; the exit code names the failing layer.
 pub(crate) fn run(args: &RequestArgs) -> ExitCode {
-    if args.url.starts_with("coap://") || args.url.starts_with("coap+tcp://") {
-        if args.verbose {
-            crate::init_tracing();
-        }
-        return run_coap(args);
-    }
     if args.verbose {
         crate::init_tracing();
+    }
+    if args.url.starts_with("coap://") || args.url.starts_with("coap+tcp://") {
+        return run_coap(args);
     }
     let (client, request) = match build(args) {
         Ok(built) => built,
@@ -314,12 +319,9 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("atls: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let start = Instant::now();
     let result = runtime.block_on(client.send_traced(request));

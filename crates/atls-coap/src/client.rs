@@ -15,7 +15,7 @@ use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 use tokio::net::UdpSocket;
 
 use crate::block::BlockValue;
-use crate::server::CONTENT_FORMAT_ATLS;
+use crate::server::{random, uint_option, CONTENT_FORMAT_ATLS};
 use crate::udp::{exchange, ExchangeError, Transmission};
 
 /// How an [`AtlsCoapClient`] talks to its server.
@@ -118,12 +118,6 @@ impl fmt::Debug for AtlsCoapClient {
             .field("engine", &self.endpoint.engine_name())
             .finish_non_exhaustive()
     }
-}
-
-fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    let _ = getrandom::fill(&mut b);
-    b
 }
 
 fn code_text(code: MessageClass) -> String {
@@ -249,7 +243,7 @@ impl AtlsCoapClient {
         p.add_option(CoapOption::UriPath, b"atls".to_vec());
         p.add_option(
             CoapOption::ContentFormat,
-            uint(u64::from(self.options.content_format)),
+            uint_option(u64::from(self.options.content_format)),
         );
         p
     }
@@ -304,7 +298,7 @@ impl AtlsCoapClient {
                 };
                 p.add_option(CoapOption::Block1, value.encode());
                 if num == 0 {
-                    p.add_option(CoapOption::Size1, uint(flight.len() as u64));
+                    p.add_option(CoapOption::Size1, uint_option(flight.len() as u64));
                 }
                 p.payload = chunk.to_vec();
                 trip.blocks_sent += 1;
@@ -469,7 +463,7 @@ impl AtlsCoapClient {
                     .encode(),
                 );
                 if num == 0 {
-                    part.add_option(CoapOption::Size1, uint(inner.payload.len() as u64));
+                    part.add_option(CoapOption::Size1, uint_option(inner.payload.len() as u64));
                 }
                 part.payload = chunk.to_vec();
                 let answer = self.protected(est, &part).await?;
@@ -572,12 +566,6 @@ fn check_block(
         return bad("more blocks than the limit allows");
     }
     Ok(())
-}
-
-fn uint(value: u64) -> Vec<u8> {
-    let bytes = value.to_be_bytes();
-    let skip = bytes.iter().take_while(|b| **b == 0).count();
-    bytes.get(skip..).unwrap_or_default().to_vec()
 }
 
 /// An inner request: `method` on `path` (segments separated by `/`) with `payload`.

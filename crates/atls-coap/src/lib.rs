@@ -12,10 +12,10 @@
 //! - [`client`]: [`AtlsCoapClient`], the handshake and OSCORE requests.
 //! - [`block`]: bounded blockwise transfer.
 //!
-//! Not yet here (see the project's notes): a CoAP-over-TCP client, CoAP
-//! over DTLS as the transport, DTLS as the ATLS layer through this
-//! server, records mode, Echo-based anti-amplification, blockwise inside
-//! OSCORE.
+//! Also: Echo address validation (no state for, and at most three times the
+//! bytes to, an unvalidated endpoint), blockwise inside OSCORE, DTLS 1.2 as
+//! the ATLS layer ([`CoapServer::with_dtls`]). Not yet: CoAP over DTLS as
+//! the transport, records mode over CoAP (docs/PROTOCOL.md §13).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -287,7 +287,7 @@ fn answer(request: &Packet, code: ResponseType) -> Packet {
     p
 }
 
-fn random<const N: usize>() -> [u8; N] {
+pub(crate) fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     let _ = getrandom::fill(&mut b);
     b
@@ -304,7 +304,8 @@ fn diagnostic(request: &Packet, code: ResponseType, text: &str) -> Packet {
     p
 }
 
-fn uint_option(value: u64) -> Vec<u8> {
+/// A CoAP uint option value (RFC 7252 §3.2: minimal length).
+pub(crate) fn uint_option(value: u64) -> Vec<u8> {
     let bytes = value.to_be_bytes();
     let skip = bytes.iter().take_while(|b| **b == 0).count();
     bytes.get(skip..).unwrap_or_default().to_vec()
