@@ -23,7 +23,8 @@ pub(crate) fn versions(version: Option<&str>) -> anyhow::Result<Vec<TlsVersion>>
         None => vec![TlsVersion::Tls13, TlsVersion::Tls12],
         Some("1.3") => vec![TlsVersion::Tls13],
         Some("1.2") => vec![TlsVersion::Tls12],
-        Some(other) => bail!("unknown TLS version {other:?} (1.2, 1.3)"),
+        Some("dtls1.2") => vec![TlsVersion::Dtls12],
+        Some(other) => bail!("unknown TLS version {other:?} (1.2, 1.3, dtls1.2)"),
     })
 }
 

@@ -32,7 +32,8 @@ pub(crate) struct RequestArgs {
     /// TLS engine for ATLS.
     #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"])]
     pub(crate) engine: String,
-    /// Only this TLS version (1.2 or 1.3).
+    /// Only this TLS version (1.2 or 1.3); over CoAP also dtls1.2 (DTLS
+    /// as the ATLS layer, OpenSSL engine).
     #[arg(long, value_name = "VERSION")]
     pub(crate) tls_version: Option<String>,
     /// CA that issued the ATLS server certificate (PEM). Defaults to the
@@ -58,9 +59,18 @@ pub(crate) struct RequestArgs {
     /// middlebox). ATLS is verified regardless.
     #[arg(long)]
     pub(crate) insecure_transport: bool,
-    /// Extra CA for the transport TLS layer (PEM).
+    /// Extra CA for the transport TLS layer (PEM); for coaps:// the CA of
+    /// the DTLS server certificate (default: --ca).
     #[arg(long, value_name = "FILE")]
     pub(crate) transport_ca: Option<PathBuf>,
+    /// coaps://: the PSK of the DTLS hop, IDENTITY:HEXKEY (instead of a
+    /// certificate).
+    #[arg(long, value_name = "ID:HEX")]
+    pub(crate) transport_psk: Option<String>,
+    /// coaps://: seconds the DTLS handshake of the hop may take (a wrong
+    /// PSK shows as no answer: DTLS drops what it cannot authenticate).
+    #[arg(long, value_name = "SECS", default_value_t = 20.0)]
+    pub(crate) connect_timeout: f64,
     /// Speak HTTP/2 to an http:// URL without negotiation (h2c).
     #[arg(long)]
     pub(crate) http2: bool,
@@ -178,7 +188,7 @@ fn reqwest_url(url: &str) -> anyhow::Result<http::Uri> {
     let uri: http::Uri = url.parse().with_context(|| format!("invalid URL {url}"))?;
     match uri.scheme_str() {
         Some("http") | Some("https") => Ok(uri),
-        _ => anyhow::bail!("the URL must start with http://, https://, coap:// or coap+tcp://"),
+        _ => anyhow::bail!("the URL must start with http://, https://, coap://, coap+tcp:// or coaps://"),
     }
 }
 
@@ -193,13 +203,53 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-/// `atls request coap://HOST[:PORT]/PATH`: the handshake over CoAP, then
-/// one OSCORE request.
+/// The DTLS hop of `coaps://`: a PSK, or the CA of the server certificate.
+fn transport_config(args: &RequestArgs) -> anyhow::Result<ClientConfig> {
+    let mut common = CommonConfig {
+        versions: vec![atls_core::TlsVersion::Dtls12],
+        ..CommonConfig::default()
+    };
+    common.resumption = false;
+    if let Some(psk) = &args.transport_psk {
+        return Ok(ClientConfig {
+            common,
+            psk: common::psks(std::slice::from_ref(psk))?.pop(),
+            ..ClientConfig::default()
+        });
+    }
+    let ca = match (&args.transport_ca, &args.ca) {
+        (Some(ca), _) | (None, Some(ca)) => ca.clone(),
+        (None, None) => args
+            .state_dir
+            .clone()
+            .unwrap_or_else(common::default_state_dir)
+            .join("ca.pem"),
+    };
+    if !ca.exists() {
+        anyhow::bail!("coaps:// needs --transport-psk ID:HEX or --transport-ca FILE");
+    }
+    Ok(ClientConfig {
+        common,
+        trust_anchors: common::certificates(&ca)?,
+        ..ClientConfig::default()
+    })
+}
+
+/// `atls request coap://HOST[:PORT]/PATH` (also `coap+tcp://`, `coaps://`):
+/// the handshake over CoAP, then one request protected with OSCORE or in
+/// records.
 fn run_coap(args: &RequestArgs) -> ExitCode {
     use coap_lite::{MessageClass, RequestType};
+    let coaps = args.url.starts_with("coaps://");
     let prepared = (|| -> anyhow::Result<_> {
-        if args.mode != Mode::Oscore {
-            anyhow::bail!("over CoAP the protection is OSCORE (--mode oscore)");
+        let mode = match args.mode {
+            Mode::Oscore => atls_coap::CoapMode::Oscore,
+            Mode::Records => atls_coap::CoapMode::Records,
+            _ => anyhow::bail!("over CoAP the protection is OSCORE or records (--mode oscore|records)"),
+        };
+        let dtls_layer = args.tls_version.as_deref() == Some("dtls1.2");
+        if dtls_layer && args.engine != "openssl" {
+            anyhow::bail!("DTLS as the ATLS layer needs the OpenSSL engine");
         }
         let engine = common::engine(&args.engine)?;
         let endpoint = engine
@@ -214,7 +264,16 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
             .context("the URL has no host")?
             .trim_matches(['[', ']'])
             .to_owned();
-        let port = uri.port_u16().unwrap_or(5683);
+        let port = uri.port_u16().unwrap_or(if coaps { 5684 } else { 5683 });
+        let transport = if coaps {
+            Some(
+                common::engine("openssl")?
+                    .client(&transport_config(args)?)
+                    .context("configuring the DTLS hop")?,
+            )
+        } else {
+            None
+        };
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
             .with_context(|| format!("resolving {host}"))?
             .next()
@@ -239,11 +298,14 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
         }
         let options = atls_coap::CoapClientOptions {
             server_name: Some(args.server_name.clone().unwrap_or(host)),
+            mode,
+            transport_timeout: std::time::Duration::try_from_secs_f64(args.connect_timeout)
+                .context("--connect-timeout expects seconds")?,
             ..atls_coap::CoapClientOptions::default()
         };
-        Ok((addr, endpoint, options, inner))
+        Ok((addr, endpoint, transport, options, inner))
     })();
-    let (addr, endpoint, options, inner) = match prepared {
+    let (addr, endpoint, transport, options, inner) = match prepared {
         Ok(p) => p,
         Err(e) => {
             eprintln!("atls: {e:#}");
@@ -256,10 +318,12 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
     };
     let tcp = args.url.starts_with("coap+tcp://");
     let result = runtime.block_on(async {
-        let client = if tcp {
-            atls_coap::AtlsCoapClient::new_tcp(addr, endpoint, options).await?
-        } else {
-            atls_coap::AtlsCoapClient::new(addr, endpoint, options).await?
+        let client = match transport {
+            Some(transport) => {
+                atls_coap::AtlsCoapClient::new_dtls(addr, transport, endpoint, options).await?
+            }
+            None if tcp => atls_coap::AtlsCoapClient::new_tcp(addr, endpoint, options).await?,
+            None => atls_coap::AtlsCoapClient::new(addr, endpoint, options).await?,
         };
         let response = client.request(&inner).await?;
         Ok::<_, atls_coap::CoapClientError>((response, client.last_handshake()))
@@ -309,7 +373,10 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
     if args.verbose {
         crate::init_tracing();
     }
-    if args.url.starts_with("coap://") || args.url.starts_with("coap+tcp://") {
+    if ["coap://", "coap+tcp://", "coaps://"]
+        .iter()
+        .any(|scheme| args.url.starts_with(scheme))
+    {
         return run_coap(args);
     }
     let (client, request) = match build(args) {

@@ -32,6 +32,14 @@ pub(crate) struct ServeArgs {
     /// CoAP over TCP listener (RFC 8323).
     #[arg(long, value_name = "ADDR")]
     pub(crate) coap_tcp: Option<SocketAddr>,
+    /// CoAP over DTLS listener (coaps://, RFC 7252 §9): the DTLS hop uses
+    /// --coaps-psk keys and/or the --tls-cert certificate (default: the
+    /// ATLS certificate).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) coaps: Option<SocketAddr>,
+    /// PSK of the coaps:// DTLS hop (repeatable): IDENTITY:HEXKEY.
+    #[arg(long, value_name = "ID:HEX")]
+    pub(crate) coaps_psk: Vec<String>,
     /// CoAP Content-Format number of ATLS payloads (IANA has assigned none).
     #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS)]
     pub(crate) coap_content_format: u16,
@@ -148,6 +156,7 @@ pub(crate) struct Running {
     pub(crate) https: Option<SocketAddr>,
     pub(crate) coap: Option<SocketAddr>,
     pub(crate) coap_tcp: Option<SocketAddr>,
+    pub(crate) coaps: Option<SocketAddr>,
     pub(crate) ca_path: Option<PathBuf>,
     pub(crate) server: Arc<AtlsServer>,
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
@@ -187,6 +196,45 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         max_early_data: args.max_early_data,
     };
     let endpoint = engine.server(&config).context("configuring the ATLS server")?;
+    // DTLS 1.2 as the ATLS layer over CoAP (OpenSSL has it): the same
+    // credentials, told apart from TLS by the first record.
+    let dtls_endpoint = {
+        let mut dtls = config.clone();
+        dtls.common.versions = vec![atls_core::TlsVersion::Dtls12];
+        dtls.max_early_data = 0;
+        common::engine("openssl")?
+            .server(&dtls)
+            .context("configuring the DTLS ATLS server")?
+    };
+    let coaps_transport = match args.coaps {
+        None => None,
+        Some(_) => {
+            let identity = match (&args.tls_cert, &args.tls_key) {
+                (Some(cert), Some(key)) => Some(common::certified_key(cert, key)?),
+                _ => config.identity.clone(),
+            };
+            let psks = common::psks(&args.coaps_psk)?;
+            if identity.is_none() && psks.is_empty() {
+                bail!("--coaps needs --coaps-psk or a certificate");
+            }
+            let mut common = CommonConfig {
+                versions: vec![atls_core::TlsVersion::Dtls12],
+                ..CommonConfig::default()
+            };
+            common.resumption = false;
+            let transport = ServerConfig {
+                common,
+                identity,
+                psks,
+                ..ServerConfig::default()
+            };
+            Some(
+                common::engine("openssl")?
+                    .server(&transport)
+                    .context("configuring the coaps:// DTLS hop")?,
+            )
+        }
+    };
     let evict_idle_after = match args.evict_idle_after.as_str() {
         "never" => None,
         secs => Some(Duration::from_secs(
@@ -229,7 +277,7 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let http_addr = match (args.http, args.https) {
-        (None, None) if args.coap.is_none() && args.coap_tcp.is_none() => {
+        (None, None) if args.coap.is_none() && args.coap_tcp.is_none() && args.coaps.is_none() => {
             Some(SocketAddr::from(([127, 0, 0, 1], 8080)))
         }
         (http, _) => http,
@@ -273,7 +321,8 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     };
     // One CoAP server for both transports: a device's sessions are the same
     // whichever it uses.
-    let coap_server = atls_coap::CoapServer::new(coap_endpoint.clone(), coap_config);
+    let coap_server =
+        atls_coap::CoapServer::with_dtls(coap_endpoint.clone(), Some(dtls_endpoint), coap_config);
     let mut coap_tcp_bound = None;
     if let Some(addr) = args.coap_tcp {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -296,7 +345,21 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         let coap = coap_server.clone();
         tasks.spawn(async move { atls_coap::udp::serve(socket, coap).await.context("CoAP listener") });
     }
+    let mut coaps_bound = None;
+    if let (Some(addr), Some(transport)) = (args.coaps, coaps_transport) {
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding UDP {addr}"))?;
+        coaps_bound = Some(socket.local_addr()?);
+        let coap = coap_server.clone();
+        tasks.spawn(async move {
+            atls_coap::dtls::serve(socket, transport, coap, atls_coap::DtlsServerConfig::default())
+                .await
+                .context("CoAP over DTLS listener")
+        });
+    }
     Ok(Running {
+        coaps: coaps_bound,
         http: http_bound,
         coap: coap_bound,
         coap_tcp: coap_tcp_bound,
@@ -389,6 +452,12 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
         if let Some(addr) = running.coap_tcp {
             println!(
                 "ATLS over CoAP over TCP on coap+tcp://{addr} (engine {})",
+                running.server.engine_name()
+            );
+        }
+        if let Some(addr) = running.coaps {
+            println!(
+                "ATLS over CoAP over DTLS on coaps://{addr} (engine {})",
                 running.server.engine_name()
             );
         }

@@ -31,9 +31,16 @@ fn demo_runs_every_scenario_on_embedded_defaults() {
         "application/cose; cose-type=\"cose-encrypt0\"",
         "app:  POST /echo \"temperature=21.5\" → 200 \"temperature=21.5\"",
         "session seen by the app: mode records, engine rustls",
-        "ATLS over CoAP over UDP on loopback",
-        "== rustls client → openssl server, TLSv1.2",
+        "ATLS over CoAP on loopback",
+        "== rustls client → openssl server, TLSv1.2, CoAP over UDP",
         "wire: POST (OSCORE, path hidden)",
+        "== openssl, TLSv1.3 in Oscore mode, CoAP over TCP",
+        "== rustls, TLSv1.3 in Oscore mode, CoAP over DTLS (coaps, PSK hop)",
+        "hop:  DTLSv1.2",
+        "== openssl, DTLSv1.2 in Oscore mode, CoAP over UDP",
+        "(DTLS flights in non-confirmable messages, resent by the DTLS timer only)",
+        "== openssl, DTLSv1.2 in Records mode, CoAP over DTLS (coaps, PSK hop)",
+        "wire: POST /.well-known/atls (records, path hidden)",
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }

@@ -698,7 +698,112 @@ fn coap_listener_and_coap_requests() {
             "localhost",
         ]);
         assert_eq!(missing.status.code(), Some(5), "{}", stderr(&missing));
-        let records = request(&[&format!("{coap}/hello"), "--ca", ca, "--mode", "records"]);
-        assert_eq!(records.status.code(), Some(1), "{}", stderr(&records));
+        let records = request(&[
+            &format!("{coap}/echo"),
+            "--ca",
+            ca,
+            "--server-name",
+            "localhost",
+            "--mode",
+            "records",
+            "-d",
+            "in records",
+        ]);
+        assert!(records.status.success(), "{}", stderr(&records));
+        assert_eq!(stdout(&records), "in records");
+        let cose = request(&[&format!("{coap}/hello"), "--ca", ca, "--mode", "cose"]);
+        assert_eq!(cose.status.code(), Some(1), "{}", stderr(&cose));
     }
+}
+
+/// `atls serve --coaps` and `atls request coaps://…`: CoAP over DTLS as
+/// the hop (PSK, or the server's certificate) with ATLS inside it, in both
+/// modes; DTLS 1.2 as the ATLS layer over UDP; a wrong hop PSK is a
+/// transport failure (exit 2).
+#[test]
+fn coaps_listener_and_dtls_as_the_atls_layer() {
+    let psk = "hop:00112233445566778899aabbccddeeff";
+    let server = serve(&[
+        "--coap",
+        "127.0.0.1:0",
+        "--coaps",
+        "127.0.0.1:0",
+        "--coaps-psk",
+        psk,
+    ]);
+    let coap = server.coap.clone().expect("the CoAP listener is reported");
+    let coaps = server.coaps.clone().expect("the coaps listener is reported");
+    let ca = server.ca.to_str().expect("path");
+    for mode in ["oscore", "records"] {
+        let with_psk = request(&[
+            &format!("{coaps}/echo"),
+            "--ca",
+            ca,
+            "--server-name",
+            "localhost",
+            "--transport-psk",
+            psk,
+            "--mode",
+            mode,
+            "-d",
+            "through the hop",
+        ]);
+        assert!(with_psk.status.success(), "{mode}: {}", stderr(&with_psk));
+        assert_eq!(stdout(&with_psk), "through the hop");
+        // The hop authenticated by the server certificate (the development
+        // CA, as for ATLS).
+        let with_cert = request(&[
+            &format!("{coaps}/hello"),
+            "--ca",
+            ca,
+            "--server-name",
+            "localhost",
+            "--mode",
+            mode,
+        ]);
+        assert!(with_cert.status.success(), "{mode}: {}", stderr(&with_cert));
+        assert_eq!(stdout(&with_cert), "hello");
+        let dtls_layer = request(&[
+            &format!("{coap}/session"),
+            "--ca",
+            ca,
+            "--server-name",
+            "localhost",
+            "--tls-version",
+            "dtls1.2",
+            "--mode",
+            mode,
+        ]);
+        assert!(dtls_layer.status.success(), "{mode}: {}", stderr(&dtls_layer));
+        assert!(
+            stdout(&dtls_layer).contains("\"tls_version\":\"DTLSv1.2\""),
+            "{}",
+            stdout(&dtls_layer)
+        );
+        assert!(
+            stdout(&dtls_layer).contains(&format!("\"mode\":\"{mode}\"")),
+            "{}",
+            stdout(&dtls_layer)
+        );
+    }
+    let wrong = request(&[
+        &format!("{coaps}/hello"),
+        "--ca",
+        ca,
+        "--transport-psk",
+        "hop:ffffffffffffffffffffffffffffffff",
+        "--connect-timeout",
+        "2",
+    ]);
+    assert_eq!(wrong.status.code(), Some(2), "{}", stderr(&wrong));
+    let rustls_dtls = request(&[
+        &format!("{coap}/hello"),
+        "--ca",
+        ca,
+        "--engine",
+        "rustls",
+        "--tls-version",
+        "dtls1.2",
+    ]);
+    assert_eq!(rustls_dtls.status.code(), Some(1), "{}", stderr(&rustls_dtls));
 }

@@ -23,8 +23,14 @@ fn response(code: ResponseType, payload: Vec<u8>) -> Packet {
     p
 }
 
-/// Answer an inner (decrypted) request.
+/// Answer an inner (decrypted) request of an OSCORE exchange.
 pub fn builtin(request: &Packet, info: Option<&HandshakeInfo>, engine: &str) -> Packet {
+    builtin_in_mode(request, info, engine, "oscore")
+}
+
+/// Answer an inner request that arrived protected by `mode` ("oscore",
+/// "records").
+pub fn builtin_in_mode(request: &Packet, info: Option<&HandshakeInfo>, engine: &str, mode: &str) -> Packet {
     let method = match request.header.code {
         MessageClass::Request(m) => m,
         _ => return response(ResponseType::BadRequest, b"not a request".to_vec()),
@@ -39,7 +45,7 @@ pub fn builtin(request: &Packet, info: Option<&HandshakeInfo>, engine: &str) -> 
         (RequestType::Get, ["session"]) => {
             let json = info.map(|i| {
                 serde_json::json!({
-                    "mode": "oscore",
+                    "mode": mode,
                     "transport": "coap",
                     "engine": engine,
                     "tls_version": i.version.name(),

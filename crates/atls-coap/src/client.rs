@@ -9,14 +9,16 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use atls_core::{ClientEndpoint, ClientSessionParams, ConnectionId, HandshakeInfo, ProtectionKind, Session};
+use atls_core::{
+    ClientEndpoint, ClientSessionParams, ConnectionId, Framing, HandshakeInfo, ProtectionKind, Session,
+};
 use atls_oscore::{ContextParams, OscoreError, SecurityContext};
 use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 use tokio::net::UdpSocket;
 
 use crate::block::BlockValue;
 use crate::server::{random, uint_option, CONTENT_FORMAT_ATLS};
-use crate::udp::{exchange, ExchangeError, Transmission};
+use crate::udp::{exchange_non_on, exchange_on, ExchangeError, Plain, Transmission};
 
 /// How an [`AtlsCoapClient`] talks to its server.
 #[derive(Clone, Debug)]
@@ -33,6 +35,23 @@ pub struct CoapClientOptions {
     pub server_name: Option<String>,
     /// Largest server flight reassembled.
     pub max_flight: usize,
+    /// What protects requests once the handshake is done.
+    pub mode: CoapMode,
+    /// How long the DTLS handshake of a CoAP-over-DTLS link may take.
+    pub transport_timeout: std::time::Duration,
+}
+
+/// What protects requests after the ATLS handshake (draft §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CoapMode {
+    /// OSCORE (RFC 8613) with the context of the `atls-oscore` export.
+    #[default]
+    Oscore,
+    /// Records mode: the request travels inside TLS records (RFC 8323
+    /// framing over TLS, one RFC 7252 message per record over DTLS),
+    /// POSTed to `/.well-known/atls`.
+    Records,
 }
 
 impl Default for CoapClientOptions {
@@ -44,6 +63,8 @@ impl Default for CoapClientOptions {
             offer_cids: true,
             server_name: None,
             max_flight: 64 * 1024,
+            mode: CoapMode::Oscore,
+            transport_timeout: std::time::Duration::from_secs(20),
         }
     }
 }
@@ -69,6 +90,9 @@ pub enum CoapClientError {
     /// Protection of the request or response failed.
     #[error("protection: {0}")]
     Protection(#[from] OscoreError),
+    /// The DTLS session of a CoAP-over-DTLS link failed.
+    #[error("CoAP over DTLS: {0}")]
+    Link(#[from] crate::dtls::DtlsLinkError),
     /// The server answered something this client cannot use.
     #[error("unexpected answer: {0}")]
     Unexpected(String),
@@ -91,11 +115,31 @@ pub struct FlightTrip {
 enum Link {
     Udp(UdpSocket),
     Tcp(tokio::sync::Mutex<crate::tcp::Connection>),
+    Dtls(Box<tokio::sync::Mutex<crate::dtls::DtlsLink>>),
+}
+
+impl Link {
+    fn is_reliable(&self) -> bool {
+        matches!(self, Self::Tcp(_))
+    }
+}
+
+/// How a request is sent.
+#[derive(Clone, Copy)]
+enum Delivery {
+    /// Confirmable, retransmitted by CoAP (RFC 7252 §4.2); a reliable
+    /// transport needs neither.
+    Confirmable,
+    /// Non-confirmable, sent once; the answer is awaited until the deadline
+    /// (the ATLS layer's DTLS timer), after which the caller decides.
+    NonConfirmable(tokio::time::Instant),
 }
 
 struct Established {
     info: HandshakeInfo,
     oscore: SecurityContext,
+    /// The TLS session, kept for records mode.
+    session: Session,
 }
 
 /// An ATLS client of one CoAP server over UDP.
@@ -141,6 +185,39 @@ impl AtlsCoapClient {
         Ok(Self::with_link(Link::Udp(socket), server, endpoint, options))
     }
 
+    /// A client of `server` over CoAP over DTLS (`coaps://`, RFC 7252 §9):
+    /// the DTLS session of `transport` (PSK or certificates) is the
+    /// hop-by-hop link, and the ATLS session of `endpoint` runs end to end
+    /// inside it. The DTLS handshake runs here.
+    pub async fn new_dtls(
+        server: SocketAddr,
+        transport: Arc<dyn ClientEndpoint>,
+        endpoint: Arc<dyn ClientEndpoint>,
+        options: CoapClientOptions,
+    ) -> Result<Self, CoapClientError> {
+        let link = crate::dtls::DtlsLink::connect(
+            server,
+            transport.as_ref(),
+            options.server_name.clone(),
+            options.transport_timeout,
+        )
+        .await?;
+        Ok(Self::with_link(
+            Link::Dtls(Box::new(tokio::sync::Mutex::new(link))),
+            server,
+            endpoint,
+            options,
+        ))
+    }
+
+    /// What the DTLS handshake of a CoAP-over-DTLS link negotiated.
+    pub async fn transport_info(&self) -> Option<HandshakeInfo> {
+        match &self.link {
+            Link::Dtls(link) => link.lock().await.handshake_info().cloned(),
+            _ => None,
+        }
+    }
+
     /// A client of `server` over CoAP over TCP (RFC 8323). Flights and
     /// messages travel whole (no blockwise on a reliable transport).
     pub async fn new_tcp(
@@ -181,7 +258,7 @@ impl AtlsCoapClient {
     /// `szx` over UDP; over TCP messages travel whole.
     fn block_size(&self, szx: u8) -> usize {
         match self.link {
-            Link::Udp(_) => BlockValue {
+            Link::Udp(_) | Link::Dtls(_) => BlockValue {
                 num: 0,
                 more: false,
                 szx,
@@ -191,17 +268,43 @@ impl AtlsCoapClient {
         }
     }
 
-    async fn exchange_once(&self, request: Packet) -> Result<Packet, CoapClientError> {
-        match &self.link {
-            Link::Udp(socket) => {
-                Ok(exchange(socket, self.server, request, &self.options.transmission).await?)
+    /// One exchange; `None` only when a non-confirmable request got no
+    /// answer by its deadline.
+    async fn exchange_once(
+        &self,
+        request: Packet,
+        delivery: Delivery,
+    ) -> Result<Option<Packet>, CoapClientError> {
+        let t = &self.options.transmission;
+        match (&self.link, delivery) {
+            (Link::Udp(socket), Delivery::Confirmable) => {
+                let mut link = Plain {
+                    socket,
+                    peer: self.server,
+                };
+                Ok(Some(exchange_on(&mut link, self.server, request, t).await?))
             }
-            Link::Tcp(connection) => Ok(connection
-                .lock()
-                .await
-                .exchange(&request, self.options.transmission.separate_timeout)
-                .await
-                .map_err(ExchangeError::Io)?),
+            (Link::Udp(socket), Delivery::NonConfirmable(deadline)) => {
+                let mut link = Plain {
+                    socket,
+                    peer: self.server,
+                };
+                Ok(exchange_non_on(&mut link, request, deadline).await?)
+            }
+            (Link::Dtls(link), Delivery::Confirmable) => Ok(Some(
+                exchange_on(&mut *link.lock().await, self.server, request, t).await?,
+            )),
+            (Link::Dtls(link), Delivery::NonConfirmable(deadline)) => {
+                Ok(exchange_non_on(&mut *link.lock().await, request, deadline).await?)
+            }
+            (Link::Tcp(connection), _) => Ok(Some(
+                connection
+                    .lock()
+                    .await
+                    .exchange(&request, t.separate_timeout)
+                    .await
+                    .map_err(ExchangeError::Io)?,
+            )),
         }
     }
 
@@ -210,6 +313,7 @@ impl AtlsCoapClient {
         match &self.link {
             Link::Udp(socket) => socket.local_addr(),
             Link::Tcp(connection) => connection.lock().await.local_addr(),
+            Link::Dtls(link) => link.lock().await.local_addr(),
         }
     }
 
@@ -251,8 +355,22 @@ impl AtlsCoapClient {
     /// One exchange; a 4.01 challenge carrying Echo (RFC 9175) is answered
     /// by repeating the request with that Echo value (a few times at most).
     async fn send(&self, request: Packet) -> Result<Packet, CoapClientError> {
+        self.send_with(request, Delivery::Confirmable)
+            .await?
+            .ok_or_else(|| CoapClientError::Unexpected("no answer".into()))
+    }
+
+    /// [`Self::send`] with a delivery; `None` when a non-confirmable
+    /// request got no answer in time.
+    async fn send_with(
+        &self,
+        request: Packet,
+        delivery: Delivery,
+    ) -> Result<Option<Packet>, CoapClientError> {
         let mut request = request;
-        let mut answer = self.exchange_once(request.clone()).await?;
+        let Some(mut answer) = self.exchange_once(request.clone(), delivery).await? else {
+            return Ok(None);
+        };
         for _ in 0..3 {
             let echo = answer.get_first_option(CoapOption::Unknown(252)).cloned();
             let challenged = answer.header.code == MessageClass::Response(ResponseType::Unauthorized)
@@ -264,14 +382,32 @@ impl AtlsCoapClient {
             request.set_token(random::<4>().to_vec());
             request.clear_option(CoapOption::Unknown(252));
             request.add_option(CoapOption::Unknown(252), value);
-            answer = self.exchange_once(request.clone()).await?;
+            let Some(again) = self.exchange_once(request.clone(), delivery).await? else {
+                return Ok(None);
+            };
+            answer = again;
         }
-        Ok(answer)
+        Ok(Some(answer))
     }
 
     /// POST one flight, in Block1 blocks when needed; returns the answer,
     /// fetched in Block2 blocks when the server sent it so.
     async fn post_flight(&self, flight: &[u8]) -> Result<(Packet, Vec<u8>), CoapClientError> {
+        self.post_flight_with(flight, Delivery::Confirmable)
+            .await?
+            .map(|(answer, body, _)| (answer, body))
+            .ok_or_else(|| CoapClientError::Unexpected("no answer".into()))
+    }
+
+    /// [`Self::post_flight`] with a delivery for the message that completes
+    /// the flight (the only one that reaches the TLS stack); Block1 blocks
+    /// before it and Block2 follow-ups are confirmable. `None` when the
+    /// completing message got no answer in time.
+    async fn post_flight_with(
+        &self,
+        flight: &[u8],
+        delivery: Delivery,
+    ) -> Result<Option<(Packet, Vec<u8>, FlightTrip)>, CoapClientError> {
         let szx = BlockValue::szx_for(self.options.block_size);
         let size = self.block_size(szx);
         let mut trip = FlightTrip {
@@ -285,7 +421,10 @@ impl AtlsCoapClient {
             let mut p = self.flight_request();
             p.payload = flight.to_vec();
             trip.blocks_sent = 1;
-            answer = Some(self.send(p).await?);
+            let Some(a) = self.send_with(p, delivery).await? else {
+                return Ok(None);
+            };
+            answer = Some(a);
         } else {
             let blocks: Vec<&[u8]> = flight.chunks(size).collect();
             for (num, chunk) in blocks.iter().enumerate() {
@@ -302,7 +441,12 @@ impl AtlsCoapClient {
                 }
                 p.payload = chunk.to_vec();
                 trip.blocks_sent += 1;
-                let a = self.send(p).await?;
+                // Only the block that completes the flight reaches the TLS
+                // stack; the others are CoAP's to deliver.
+                let block_delivery = if more { Delivery::Confirmable } else { delivery };
+                let Some(a) = self.send_with(p, block_delivery).await? else {
+                    return Ok(None);
+                };
                 if more && a.header.code != MessageClass::Response(ResponseType::Continue) {
                     answer = Some(a);
                     break;
@@ -332,12 +476,24 @@ impl AtlsCoapClient {
                     szx: block.szx,
                 };
                 p.add_option(CoapOption::Block2, next.encode());
+                // The rest of an answer already made: CoAP's to deliver.
                 let a = self.send(p).await?;
                 if a.header.code != MessageClass::Response(ResponseType::Changed) {
                     return Err(CoapClientError::Refused {
                         code: code_text(a.header.code),
                         diagnostic: String::from_utf8_lossy(&a.payload).into_owned(),
                     });
+                }
+                // Every block must come from the body of the first (RFC
+                // 7959 §2.4): a server that answered the flight again in
+                // between (its DTLS stack retransmitted) has a new body.
+                if a.get_first_option(CoapOption::ETag) != first.get_first_option(CoapOption::ETag) {
+                    return match delivery {
+                        Delivery::NonConfirmable(_) => Ok(None),
+                        Delivery::Confirmable => Err(CoapClientError::Unexpected(
+                            "Block2: the blocks come from different answers".into(),
+                        )),
+                    };
                 }
                 block = a
                     .get_first_option(CoapOption::Block2)
@@ -357,10 +513,7 @@ impl AtlsCoapClient {
             }
         }
         trip.received = body.len();
-        if let Ok(mut trips) = self.trips.lock() {
-            trips.push(trip);
-        }
-        Ok((first, body))
+        Ok(Some((first, body, trip)))
     }
 
     async fn handshake(&self) -> Result<Established, CoapClientError> {
@@ -377,14 +530,40 @@ impl AtlsCoapClient {
             cose_cid: None,
         };
         let mut session = Session::client(self.endpoint.as_ref(), &params)?;
+        // DTLS as the ATLS layer over an unreliable link: flights travel in
+        // non-confirmable messages and the DTLS timer alone retransmits
+        // them (RFC 6347 §4.2.4), so CoAP and DTLS never both resend.
+        let datagram = session.framing() == Framing::Dtls && !self.link.is_reliable();
+        let mut timeouts = 0u32;
         loop {
             let Some(flight) = session.take_flight(Instant::now())? else {
                 if session.is_handshake_complete() {
                     break;
                 }
+                if datagram {
+                    self.dtls_timer(&mut session, &mut timeouts).await?;
+                    continue;
+                }
                 return Err(atls_core::Error::Protocol("the handshake stalled".into()).into());
             };
-            let (answer, body) = self.post_flight(&flight).await?;
+            let delivery = if datagram {
+                let deadline = session
+                    .next_timeout()
+                    .map(tokio::time::Instant::from_std)
+                    .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+                Delivery::NonConfirmable(deadline)
+            } else {
+                Delivery::Confirmable
+            };
+            let Some((answer, body, trip)) = self.post_flight_with(&flight, delivery).await? else {
+                // Lost on the way there or back: the DTLS timer resends.
+                self.dtls_timer(&mut session, &mut timeouts).await?;
+                continue;
+            };
+            timeouts = 0;
+            if let Ok(mut trips) = self.trips.lock() {
+                trips.push(trip);
+            }
             if answer.header.code != MessageClass::Response(ResponseType::Changed) {
                 if !answer.payload.is_empty() {
                     if let Err(atls_core::Error::AlertReceived(alert)) =
@@ -415,7 +594,26 @@ impl AtlsCoapClient {
         let keys = session.atls_keys(ProtectionKind::Oscore)?;
         let ids = session.protection_ids(ProtectionKind::Oscore)?;
         let oscore = SecurityContext::new_in_memory(&ContextParams::from_atls(&keys, &ids))?;
-        Ok(Established { info, oscore })
+        Ok(Established {
+            info,
+            oscore,
+            session,
+        })
+    }
+
+    /// Wait for the DTLS retransmission timer and let it fire (the flight
+    /// it queues is taken by the caller); gives up after
+    /// `MAX_RETRANSMIT` + 2 firings.
+    async fn dtls_timer(&self, session: &mut Session, timeouts: &mut u32) -> Result<(), CoapClientError> {
+        *timeouts += 1;
+        if *timeouts > self.options.transmission.max_retransmit + 2 {
+            return Err(ExchangeError::Timeout(self.server).into());
+        }
+        if let Some(at) = session.next_timeout() {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+        }
+        session.handle_timeout(Instant::now())?;
+        Ok(())
     }
 
     /// Send one inner CoAP request (code, Uri-Path, payload...) protected
@@ -427,7 +625,9 @@ impl AtlsCoapClient {
             // The server no longer has the context (it restarted, or forgot
             // this endpoint): it did not process the request, so a new
             // handshake and one more try is safe for any method.
-            Err(CoapClientError::Refused { code, .. }) if code == "4.01" => {
+            Err(CoapClientError::Refused { code, .. })
+                if code == "4.01" || (code == "4.04" && self.options.mode == CoapMode::Records) =>
+            {
                 *self.state.lock().await = None;
                 self.request_once(inner).await
             }
@@ -444,7 +644,19 @@ impl AtlsCoapClient {
             return Err(CoapClientError::Unexpected("no session".into()));
         };
         let szx = BlockValue::szx_for(self.options.block_size);
-        let size = self.block_size(szx);
+        // Records over TLS carry whole messages (the outer POST goes
+        // blockwise); a DTLS record carries at most a block; OSCORE
+        // messages go in inner blocks on unreliable transports.
+        let size = match (self.options.mode, est.session.framing()) {
+            (CoapMode::Records, Framing::Tls) => crate::tcp::MAX_MESSAGE_SIZE,
+            (CoapMode::Records, Framing::Dtls) => BlockValue {
+                num: 0,
+                more: false,
+                szx,
+            }
+            .size(),
+            _ => self.block_size(szx),
+        };
         let mut response = if inner.payload.len() <= size {
             self.protected(est, inner).await?
         } else {
@@ -520,8 +732,100 @@ impl AtlsCoapClient {
         Ok(response)
     }
 
-    /// One OSCORE-protected exchange of `inner`.
+    /// One protected exchange of `inner`, in the configured mode.
     async fn protected(&self, est: &mut Established, inner: &Packet) -> Result<Packet, CoapClientError> {
+        match self.options.mode {
+            CoapMode::Oscore => self.oscore_exchange(est, inner).await,
+            CoapMode::Records => self.records_exchange(est, inner).await,
+        }
+    }
+
+    /// One records-mode exchange: `inner` inside TLS records (an RFC 8323
+    /// frame over TLS, one RFC 7252 message in one record over DTLS),
+    /// POSTed to `/.well-known/atls`; the answer's records carry the response.
+    async fn records_exchange(
+        &self,
+        est: &mut Established,
+        inner: &Packet,
+    ) -> Result<Packet, CoapClientError> {
+        let framing = est.session.framing();
+        let mut message = inner.clone();
+        let token = random::<4>().to_vec();
+        message.set_token(token.clone());
+        let mid = self.next_mid.fetch_add(1, Ordering::Relaxed);
+        let bytes = match framing {
+            Framing::Tls => {
+                crate::tcp::encode(&message).map_err(|e| CoapClientError::Unexpected(e.to_string()))?
+            }
+            Framing::Dtls => {
+                message.header.set_type(coap_lite::MessageType::Confirmable);
+                message.header.message_id = mid;
+                message.to_bytes().map_err(|e| {
+                    CoapClientError::Unexpected(format!("the request does not fit one record: {e}"))
+                })?
+            }
+        };
+        est.session.send(&bytes)?;
+        let records = est.session.take_flight(Instant::now())?.unwrap_or_default();
+        let sent = records.len();
+        let (answer, body) = self.post_flight(&records).await?;
+        if let Ok(mut last) = self.last_request.lock() {
+            *last = (sent, body.len());
+        }
+        if answer.header.code != MessageClass::Response(ResponseType::Changed) {
+            return Err(CoapClientError::Refused {
+                code: code_text(answer.header.code),
+                diagnostic: String::from_utf8_lossy(&answer.payload).into_owned(),
+            });
+        }
+        let mut messages = Vec::new();
+        match framing {
+            Framing::Tls => {
+                est.session.push_flight(&body, Instant::now())?;
+                let data = est.session.take_received();
+                let mut rest = data.as_slice();
+                while !rest.is_empty() {
+                    let len = crate::tcp::frame_len(rest)
+                        .filter(|n| *n <= rest.len())
+                        .ok_or_else(|| {
+                            CoapClientError::Unexpected("records mode: a cut CoAP frame".into())
+                        })?;
+                    let (frame, tail) = rest.split_at(len);
+                    let (_, packet) =
+                        crate::tcp::decode(frame).map_err(|e| CoapClientError::Unexpected(e.to_string()))?;
+                    messages.push(packet);
+                    rest = tail;
+                }
+            }
+            Framing::Dtls => {
+                let records = atls_core::records::split_records(framing, &body)
+                    .map_err(|e| CoapClientError::Unexpected(e.to_string()))?;
+                for record in records {
+                    est.session.push_flight(record.bytes, Instant::now())?;
+                    let data = est.session.take_received();
+                    if data.is_empty() {
+                        continue;
+                    }
+                    crate::message::validate(&data)
+                        .map_err(|e| CoapClientError::Unexpected(format!("records mode: {e}")))?;
+                    messages.push(
+                        Packet::from_bytes(&data).map_err(|e| CoapClientError::Unexpected(e.to_string()))?,
+                    );
+                }
+            }
+        }
+        messages
+            .into_iter()
+            .find(|m| m.get_token() == token.as_slice() && matches!(m.header.code, MessageClass::Response(_)))
+            .ok_or_else(|| CoapClientError::Unexpected("records mode: no response to the request".into()))
+    }
+
+    /// One OSCORE-protected exchange of `inner`.
+    async fn oscore_exchange(
+        &self,
+        est: &mut Established,
+        inner: &Packet,
+    ) -> Result<Packet, CoapClientError> {
         let (mut outer, binding) = atls_oscore::protect_request(&mut est.oscore, inner)?;
         outer.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
         outer.set_token(random::<4>().to_vec());

@@ -22,11 +22,13 @@
 pub mod app;
 pub mod block;
 pub mod client;
+pub mod dtls;
 pub mod message;
 pub mod multipart;
 pub mod server;
 pub mod tcp;
 pub mod udp;
 
-pub use client::{inner_request, AtlsCoapClient, CoapClientError, CoapClientOptions, FlightTrip};
-pub use server::{CoapConfig, CoapServer, CONTENT_FORMAT_ATLS};
+pub use client::{inner_request, AtlsCoapClient, CoapClientError, CoapClientOptions, CoapMode, FlightTrip};
+pub use dtls::DtlsServerConfig;
+pub use server::{CoapConfig, CoapServer, Transport, CONTENT_FORMAT_ATLS};

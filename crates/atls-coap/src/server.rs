@@ -85,6 +85,25 @@ const MAX_BLOCK1_TRANSFERS: usize = 256;
 /// and the previous one are accepted).
 const ECHO_WINDOW_SECS: u64 = 60;
 
+/// The transport a CoAP message arrived on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Transport {
+    /// CoAP over UDP (RFC 7252): endpoints are validated with Echo.
+    Udp,
+    /// CoAP over TCP (RFC 8323): reliable, validated by the TCP handshake.
+    Tcp,
+    /// CoAP over DTLS (RFC 7252 §9, `coaps://`): validated by the DTLS
+    /// handshake, messages deduplicated as over UDP.
+    Dtls,
+}
+
+impl Transport {
+    /// Whether the transport delivers messages reliably and in order.
+    pub fn is_reliable(self) -> bool {
+        self == Self::Tcp
+    }
+}
+
 /// A client endpoint: its address and port, and the transport (a TCP
 /// connection and a UDP socket of the same address and port are different
 /// endpoints).
@@ -92,8 +111,8 @@ const ECHO_WINDOW_SECS: u64 = 60;
 pub struct Endpoint {
     /// Address and port.
     pub addr: SocketAddr,
-    /// CoAP over TCP rather than UDP.
-    pub reliable: bool,
+    /// The transport.
+    pub transport: Transport,
 }
 
 /// What the server knows of one *validated* client endpoint (an endpoint
@@ -105,7 +124,7 @@ struct Peer {
     block1: Option<(Block1Assembly, Instant)>,
     /// The last answer too large for one message, served in Block2 blocks
     /// until its last block is fetched.
-    block2: Option<Vec<u8>>,
+    block2: Option<(Vec<u8>, [u8; 8])>,
     /// (message ID, answer) of recent confirmable requests.
     recent: VecDeque<(u16, Instant, Vec<u8>)>,
     /// Message IDs of older confirmable requests.
@@ -115,6 +134,13 @@ struct Peer {
     /// inner): a request body arriving, and the last large response.
     inner_block1: Option<(Block1Assembly, Instant)>,
     inner_block2: Option<(coap_lite::MessageClass, Vec<u8>)>,
+    /// DTLS as the ATLS layer: this server's last handshake flight. A
+    /// client whose DTLS timer fired sends its flight again (new record
+    /// numbers, the same handshake messages); the stack takes nothing new
+    /// from it, and the client gets this flight again, as a DTLS peer
+    /// retransmits its last flight when it sees the peer's again (RFC 6347
+    /// §4.2.4). Dropped once the client sends protected requests.
+    dtls_last: Option<Vec<u8>>,
 }
 
 impl Peer {
@@ -129,6 +155,7 @@ impl Peer {
             seen: now,
             inner_block1: None,
             inner_block2: None,
+            dtls_last: None,
         }
     }
 
@@ -242,6 +269,15 @@ impl Peers {
 
 type Entry = Mutex<ServerSession>;
 
+/// The ETag of a Block2 body: 8 bytes of its SHA-256.
+fn etag(body: &[u8]) -> [u8; 8] {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(body);
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
+    tag
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -285,6 +321,11 @@ fn answer(request: &Packet, code: ResponseType) -> Packet {
         }
     }
     p
+}
+
+/// `N` bytes from the operating system's CSPRNG.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    random()
 }
 
 pub(crate) fn random<const N: usize>() -> [u8; N] {
@@ -372,7 +413,6 @@ impl CoapServer {
         // ignored, as RFC 7252 §4.2 allows for message format errors.
         crate::message::validate(datagram).ok()?;
         let request = Packet::from_bytes(datagram).ok()?;
-        let confirmable = request.header.get_type() == MessageType::Confirmable;
         if !matches!(request.header.code, MessageClass::Request(_))
             || !matches!(
                 request.header.get_type(),
@@ -383,15 +423,45 @@ impl CoapServer {
         }
         let from = Endpoint {
             addr: from,
-            reliable: false,
+            transport: Transport::Udp,
         };
+        self.handle_datagram(datagram, request, from, now)
+    }
+
+    /// Handle one CoAP message that arrived inside the DTLS session of
+    /// `from` (CoAP over DTLS): the DTLS handshake validated the endpoint.
+    pub fn handle_secured(&self, message: &[u8], from: SocketAddr, now: Instant) -> Option<Vec<u8>> {
+        crate::message::validate(message).ok()?;
+        let request = Packet::from_bytes(message).ok()?;
+        if !matches!(request.header.code, MessageClass::Request(_))
+            || !matches!(
+                request.header.get_type(),
+                MessageType::Confirmable | MessageType::NonConfirmable
+            )
+        {
+            return None;
+        }
+        let from = Endpoint {
+            addr: from,
+            transport: Transport::Dtls,
+        };
+        self.handle_datagram(message, request, from, now)
+    }
+
+    fn handle_datagram(
+        &self,
+        datagram: &[u8],
+        request: Packet,
+        from: Endpoint,
+        now: Instant,
+    ) -> Option<Vec<u8>> {
         // Address validation (draft §7; RFC 9175 §2.4): nothing is kept for,
         // and at most three times its bytes are sent to, an endpoint that
         // has not shown it receives what is sent to it. Its requests get a
         // 4.01 with an Echo value computed from its address and the time
         // (so the challenge needs no state, as DTLS's HelloVerifyRequest);
         // the endpoint is validated when it repeats a request with it.
-        if !lock(&self.peers).contains(&from) {
+        if from.transport == Transport::Udp && !lock(&self.peers).contains(&from) {
             let echo = request.get_first_option(CoapOption::Unknown(OPTION_ECHO));
             if !echo.is_some_and(|e| self.echo_valid(from, e, now)) {
                 let mut challenge = answer(&request, ResponseType::Unauthorized);
@@ -403,11 +473,11 @@ impl CoapServer {
                 return (bytes.len() <= datagram.len().saturating_mul(AMPLIFICATION_FACTOR)).then_some(bytes);
             }
         }
+        // Deduplication (RFC 7252 §4.5) of confirmable and non-confirmable
+        // messages alike: a duplicate gets the same answer (or none), and
+        // never reaches the TLS stack twice.
         let mid = request.header.message_id;
         let seen = self.with_peer(from, now, |peer, _| {
-            if !confirmable {
-                return Ok(None);
-            }
             let fresh = |at: &Instant| now.duration_since(*at) < DEDUP_LIFETIME;
             if let Some((_, _, cached)) = peer.recent.iter().find(|(m, at, _)| *m == mid && fresh(at)) {
                 // A retransmission: the same answer, the TLS stack untouched.
@@ -434,7 +504,7 @@ impl CoapServer {
         }
         let response = self.respond(&request, from, now, self.config.block_size);
         let bytes = response.to_bytes_unlimited().ok()?;
-        if confirmable {
+        {
             let _ = self.with_peer(from, now, |peer, _| {
                 peer.recent.push_back((mid, now, bytes.clone()));
                 while peer.recent.len() > RECENT_PER_ENDPOINT {
@@ -459,7 +529,7 @@ impl CoapServer {
         }
         let from = Endpoint {
             addr: from,
-            reliable: true,
+            transport: Transport::Tcp,
         };
         if self.with_peer(from, now, |_, _| ()).is_err() {
             return Some(diagnostic(
@@ -562,8 +632,8 @@ impl CoapServer {
             if block2.num > 0 {
                 let szx = block2.szx.min(self.szx());
                 let answer = self.with_peer(from, now, |peer, _| {
-                    let body = peer.block2.as_ref()?;
-                    let p = self.block2_answer(request, body, block2.num, szx);
+                    let (body, tag) = peer.block2.as_ref()?;
+                    let p = self.block2_answer(request, body, *tag, block2.num, szx);
                     let last = block2_slice(body, block2.num, szx).is_some_and(|(_, v)| !v.more);
                     if last {
                         // The whole answer was fetched: nothing more to keep.
@@ -644,12 +714,13 @@ impl CoapServer {
             p.payload = body;
             return p;
         }
-        let p = self.block2_answer(request, &body, 0, self.szx());
-        let _ = self.with_peer(from, now, |peer, _| peer.block2 = Some(body));
+        let tag = etag(&body);
+        let p = self.block2_answer(request, &body, tag, 0, self.szx());
+        let _ = self.with_peer(from, now, |peer, _| peer.block2 = Some((body, tag)));
         p
     }
 
-    fn block2_answer(&self, request: &Packet, body: &[u8], num: u32, szx: u8) -> Packet {
+    fn block2_answer(&self, request: &Packet, body: &[u8], tag: [u8; 8], num: u32, szx: u8) -> Packet {
         let Some((slice, value)) = block2_slice(body, num, szx) else {
             return block_error(request, BlockError::Incomplete);
         };
@@ -659,6 +730,9 @@ impl CoapServer {
             uint_option(u64::from(self.config.content_format)),
         );
         p.add_option(CoapOption::Block2, value.encode());
+        // RFC 7959 §2.4: the ETag names the body the blocks come from, so a
+        // client can tell when the answer changed between two blocks.
+        p.add_option(CoapOption::ETag, tag.to_vec());
         if num == 0 {
             p.add_option(CoapOption::Size2, uint_option(body.len() as u64));
         }
@@ -670,6 +744,43 @@ impl CoapServer {
     /// anything else continues the endpoint's session.
     fn flight(&self, flight: &[u8], from: Endpoint, now: Instant) -> Result<Vec<u8>, Reply> {
         let framing = atls_core::records::detect_framing(flight).unwrap_or(Framing::Tls);
+        if framing == Framing::Dtls {
+            let output = self.flight_once(flight, framing, from, now)?;
+            let handshake = records::split_records(framing, flight).is_ok_and(|records| {
+                records.iter().any(|r| {
+                    matches!(
+                        r.content_type,
+                        records::ContentType::Handshake | records::ContentType::ChangeCipherSpec
+                    )
+                })
+            });
+            if !handshake {
+                return Ok(output);
+            }
+            return Ok(self
+                .with_peer(from, now, |p, _| {
+                    if output.is_empty() {
+                        // The stack took nothing new from this flight: the
+                        // client's timer fired because our last flight was
+                        // lost. Send it again.
+                        p.dtls_last.clone().unwrap_or_default()
+                    } else {
+                        p.dtls_last = Some(output.clone());
+                        output.clone()
+                    }
+                })
+                .unwrap_or(output));
+        }
+        self.flight_once(flight, framing, from, now)
+    }
+
+    fn flight_once(
+        &self,
+        flight: &[u8],
+        framing: Framing,
+        from: Endpoint,
+        now: Instant,
+    ) -> Result<Vec<u8>, Reply> {
         let first = records::classify_payload(framing, flight).map_err(|_| {
             Reply::new(
                 ResponseType::BadRequest,
@@ -689,7 +800,7 @@ impl CoapServer {
             // port) opens a new session; a late duplicate of a flight
             // already taken is refused and changes nothing.
             (Some(found), FirstFlight::ClientHello) if found.phase == Phase::HalfOpen => {
-                if lock(&found.entry).repeats_previous_payload(flight) {
+                if framing == Framing::Tls && lock(&found.entry).repeats_previous_payload(flight) {
                     return Err(Reply::new(
                         ResponseType::BadRequest,
                         "a duplicate of a flight already taken",
@@ -701,7 +812,7 @@ impl CoapServer {
                 }
             }
             (Some(found), _) if found.phase == Phase::HalfOpen => {
-                if lock(&found.entry).repeats_previous_payload(flight) {
+                if framing == Framing::Tls && lock(&found.entry).repeats_previous_payload(flight) {
                     return Err(Reply::new(
                         ResponseType::BadRequest,
                         "a duplicate of a flight already taken",
@@ -773,6 +884,9 @@ impl CoapServer {
         from: Endpoint,
         now: Instant,
     ) -> Result<Vec<u8>, Reply> {
+        if found.phase == Phase::Established {
+            return self.records(found, flight, from, now);
+        }
         let result = lock(&found.entry).push_flight(flight, now);
         match result {
             Ok(progress) => {
@@ -791,6 +905,132 @@ impl CoapServer {
                 Err(Reply::failure(failure.alert))
             }
         }
+    }
+
+    /// Records on an established session: the last handshake flight again
+    /// (answered by the TLS stack), or records mode — CoAP requests inside
+    /// TLS records, framed as in RFC 8323 over TLS and one RFC 7252 message
+    /// per record over DTLS, answered the same way inside the answer's
+    /// records.
+    fn records(
+        &self,
+        found: atls_sessions::Found<Entry>,
+        flight: &[u8],
+        from: Endpoint,
+        now: Instant,
+    ) -> Result<Vec<u8>, Reply> {
+        let mut s = lock(&found.entry);
+        if !s.records_open() {
+            return Err(Reply::new(
+                ResponseType::NotFound,
+                "the records channel of this ATLS session ended; start with a ClientHello",
+            ));
+        }
+        let framing = s.session().framing();
+        // Over DTLS, record boundaries are message boundaries: push the
+        // records one at a time.
+        let pieces: Vec<&[u8]> = match framing {
+            Framing::Tls => vec![flight],
+            Framing::Dtls => records::split_records(framing, flight)
+                .map_err(|_| Reply::new(ResponseType::BadRequest, "not a sequence of DTLS records"))?
+                .iter()
+                .map(|r| r.bytes)
+                .collect(),
+        };
+        let mut output = Vec::new();
+        let mut messages: Vec<Vec<u8>> = Vec::new();
+        let mut stream = Vec::new();
+        for piece in pieces {
+            match s.push_flight(piece, now) {
+                Ok(progress) => {
+                    output.extend_from_slice(&progress.output);
+                    if progress.application_data.is_empty() {
+                        continue;
+                    }
+                    match framing {
+                        Framing::Tls => stream.extend_from_slice(&progress.application_data),
+                        Framing::Dtls => messages.push(progress.application_data),
+                    }
+                }
+                Err(failure) => {
+                    s.abandon_records();
+                    return Err(Reply::failure(failure.alert));
+                }
+            }
+        }
+        if framing == Framing::Tls {
+            // RFC 8323 frames: a POST carries whole messages.
+            let mut rest = stream.as_slice();
+            while !rest.is_empty() {
+                let len = crate::tcp::frame_len(rest).filter(|n| *n <= rest.len());
+                let Some(len) = len else {
+                    s.abandon_records();
+                    return Err(Reply::new(
+                        ResponseType::BadRequest,
+                        "records mode: a POST must carry whole CoAP messages",
+                    ));
+                };
+                let (frame, tail) = rest.split_at(len);
+                messages.push(frame.to_vec());
+                rest = tail;
+            }
+        }
+        drop(s);
+        if messages.is_empty() {
+            return Ok(output);
+        }
+        self.table.touch(&found.id, now);
+        let _ = self.with_peer(from, now, |p, _| p.dtls_last = None);
+        // Inner blockwise as inside OSCORE: over DTLS a message must fit
+        // one record, so larger bodies go in inner blocks.
+        let whole = match framing {
+            Framing::Tls => crate::tcp::MAX_MESSAGE_SIZE,
+            Framing::Dtls => self.config.block_size,
+        };
+        let mut answers = Vec::with_capacity(messages.len());
+        for message in messages {
+            let answer = match framing {
+                Framing::Tls => crate::tcp::decode(&message).ok().and_then(|(_, request)| {
+                    let mut response = self.inner_exchange(&found, &request, from, now, whole, "records");
+                    response.set_token(request.get_token().to_vec());
+                    crate::tcp::encode(&response).ok()
+                }),
+                Framing::Dtls => crate::message::validate(&message)
+                    .ok()
+                    .and_then(|()| Packet::from_bytes(&message).ok())
+                    .filter(|r| matches!(r.header.code, MessageClass::Request(_)))
+                    .and_then(|request| {
+                        let mut response = self.inner_exchange(&found, &request, from, now, whole, "records");
+                        let template = answer(&request, ResponseType::Content);
+                        response.header.set_type(template.header.get_type());
+                        response.header.message_id = template.header.message_id;
+                        response.set_token(request.get_token().to_vec());
+                        response.to_bytes_unlimited().ok()
+                    }),
+            };
+            answers.push(answer);
+        }
+        let mut s = lock(&found.entry);
+        for answer in answers {
+            let Some(answer) = answer else {
+                s.abandon_records();
+                return Err(Reply::new(
+                    ResponseType::BadRequest,
+                    "records mode: not a CoAP request",
+                ));
+            };
+            match s.send(&answer, now) {
+                Ok(records) => output.extend_from_slice(&records),
+                Err(_) => {
+                    s.abandon_records();
+                    return Err(Reply::new(
+                        ResponseType::InternalServerError,
+                        "cannot protect the answer",
+                    ));
+                }
+            }
+        }
+        Ok(output)
     }
 
     fn complete(&self, id: SessionId, from: Endpoint, now: Instant) -> Result<(), Reply> {
@@ -830,7 +1070,8 @@ impl CoapServer {
             Err(e) => return oscore_error(request, &e),
         };
         self.table.touch(&found.id, now);
-        let inner_response = self.inner_exchange(&found, &inner, from, now, whole);
+        let _ = self.with_peer(from, now, |p, _| p.dtls_last = None);
+        let inner_response = self.inner_exchange(&found, &inner, from, now, whole, "oscore");
         let protected = {
             let mut s = lock(&found.entry);
             match s.established_mut() {
@@ -891,6 +1132,7 @@ impl CoapServer {
         from: Endpoint,
         now: Instant,
         whole: usize,
+        mode: &str,
     ) -> Packet {
         let reply = |code: ResponseType| {
             let mut p = Packet::new();
@@ -950,7 +1192,7 @@ impl CoapServer {
             let s = lock(&found.entry);
             (s.established().map(|e| e.info.clone()), s.session().engine_name())
         };
-        let mut response = app::builtin(&request, info.as_ref(), engine);
+        let mut response = app::builtin_in_mode(&request, info.as_ref(), engine, mode);
         if let Some(value) = inner.get_first_option(CoapOption::Block1) {
             response.add_option(CoapOption::Block1, value.clone());
         }
@@ -1095,7 +1337,7 @@ mod tests {
     fn endpoint(ip: u8, port: u16) -> Endpoint {
         Endpoint {
             addr: SocketAddr::from(([127, 0, 0, ip], port)),
-            reliable: false,
+            transport: Transport::Udp,
         }
     }
 

@@ -74,6 +74,57 @@ fn random_factor(t: &Transmission) -> f64 {
     1.0 + (t.ack_random_factor - 1.0) * (f64::from(u16::from_be_bytes(b)) / 65535.0)
 }
 
+/// Where a client's CoAP messages travel: a plain UDP socket, or a DTLS
+/// session on one (CoAP over DTLS).
+pub(crate) trait MessageLink: Send {
+    /// Send one message.
+    fn send_message(
+        &mut self,
+        message: &[u8],
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    /// The next message from the peer, or `None` at `deadline`.
+    fn recv_message(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> impl std::future::Future<Output = std::io::Result<Option<Vec<u8>>>> + Send;
+}
+
+/// A UDP socket and the peer it exchanges with.
+pub(crate) struct Plain<'a> {
+    pub(crate) socket: &'a UdpSocket,
+    pub(crate) peer: SocketAddr,
+}
+
+impl MessageLink for Plain<'_> {
+    async fn send_message(&mut self, message: &[u8]) -> std::io::Result<()> {
+        self.socket.send_to(message, self.peer).await.map(|_| ())
+    }
+
+    async fn recv_message(&mut self, deadline: tokio::time::Instant) -> std::io::Result<Option<Vec<u8>>> {
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        loop {
+            let Ok(received) = tokio::time::timeout_at(deadline, self.socket.recv_from(&mut buf)).await
+            else {
+                return Ok(None);
+            };
+            let (n, from) = received?;
+            if from == self.peer {
+                return Ok(Some(buf.get(..n).unwrap_or_default().to_vec()));
+            }
+        }
+    }
+}
+
+impl MessageLink for crate::dtls::DtlsLink {
+    async fn send_message(&mut self, message: &[u8]) -> std::io::Result<()> {
+        crate::dtls::DtlsLink::send_message(self, message).await
+    }
+
+    async fn recv_message(&mut self, deadline: tokio::time::Instant) -> std::io::Result<Option<Vec<u8>>> {
+        crate::dtls::DtlsLink::recv_message(self, deadline).await
+    }
+}
+
 /// What arrived for an exchange.
 enum Received {
     Response(Packet),
@@ -82,23 +133,17 @@ enum Received {
 }
 
 /// Wait until `deadline` for what belongs to the exchange (`mid`, `token`).
-async fn receive(
-    socket: &UdpSocket,
-    peer: SocketAddr,
+async fn receive<L: MessageLink>(
+    link: &mut L,
     deadline: tokio::time::Instant,
     mid: u16,
     token: &[u8],
 ) -> Result<Option<Received>, ExchangeError> {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        let Ok(received) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await else {
+        let Some(bytes) = link.recv_message(deadline).await? else {
             return Ok(None);
         };
-        let (n, from) = received?;
-        if from != peer {
-            continue;
-        }
-        let Ok(answer) = Packet::from_bytes(buf.get(..n).unwrap_or_default()) else {
+        let Ok(answer) = Packet::from_bytes(&bytes) else {
             continue;
         };
         match answer.header.get_type() {
@@ -118,7 +163,7 @@ async fn receive(
                     ack.header.set_type(MessageType::Acknowledgement);
                     ack.header.message_id = answer.header.message_id;
                     if let Ok(ack) = ack.to_bytes() {
-                        socket.send_to(&ack, peer).await?;
+                        link.send_message(&ack).await?;
                     }
                 }
                 return Ok(Some(Received::Response(answer)));
@@ -134,6 +179,16 @@ async fn receive(
 pub async fn exchange(
     socket: &UdpSocket,
     peer: SocketAddr,
+    request: Packet,
+    t: &Transmission,
+) -> Result<Packet, ExchangeError> {
+    exchange_on(&mut Plain { socket, peer }, peer, request, t).await
+}
+
+/// [`exchange`] over any message link.
+pub(crate) async fn exchange_on<L: MessageLink>(
+    link: &mut L,
+    peer: SocketAddr,
     mut request: Packet,
     t: &Transmission,
 ) -> Result<Packet, ExchangeError> {
@@ -145,14 +200,14 @@ pub async fn exchange(
         .map_err(|e| ExchangeError::Encode(e.to_string()))?;
     let mut timeout = t.ack_timeout.mul_f64(random_factor(t));
     for _ in 0..=t.max_retransmit {
-        socket.send_to(&bytes, peer).await?;
+        link.send_message(&bytes).await?;
         let deadline = tokio::time::Instant::now() + timeout;
-        match receive(socket, peer, deadline, mid, &token).await? {
+        match receive(link, deadline, mid, &token).await? {
             Some(Received::Response(answer)) => return Ok(answer),
             Some(Received::EmptyAck) => {
                 let deadline = tokio::time::Instant::now() + t.separate_timeout;
                 loop {
-                    match receive(socket, peer, deadline, mid, &token).await? {
+                    match receive(link, deadline, mid, &token).await? {
                         Some(Received::Response(answer)) => return Ok(answer),
                         Some(Received::EmptyAck) => continue,
                         None => return Err(ExchangeError::Timeout(peer)),
@@ -163,4 +218,26 @@ pub async fn exchange(
         }
     }
     Err(ExchangeError::Timeout(peer))
+}
+
+/// Send a non-confirmable `request` once and wait until `deadline` for its
+/// response; `None` when none came. The caller's own timer (the DTLS
+/// retransmission timer of the ATLS layer) decides what to send again.
+pub(crate) async fn exchange_non_on<L: MessageLink>(
+    link: &mut L,
+    mut request: Packet,
+    deadline: tokio::time::Instant,
+) -> Result<Option<Packet>, ExchangeError> {
+    request.header.set_type(MessageType::NonConfirmable);
+    let mid = request.header.message_id;
+    let token = request.get_token().to_vec();
+    let bytes = request
+        .to_bytes()
+        .map_err(|e| ExchangeError::Encode(e.to_string()))?;
+    link.send_message(&bytes).await?;
+    match receive(link, deadline, mid, &token).await? {
+        Some(Received::Response(answer)) => Ok(Some(answer)),
+        // An empty ACK cannot answer a non-confirmable request.
+        Some(Received::EmptyAck) | None => Ok(None),
+    }
 }

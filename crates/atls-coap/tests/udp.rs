@@ -12,6 +12,9 @@ use atls_core::TlsVersion;
 use atls_tests::{client_config, engines, server_config, SERVER_NAME};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 
+mod support;
+use support::lossy_relay;
+
 async fn serve(
     engine: &dyn atls_core::Engine,
     version: TlsVersion,
@@ -404,70 +407,6 @@ async fn libcoap_coap_client_posts_a_client_hello_blockwise() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A UDP relay between one client and the server that drops, duplicates,
-/// delays and so reorders datagrams in both directions, deterministically.
-async fn lossy_relay(
-    server: SocketAddr,
-    seed: u64,
-) -> (SocketAddr, Arc<[std::sync::atomic::AtomicUsize; 2]>) {
-    let faults: Arc<[std::sync::atomic::AtomicUsize; 2]> = Arc::new(Default::default());
-    let counted = faults.clone();
-    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
-    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
-    let addr = front.local_addr().expect("addr");
-    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
-    let rng = Arc::new(std::sync::Mutex::new(seed | 1));
-    // xorshift64: the same faults in every run.
-    let roll = move |rng: &std::sync::Mutex<u64>| {
-        let mut x = rng.lock().expect("rng");
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x % 100
-    };
-    let forward =
-        move |from: Arc<tokio::net::UdpSocket>, to: Arc<tokio::net::UdpSocket>, towards_server: bool| {
-            let (client, rng, faults) = (client.clone(), rng.clone(), counted.clone());
-            async move {
-                let mut buf = vec![0u8; 2048];
-                loop {
-                    let Ok((n, src)) = from.recv_from(&mut buf).await else {
-                        return;
-                    };
-                    let target = if towards_server {
-                        *client.lock().expect("lock") = Some(src);
-                        server
-                    } else {
-                        match *client.lock().expect("lock") {
-                            Some(c) => c,
-                            None => continue,
-                        }
-                    };
-                    let fate = roll(&rng);
-                    if fate < 20 {
-                        faults[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        continue; // dropped
-                    }
-                    let copies = if fate >= 90 { 2 } else { 1 };
-                    if copies == 2 {
-                        faults[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    for _ in 0..copies {
-                        let delay = Duration::from_millis(roll(&rng) % 30);
-                        let (to, datagram) = (to.clone(), buf[..n].to_vec());
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = to.send_to(&datagram, target).await;
-                        });
-                    }
-                }
-            }
-        };
-    tokio::spawn(forward(front.clone(), back.clone(), true));
-    tokio::spawn(forward(back, front, false));
-    (addr, faults)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshakes_and_requests_survive_a_lossy_link() {
     let mut seed = 0x5eed_u64;
@@ -487,6 +426,7 @@ async fn handshakes_and_requests_survive_a_lossy_link() {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let (relay, faults) = lossy_relay(addr, seed).await;
+            let faults = &faults.counts;
             let endpoint = engine.client(&client_config(version)).expect("endpoint");
             let client = AtlsCoapClient::new(
                 relay,

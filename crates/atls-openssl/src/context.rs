@@ -186,6 +186,24 @@ fn common_builder(common: &CommonConfig) -> Result<SslContextBuilder, Error> {
     Ok(builder)
 }
 
+/// The (D)TLS 1.2 PSK suites of `common`, as an OpenSSL cipher list.
+fn psk_suites(common: &CommonConfig) -> String {
+    let names: Vec<String> = match &common.cipher_suites {
+        None => DEFAULT_TLS12_SUITES.split(':').map(str::to_owned).collect(),
+        Some(list) => list
+            .iter()
+            .filter(|s| !s.is_tls13())
+            .filter_map(|s| s.name())
+            .map(|n| openssl::ssl::cipher_name(n).to_owned())
+            .collect(),
+    };
+    names
+        .into_iter()
+        .filter(|n| n.contains("PSK"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// Selects which of the two §11 extensions a registration serves.
 ///
 /// `SslContextBuilder::add_custom_ext` stores its callbacks keyed by their
@@ -296,6 +314,17 @@ impl Engine for OpenSslEngine {
         }
         builder.set_verify(SslVerifyMode::PEER);
         builder.set_cert_store(trust_store(&config.trust_anchors)?);
+        if config.trust_anchors.is_empty() && config.common.versions.iter().any(|v| *v != TlsVersion::Tls13) {
+            // PSK only: offer no (D)TLS 1.2 suite that a server would answer
+            // with a certificate this client cannot verify.
+            let psk_only = psk_suites(&config.common);
+            if psk_only.is_empty() {
+                return Err(Error::Config("no PSK cipher suite configured".into()));
+            }
+            builder
+                .set_cipher_list(&psk_only)
+                .map_err(config_error("TLS 1.2 PSK cipher suites"))?;
+        }
         if let Some(identity) = &config.client_auth {
             set_identity(&mut builder, identity)?;
         }

@@ -31,6 +31,7 @@ pub struct Serve {
     pub https: Option<String>,
     pub coap: Option<String>,
     pub coap_tcp: Option<String>,
+    pub coaps: Option<String>,
     pub ca: PathBuf,
     pub state: tempfile::TempDir,
 }
@@ -51,6 +52,8 @@ pub fn serve(extra: &[&str]) -> Serve {
     let mut https = None;
     let mut coap = None;
     let mut coap_tcp = None;
+    let mut coaps = None;
+    let wants_coaps = extra.contains(&"--coaps");
     let wants_coap_tcp = extra.contains(&"--coap-tcp");
     let wants_https = extra.contains(&"--https");
     let wants_coap = extra.contains(&"--coap");
@@ -70,7 +73,11 @@ pub fn serve(extra: &[&str]) -> Serve {
         if let Some(rest) = line.strip_prefix("ATLS over CoAP over TCP on ") {
             coap_tcp = rest.split_whitespace().next().map(str::to_owned);
         }
+        if let Some(rest) = line.strip_prefix("ATLS over CoAP over DTLS on ") {
+            coaps = rest.split_whitespace().next().map(str::to_owned);
+        }
         if http.is_some()
+            && (coaps.is_some() || !wants_coaps)
             && (https.is_some() || !wants_https)
             && (coap.is_some() || !wants_coap)
             && (coap_tcp.is_some() || !wants_coap_tcp)
@@ -85,6 +92,7 @@ pub fn serve(extra: &[&str]) -> Serve {
         https,
         coap,
         coap_tcp,
+        coaps,
         ca: state.path().join("ca.pem"),
         state,
     }
