@@ -158,8 +158,10 @@ async fn one(
         Wire::Dtls => {
             let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
             let addr = socket.local_addr()?;
+            let mut common = hop_common.clone();
+            common.dtls.cookie_exchange = true;
             let hop = crate::common::engine("openssl")?.server(&ServerConfig {
-                common: hop_common.clone(),
+                common,
                 psks: vec![hop_psk.clone()],
                 ..ServerConfig::default()
             })?;

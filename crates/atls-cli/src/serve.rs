@@ -222,6 +222,7 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
                 ..CommonConfig::default()
             };
             common.resumption = false;
+            common.dtls.cookie_exchange = true;
             let transport = ServerConfig {
                 common,
                 identity,

@@ -13,7 +13,10 @@
 //! address, and in time (a handshake must finish within
 //! `handshake_timeout`; a session idle for `idle_timeout` is dropped). A
 //! datagram from an unknown endpoint creates state only when it is a
-//! complete ClientHello and there is room.
+//! complete ClientHello and there is room. Configure the transport endpoint
+//! with `DtlsConfig::cookie_exchange` (as `atls serve --coaps` does): an
+//! unverified ClientHello is then answered with a HelloVerifyRequest,
+//! smaller than itself, and costs no key exchange.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};

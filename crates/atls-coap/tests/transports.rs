@@ -33,6 +33,12 @@ fn fast_dtls(mut common: CommonConfig) -> CommonConfig {
     common
 }
 
+/// The `coaps://` hop as `atls serve` runs it: a HelloVerifyRequest first.
+fn hop(mut common: CommonConfig) -> CommonConfig {
+    common.dtls.cookie_exchange = true;
+    fast_dtls(common)
+}
+
 fn transport_psk() -> Psk {
     Psk::new(TRANSPORT_PSK_ID, b"0123456789abcdef0123456789abcdef".to_vec()).expect("psk")
 }
@@ -48,7 +54,7 @@ fn transport_server(psk: bool) -> ServerConfig {
     } else {
         server_config(TlsVersion::Dtls12)
     };
-    config.common = fast_dtls(config.common);
+    config.common = hop(config.common);
     config
 }
 
@@ -398,4 +404,148 @@ async fn libcoap_posts_a_client_hello_over_dtls_with_a_psk() {
         assert_eq!(rig.server.stats().half_open, 1, "{}", engine.name());
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `coaps://` listener under a flood from strangers: garbage datagrams,
+/// truncated ClientHellos and more real ClientHellos than the handshake cap
+/// (never finished). An established device keeps being served throughout,
+/// a newcomer beyond the per-address cap gets no state, and once the
+/// unfinished handshakes time out newcomers are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coaps_listener_holds_against_a_flood() {
+    let openssl = engines()[0];
+    let tls = openssl
+        .server(&server_config(TlsVersion::Tls13))
+        .expect("tls endpoint");
+    let server = CoapServer::new(tls, CoapConfig::default());
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let limits = DtlsServerConfig {
+        max_handshakes: 8,
+        max_handshakes_per_ip: 4,
+        handshake_timeout: Duration::from_secs(2),
+        ..DtlsServerConfig::default()
+    };
+    let transport = openssl.server(&transport_server(true)).expect("transport");
+    let task = tokio::spawn(atls_coap::dtls::serve(socket, transport, server.clone(), limits));
+    let device = connect(
+        Wire::Dtls,
+        addr,
+        atls_client(openssl, TlsVersion::Tls13),
+        options(512, CoapMode::Oscore),
+        true,
+    )
+    .await;
+    exercise(&device, "established device", TlsVersion::Tls13, CoapMode::Oscore).await;
+
+    // Strangers: garbage, truncated hellos, and 12 real ClientHellos that
+    // never continue (the cap is 4 per address).
+    let transport_client_endpoint = openssl.client(&transport_client(true)).expect("endpoint");
+    let mut strangers = Vec::new();
+    let mut hello_len = 0;
+    for i in 0..12 {
+        let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let mut session = atls_core::Session::client(
+            transport_client_endpoint.as_ref(),
+            &atls_core::ClientSessionParams::default(),
+        )
+        .expect("session");
+        let hello = session
+            .take_flight(std::time::Instant::now())
+            .expect("flight")
+            .expect("hello");
+        hello_len = hello.len();
+        stranger
+            .send_to(&hello[..hello.len() / 2], addr)
+            .await
+            .expect("send");
+        stranger
+            .send_to(&[0x16, 0xfe, 0xfd, 0xff], addr)
+            .await
+            .expect("send");
+        stranger.send_to(&vec![i as u8; 900], addr).await.expect("send");
+        stranger.send_to(&hello, addr).await.expect("send");
+        strangers.push(stranger);
+    }
+    let answers = {
+        let mut waits = tokio::task::JoinSet::new();
+        for stranger in strangers {
+            waits.spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                tokio::time::timeout(Duration::from_millis(300), stranger.recv_from(&mut buf))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .map(|(n, _)| buf[..n].to_vec())
+            });
+        }
+        waits
+            .join_all()
+            .await
+            .into_iter()
+            .flatten()
+            .collect::<Vec<Vec<u8>>>()
+    };
+    assert_eq!(
+        answers.len(),
+        4,
+        "only the per-address cap of ClientHellos got an answer"
+    );
+    for answer in &answers {
+        // A HelloVerifyRequest (handshake type 3): smaller than the
+        // ClientHello, and no key exchange was done for it.
+        assert_eq!(answer.get(13), Some(&3), "a HelloVerifyRequest: {answer:02x?}");
+        assert!(
+            answer.len() < hello_len,
+            "the answer to an unverified ClientHello is {} B, the hello {hello_len} B",
+            answer.len()
+        );
+    }
+    // The device is still served while the strangers hold their places.
+    exercise(
+        &device,
+        "established device during the flood",
+        TlsVersion::Tls13,
+        CoapMode::Oscore,
+    )
+    .await;
+    // A newcomer from the same address gets nothing while the cap is full...
+    let mut quick = options(512, CoapMode::Oscore);
+    quick.transport_timeout = Duration::from_millis(400);
+    let refused = AtlsCoapClient::new_dtls(
+        addr,
+        openssl.client(&transport_client(true)).expect("transport"),
+        atls_client(openssl, TlsVersion::Tls13),
+        quick,
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(atls_coap::CoapClientError::Link(_))),
+        "a newcomer beyond the cap gets no handshake"
+    );
+    // ...and is served once the unfinished handshakes have timed out.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let newcomer = connect(
+        Wire::Dtls,
+        addr,
+        atls_client(openssl, TlsVersion::Tls13),
+        options(512, CoapMode::Oscore),
+        true,
+    )
+    .await;
+    exercise(
+        &newcomer,
+        "newcomer after the timeout",
+        TlsVersion::Tls13,
+        CoapMode::Oscore,
+    )
+    .await;
+    exercise(
+        &device,
+        "established device after the flood",
+        TlsVersion::Tls13,
+        CoapMode::Oscore,
+    )
+    .await;
+    task.abort();
 }

@@ -180,6 +180,12 @@ pub struct DtlsConfig {
     pub initial_timeout: Duration,
     /// Upper bound of the doubling.
     pub max_timeout: Duration,
+    /// Server: answer a ClientHello without a valid cookie with a
+    /// HelloVerifyRequest (RFC 6347 §4.2.1) before any key exchange, so a
+    /// spoofed source gets a small answer and costs no public-key
+    /// operation. For DTLS on a real datagram transport (the `coaps://`
+    /// hop); the ATLS layer over CoAP validates addresses with Echo instead.
+    pub cookie_exchange: bool,
 }
 
 impl Default for DtlsConfig {
@@ -188,6 +194,7 @@ impl Default for DtlsConfig {
             mtu: 1200,
             initial_timeout: Duration::from_secs(1),
             max_timeout: Duration::from_secs(60),
+            cookie_exchange: false,
         }
     }
 }

@@ -43,6 +43,8 @@ pub(crate) struct AtlsState {
     /// handshake (a client offers it, a server accepted it).
     pub(crate) psk_identity: Option<Vec<u8>>,
     pub(crate) server_name: Option<String>,
+    /// DTLS server: the cookie of this session's HelloVerifyRequest.
+    pub(crate) cookie: Option<[u8; 16]>,
 }
 
 pub(crate) fn state_index() -> Index<Ssl, AtlsState> {
@@ -418,6 +420,29 @@ impl Engine for OpenSslEngine {
                 return Err(Error::Config("session ticket callback".into()));
             }
         }
+        if config.common.framing()? == Framing::Dtls && config.common.dtls.cookie_exchange {
+            // One random cookie per session, kept in the session: the state
+            // exists already (a memory-BIO session per peer), what the
+            // exchange adds is that an unverified peer gets a small answer
+            // and no key exchange.
+            builder.set_options(SslOptions::COOKIE_EXCHANGE);
+            builder.set_cookie_generate_cb(|ssl, out| {
+                let mut cookie = [0u8; 16];
+                openssl::rand::rand_bytes(&mut cookie)?;
+                let n = cookie.len().min(out.len());
+                out[..n].copy_from_slice(&cookie[..n]);
+                if let Some(state) = ssl.ex_data_mut(state_index()) {
+                    state.cookie = Some(cookie);
+                }
+                Ok(n)
+            });
+            builder.set_cookie_verify_cb(|ssl, cookie| {
+                ssl.ex_data(state_index())
+                    .and_then(|s| s.cookie)
+                    // memcmp::eq panics on different lengths.
+                    .is_some_and(|ours| cookie.len() == ours.len() && openssl::memcmp::eq(&ours, cookie))
+            });
+        }
         if config.max_early_data > 0 && config.common.resumption {
             builder
                 .set_max_early_data(config.max_early_data)
@@ -480,6 +505,7 @@ impl ClientEndpoint for OpenSslClient {
                     peer: None,
                 },
                 psk_identity: None,
+                cookie: None,
                 server_name: params.server_name.clone(),
             },
         );
@@ -511,6 +537,7 @@ impl ServerEndpoint for OpenSslServer {
                     peer: None,
                 },
                 psk_identity: None,
+                cookie: None,
                 server_name: None,
             },
         );
