@@ -190,6 +190,7 @@ fn run_scenario(ca: &DevCa, s: &Scenario) -> anyhow::Result<bool> {
     let server_params = ServerSessionParams {
         oscore_cid: Some(ConnectionId::new(vec![0x5E, 0x01])?),
         cose_cid: Some(ConnectionId::new(vec![0x5E, 0x02])?),
+        ..ServerSessionParams::default()
     };
     let mut client = Session::client(&*client_endpoint, &client_params)?;
     let mut server = Session::server(&*server_endpoint, &server_params)?;

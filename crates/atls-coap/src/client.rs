@@ -130,9 +130,10 @@ enum Delivery {
     /// Confirmable, retransmitted by CoAP (RFC 7252 §4.2); a reliable
     /// transport needs neither.
     Confirmable,
-    /// Non-confirmable, sent once; the answer is awaited until the deadline
-    /// (the ATLS layer's DTLS timer), after which the caller decides.
-    NonConfirmable(tokio::time::Instant),
+    /// Non-confirmable, sent once; the answer is awaited this long from
+    /// the moment it is sent (what the ATLS layer's DTLS timer had left when
+    /// the flight was taken), after which the caller decides.
+    NonConfirmable(std::time::Duration),
 }
 
 struct Established {
@@ -197,7 +198,7 @@ impl AtlsCoapClient {
     ) -> Result<Self, CoapClientError> {
         let link = crate::dtls::DtlsLink::connect(
             server,
-            transport.as_ref(),
+            transport,
             options.server_name.clone(),
             options.transport_timeout,
         )
@@ -284,18 +285,30 @@ impl AtlsCoapClient {
                 };
                 Ok(Some(exchange_on(&mut link, self.server, request, t).await?))
             }
-            (Link::Udp(socket), Delivery::NonConfirmable(deadline)) => {
+            (Link::Udp(socket), Delivery::NonConfirmable(wait)) => {
                 let mut link = Plain {
                     socket,
                     peer: self.server,
                 };
-                Ok(exchange_non_on(&mut link, request, deadline).await?)
+                Ok(exchange_non_on(&mut link, request, tokio::time::Instant::now() + wait).await?)
             }
-            (Link::Dtls(link), Delivery::Confirmable) => Ok(Some(
-                exchange_on(&mut *link.lock().await, self.server, request, t).await?,
-            )),
-            (Link::Dtls(link), Delivery::NonConfirmable(deadline)) => {
-                Ok(exchange_non_on(&mut *link.lock().await, request, deadline).await?)
+            (Link::Dtls(link), Delivery::Confirmable) => {
+                let mut link = link.lock().await;
+                match exchange_on(&mut *link, self.server, request.clone(), t).await {
+                    // No answer: the server may have forgotten the DTLS
+                    // session (restart, idle timeout). A new DTLS handshake
+                    // and one more try; a request the server did process
+                    // is refused as a replay by the ATLS layer.
+                    Err(ExchangeError::Timeout(_)) => {
+                        link.reconnect().await?;
+                        Ok(Some(exchange_on(&mut *link, self.server, request, t).await?))
+                    }
+                    other => Ok(Some(other?)),
+                }
+            }
+            (Link::Dtls(link), Delivery::NonConfirmable(wait)) => {
+                let mut link = link.lock().await;
+                Ok(exchange_non_on(&mut *link, request, tokio::time::Instant::now() + wait).await?)
             }
             (Link::Tcp(connection), _) => Ok(Some(
                 connection
@@ -547,11 +560,15 @@ impl AtlsCoapClient {
                 return Err(atls_core::Error::Protocol("the handshake stalled".into()).into());
             };
             let delivery = if datagram {
-                let deadline = session
+                let wait = session
                     .next_timeout()
-                    .map(tokio::time::Instant::from_std)
-                    .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
-                Delivery::NonConfirmable(deadline)
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+                    .unwrap_or(std::time::Duration::from_secs(1))
+                    .clamp(
+                        std::time::Duration::from_millis(50),
+                        std::time::Duration::from_secs(60),
+                    );
+                Delivery::NonConfirmable(wait)
             } else {
                 Delivery::Confirmable
             };
@@ -623,10 +640,14 @@ impl AtlsCoapClient {
     pub async fn request(&self, inner: &Packet) -> Result<Packet, CoapClientError> {
         match self.request_once(inner).await {
             // The server no longer has the context (it restarted, or forgot
-            // this endpoint): it did not process the request, so a new
-            // handshake and one more try is safe for any method.
-            Err(CoapClientError::Refused { code, .. })
-                if code == "4.01" || (code == "4.04" && self.options.mode == CoapMode::Records) =>
+            // this endpoint; RFC 8613 §8.2 names it "Security context not
+            // found"), or no session for records: it did not process the
+            // request, so a new handshake and one more try is safe for any
+            // method. Not after "Replay detected": that request may have
+            // been processed (its answer lost).
+            Err(CoapClientError::Refused { code, diagnostic })
+                if (code == "4.01" && diagnostic != "Replay detected")
+                    || (code == "4.04" && self.options.mode == CoapMode::Records) =>
             {
                 *self.state.lock().await = None;
                 self.request_once(inner).await

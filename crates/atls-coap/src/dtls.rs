@@ -8,22 +8,22 @@
 //! (RFC 6347 §4.2.4). After the handshake each record carries one CoAP
 //! message in the RFC 7252 format.
 //!
-//! The server keeps one DTLS session per client address and port, bounded
-//! in all (`max_sessions`), in handshakes at once (`max_handshakes`), per IP
-//! address, and in time (a handshake must finish within
-//! `handshake_timeout`; a session idle for `idle_timeout` is dropped). A
-//! datagram from an unknown endpoint creates state only when it is a
-//! complete ClientHello and there is room. Configure the transport endpoint
-//! with `DtlsConfig::cookie_exchange` (as `atls serve --coaps` does): an
-//! unverified ClientHello is then answered with a HelloVerifyRequest,
-//! smaller than itself, and costs no key exchange.
+//! The server answers a ClientHello without a valid cookie with a
+//! HelloVerifyRequest computed statelessly (RFC 6347 §4.2.1) and keeps
+//! nothing for it; only a peer that returned its cookie gets a DTLS session:
+//! one per client address and port, bounded in all (`max_sessions`), in
+//! handshakes at once (`max_handshakes`), per IP address (IPv6: /64), and in
+//! time (a handshake must finish within `handshake_timeout`; a session that
+//! received nothing authentic for `idle_timeout` is dropped). The transport
+//! endpoint must enable `DtlsConfig::cookie_exchange` (as `atls serve
+//! --coaps` does): the engine then checks the same cookie again.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atls_core::records::{self, FirstFlight, Framing};
+use atls_core::records::{self, Framing};
 use atls_core::{
     ClientEndpoint, ClientSessionParams, HandshakeInfo, ServerEndpoint, ServerSessionParams, Session,
 };
@@ -41,14 +41,18 @@ pub struct DtlsServerConfig {
     pub max_sessions: usize,
     /// DTLS handshakes in progress at once.
     pub max_handshakes: usize,
-    /// DTLS handshakes in progress at once from one IP address.
+    /// DTLS handshakes in progress at once from one IP address (IPv6: /64).
     pub max_handshakes_per_ip: usize,
-    /// DTLS sessions (of any phase) from one IP address.
+    /// DTLS sessions (of any phase) from one IP address (IPv6: /64).
     pub max_sessions_per_ip: usize,
     /// A handshake not finished within this is dropped.
     pub handshake_timeout: Duration,
-    /// A session that received nothing for this long is dropped.
+    /// A session that received nothing authentic for this long is dropped.
     pub idle_timeout: Duration,
+    /// With `max_sessions` sessions, a newcomer (that returned a valid
+    /// cookie) takes the place of the least recently active established
+    /// session if it has been idle this long.
+    pub evict_idle_after: Duration,
 }
 
 impl Default for DtlsServerConfig {
@@ -60,9 +64,16 @@ impl Default for DtlsServerConfig {
             max_sessions_per_ip: 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            evict_idle_after: Duration::from_secs(30),
         }
     }
 }
+
+/// How long a HelloVerifyRequest cookie stays valid (the current and the
+/// previous window are accepted).
+const COOKIE_WINDOW_SECS: u64 = 30;
+/// Cookie length.
+const COOKIE_LEN: usize = 16;
 
 /// Split `output` (records of one DTLS session) into datagrams of at most
 /// `mtu` bytes, whole records each.
@@ -80,12 +91,113 @@ fn datagrams(output: &[u8], mtu: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// A ClientHello in the first record of a datagram, whole (not
+/// fragmented), as the stateless cookie exchange needs it.
+struct Hello<'a> {
+    /// The record's sequence number.
+    record_seq: u64,
+    /// The handshake message's sequence number.
+    message_seq: u16,
+    /// client_version and random.
+    version_random: &'a [u8],
+    session_id: &'a [u8],
+    cookie: &'a [u8],
+    /// Everything after the cookie (suites, compression, extensions).
+    rest: &'a [u8],
+}
+
+fn parse_hello(datagram: &[u8]) -> Option<Hello<'_>> {
+    let header = datagram.get(..13)?;
+    if header[0] != 22 || header[3..5] != [0, 0] {
+        return None;
+    }
+    let record_seq = header[5..11].iter().fold(0u64, |a, b| (a << 8) | u64::from(*b));
+    let len = usize::from(u16::from_be_bytes([header[11], header[12]]));
+    let fragment = datagram.get(13..13 + len)?;
+    let hs = fragment.get(..12)?;
+    let length = hs[1..4].iter().fold(0usize, |a, b| (a << 8) | usize::from(*b));
+    let offset = hs[6..9].iter().fold(0usize, |a, b| (a << 8) | usize::from(*b));
+    let frag_len = hs[9..12].iter().fold(0usize, |a, b| (a << 8) | usize::from(*b));
+    if hs[0] != 1 || offset != 0 || frag_len != length {
+        return None;
+    }
+    let body = fragment.get(12..12 + length)?;
+    let version_random = body.get(..34)?;
+    let sid_len = usize::from(*body.get(34)?);
+    let session_id = body.get(35..35 + sid_len)?;
+    let cookie_at = 35 + sid_len;
+    let cookie_len = usize::from(*body.get(cookie_at)?);
+    let cookie = body.get(cookie_at + 1..cookie_at + 1 + cookie_len)?;
+    let rest = body.get(cookie_at + 1 + cookie_len..)?;
+    Some(Hello {
+        record_seq,
+        message_seq: u16::from_be_bytes([hs[4], hs[5]]),
+        version_random,
+        session_id,
+        cookie,
+        rest,
+    })
+}
+
+/// A ClientHello record with `cookie`, message and record sequence numbers.
+fn hello_record(hello: &Hello<'_>, cookie: &[u8], message_seq: u16, record_seq: u64) -> Vec<u8> {
+    let mut body = Vec::with_capacity(64 + hello.rest.len());
+    body.extend_from_slice(hello.version_random);
+    body.push(hello.session_id.len() as u8);
+    body.extend_from_slice(hello.session_id);
+    body.push(cookie.len() as u8);
+    body.extend_from_slice(cookie);
+    body.extend_from_slice(hello.rest);
+    handshake_record(1, message_seq, record_seq, &body)
+}
+
+/// One DTLS 1.2 epoch-0 handshake record holding one whole message.
+fn handshake_record(msg_type: u8, message_seq: u16, record_seq: u64, body: &[u8]) -> Vec<u8> {
+    let len = body.len() as u32;
+    let mut out = Vec::with_capacity(25 + body.len());
+    out.extend_from_slice(&[22, 0xFE, 0xFD, 0, 0]);
+    out.extend_from_slice(&record_seq.to_be_bytes()[2..]);
+    out.extend_from_slice(&((12 + body.len()) as u16).to_be_bytes());
+    out.push(msg_type);
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(&message_seq.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0]);
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(body);
+    out
+}
+
+/// A HelloVerifyRequest answering `hello` (RFC 6347 §4.2.1: version DTLS
+/// 1.0, the ClientHello's record sequence number).
+fn hello_verify_request(hello: &Hello<'_>, cookie: &[u8]) -> Vec<u8> {
+    let mut body = vec![0xFE, 0xFF, cookie.len() as u8];
+    body.extend_from_slice(cookie);
+    let mut record = handshake_record(3, hello.message_seq, hello.record_seq, &body);
+    record[1..3].copy_from_slice(&[0xFE, 0xFF]);
+    record
+}
+
+/// The per-IP key of the caps: the address, IPv6 addresses by /64.
+fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::from(octets)
+        }
+    }
+}
+
 struct Conn {
     session: Session,
     started: Instant,
+    /// Last time the session made progress (an authentic record).
     last: Instant,
     /// The retransmission deadline registered in `Server::timers`.
     timer: Option<Instant>,
+    /// Whether this session is counted as a handshake in progress.
+    handshaking: bool,
 }
 
 /// The server's DTLS sessions.
@@ -96,17 +208,20 @@ struct Server {
     mtu: usize,
     conns: HashMap<SocketAddr, Conn>,
     timers: BTreeSet<(Instant, SocketAddr)>,
+    /// Per IP key: (handshakes, sessions).
     per_ip: HashMap<IpAddr, (usize, usize)>,
     handshakes: usize,
+    secret: [u8; 32],
+    created: Instant,
 }
 
 impl Server {
     fn count(&mut self, ip: IpAddr, handshake: isize, all: isize) {
-        let entry = self.per_ip.entry(ip).or_insert((0, 0));
+        let entry = self.per_ip.entry(ip_key(ip)).or_insert((0, 0));
         entry.0 = entry.0.saturating_add_signed(handshake);
         entry.1 = entry.1.saturating_add_signed(all);
         if entry.1 == 0 {
-            self.per_ip.remove(&ip);
+            self.per_ip.remove(&ip_key(ip));
         }
         self.handshakes = self.handshakes.saturating_add_signed(handshake);
     }
@@ -116,64 +231,146 @@ impl Server {
             if let Some(t) = conn.timer {
                 self.timers.remove(&(t, addr));
             }
-            let handshaking = isize::from(!conn.session.is_handshake_complete());
-            self.count(addr.ip(), -handshaking, -1);
+            self.count(addr.ip(), -isize::from(conn.handshaking), -1);
         }
     }
 
-    /// Whether a new session from `addr` fits the bounds.
-    fn room_for(&self, addr: SocketAddr) -> bool {
-        let (handshakes, all) = self.per_ip.get(&addr.ip()).copied().unwrap_or((0, 0));
-        self.conns.len() < self.config.max_sessions
-            && self.handshakes < self.config.max_handshakes
-            && handshakes < self.config.max_handshakes_per_ip
-            && all < self.config.max_sessions_per_ip
+    /// The cookie of `hello` from `from` in time window `window`: a keyed
+    /// hash of the address, port, client random and window.
+    fn cookie(&self, from: SocketAddr, hello: &Hello<'_>, window: u64) -> [u8; COOKIE_LEN] {
+        use hmac::Mac as _;
+        let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        match from.ip() {
+            IpAddr::V4(ip) => mac.update(&ip.octets()),
+            IpAddr::V6(ip) => mac.update(&ip.octets()),
+        }
+        mac.update(&from.port().to_be_bytes());
+        mac.update(hello.version_random);
+        mac.update(&window.to_be_bytes());
+        let tag = mac.finalize().into_bytes();
+        let mut cookie = [0u8; COOKIE_LEN];
+        cookie.copy_from_slice(tag.get(..COOKIE_LEN).unwrap_or(&[0; COOKIE_LEN]));
+        cookie
+    }
+
+    fn window(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.created).as_secs() / COOKIE_WINDOW_SECS
+    }
+
+    fn cookie_valid(&self, from: SocketAddr, hello: &Hello<'_>, now: Instant) -> bool {
+        let window = self.window(now);
+        let ok = |w: u64| {
+            let ours = self.cookie(from, hello, w);
+            hello.cookie.len() == COOKIE_LEN && openssl_free_eq(&ours, hello.cookie)
+        };
+        ok(window) || window.checked_sub(1).is_some_and(ok)
+    }
+
+    /// Whether a new session from `addr` fits the bounds, making room by
+    /// evicting the least recently active idle established session when
+    /// the table is full.
+    fn room_for(&mut self, addr: SocketAddr, now: Instant) -> bool {
+        let (handshakes, all) = self.per_ip.get(&ip_key(addr.ip())).copied().unwrap_or((0, 0));
+        if self.handshakes >= self.config.max_handshakes
+            || handshakes >= self.config.max_handshakes_per_ip
+            || all >= self.config.max_sessions_per_ip
+        {
+            return false;
+        }
+        if self.conns.len() >= self.config.max_sessions {
+            let idle = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.handshaking)
+                .min_by_key(|(_, c)| c.last)
+                .filter(|(_, c)| now.saturating_duration_since(c.last) >= self.config.evict_idle_after)
+                .map(|(a, _)| *a);
+            match idle {
+                Some(victim) => self.remove(victim),
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// A ClientHello from `from`: without a valid cookie it gets a
+    /// HelloVerifyRequest and the server keeps nothing; with one it starts
+    /// a session (replacing an established one of the same address and
+    /// port: the cookie proved the client is there, RFC 6347 §4.2.8).
+    fn hello(&mut self, datagram: &[u8], hello: &Hello<'_>, from: SocketAddr, now: Instant) -> Vec<Vec<u8>> {
+        if !self.cookie_valid(from, hello, now) {
+            let cookie = self.cookie(from, hello, self.window(now));
+            return vec![hello_verify_request(hello, &cookie)];
+        }
+        // The ClientHello that returns a cookie is the second one.
+        if hello.message_seq != 1 || hello.record_seq == 0 {
+            return Vec::new();
+        }
+        let existing = self.conns.get(&from).map(|c| c.handshaking);
+        match existing {
+            // A retransmission of the ClientHello of a handshake in progress.
+            Some(true) => return self.datagram_for(datagram, from, now),
+            Some(false) => self.remove(from),
+            None => {}
+        }
+        if !self.room_for(from, now) {
+            return Vec::new();
+        }
+        let params = ServerSessionParams {
+            dtls_cookie: Some(hello.cookie.to_vec()),
+            ..ServerSessionParams::default()
+        };
+        let Ok(mut session) = Session::server(self.transport.as_ref(), &params) else {
+            return Vec::new();
+        };
+        // The engine runs the cookie exchange statefully: give it the first
+        // ClientHello (this one without the cookie, one message and one
+        // record earlier) and drop its HelloVerifyRequest, which carries
+        // the same cookie; it then takes this ClientHello as the second.
+        let first = hello_record(hello, &[], 0, hello.record_seq - 1);
+        if session.push_flight(&first, now).is_err() {
+            return Vec::new();
+        }
+        let _ = session.take_flight(now);
+        self.conns.insert(
+            from,
+            Conn {
+                session,
+                started: now,
+                last: now,
+                timer: None,
+                handshaking: true,
+            },
+        );
+        self.count(from.ip(), 1, 1);
+        // Message IDs are scoped to the DTLS session (RFC 7252 §9.1).
+        self.coap.reset_exchanges(from, crate::server::Transport::Dtls);
+        self.datagram_for(datagram, from, now)
     }
 
     /// Handle one datagram; returns the datagrams to send back.
     fn datagram(&mut self, datagram: &[u8], from: SocketAddr, now: Instant) -> Vec<Vec<u8>> {
-        let hello = records::classify_payload(Framing::Dtls, datagram)
-            .is_ok_and(|f| f == FirstFlight::ClientHello)
-            && records::split_records(Framing::Dtls, datagram)
-                .is_ok_and(|r| r.first().is_some_and(|r| r.epoch == 0));
-        let restart = hello
-            && self
-                .conns
-                .get(&from)
-                .is_some_and(|c| c.session.is_handshake_complete());
-        if restart {
-            // A client that lost its session and starts over from the same
-            // address and port (RFC 6347 §4.2.8).
-            self.remove(from);
+        if let Some(hello) = parse_hello(datagram) {
+            return self.hello(datagram, &hello, from, now);
         }
-        if !self.conns.contains_key(&from) {
-            if !hello || !self.room_for(from) {
-                return Vec::new();
-            }
-            let Ok(session) = Session::server(self.transport.as_ref(), &ServerSessionParams::default())
-            else {
-                return Vec::new();
-            };
-            self.conns.insert(
-                from,
-                Conn {
-                    session,
-                    started: now,
-                    last: now,
-                    timer: None,
-                },
-            );
-            self.count(from.ip(), 1, 1);
+        if self.conns.contains_key(&from) {
+            self.datagram_for(datagram, from, now)
+        } else {
+            Vec::new()
         }
+    }
+
+    /// A datagram for the session of `from`.
+    fn datagram_for(&mut self, datagram: &[u8], from: SocketAddr, now: Instant) -> Vec<Vec<u8>> {
         let Some(conn) = self.conns.get_mut(&from) else {
             return Vec::new();
         };
-        conn.last = now;
-        let was_handshaking = !conn.session.is_handshake_complete();
-        let mut output = Vec::new();
         let mut failed = false;
-        if was_handshaking {
+        let mut progress = false;
+        if conn.handshaking {
             failed = conn.session.push_flight(datagram, now).is_err() && conn.session.is_closed();
+            progress = conn.session.wants_write() || conn.session.is_handshake_complete();
         } else {
             let Ok(records) = records::split_records(Framing::Dtls, datagram) else {
                 return Vec::new();
@@ -187,6 +384,7 @@ impl Server {
                 if message.is_empty() {
                     continue;
                 }
+                progress = true;
                 if let Some(answer) = self.coap.handle_secured(&message, from, now) {
                     if conn.session.send(&answer).is_err() {
                         failed = true;
@@ -195,14 +393,18 @@ impl Server {
                 }
             }
         }
-        if let Ok(Some(flight)) = conn.session.take_flight(now) {
-            output = flight;
+        if progress {
+            // Only authentic progress keeps a session alive: spoofed
+            // datagrams of its address do not.
+            conn.last = now;
         }
+        let output = conn.session.take_flight(now).ok().flatten().unwrap_or_default();
         let closed = failed || conn.session.is_closed();
-        let completed = was_handshaking && conn.session.is_handshake_complete();
+        let completed = conn.handshaking && conn.session.is_handshake_complete();
         let timer = conn.session.next_timeout();
         let old_timer = std::mem::replace(&mut conn.timer, timer);
         if completed {
+            conn.handshaking = false;
             if let Some(info) = conn.session.handshake_info() {
                 tracing::debug!(%from, version = ?info.version, suite = %info.cipher_suite, "CoAP over DTLS: handshake complete");
             }
@@ -256,10 +458,10 @@ impl Server {
             .conns
             .iter()
             .filter(|(_, c)| {
-                if c.session.is_handshake_complete() {
-                    now.saturating_duration_since(c.last) > self.config.idle_timeout
-                } else {
+                if c.handshaking {
                     now.saturating_duration_since(c.started) > self.config.handshake_timeout
+                } else {
+                    now.saturating_duration_since(c.last) > self.config.idle_timeout
                 }
             })
             .map(|(a, _)| *a)
@@ -270,16 +472,35 @@ impl Server {
     }
 }
 
+/// Constant-time equality of two equally long byte strings.
+fn openssl_free_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Serve CoAP over DTLS on `socket`: DTLS sessions of `transport` (its
-/// configuration names the credentials: PSKs or a certificate), and the
-/// CoAP messages inside them handled by `coap`. Runs until the socket fails.
+/// configuration names the credentials: PSKs or a certificate, and must
+/// enable `DtlsConfig::cookie_exchange`), and the CoAP messages inside them
+/// handled by `coap`. Runs until the socket fails.
+///
+/// A ClientHello without a valid cookie is answered with a
+/// HelloVerifyRequest computed statelessly (RFC 6347 §4.2.1): the server
+/// keeps nothing for a source address until it returned the cookie.
 pub async fn serve(
     socket: UdpSocket,
     transport: Arc<dyn ServerEndpoint>,
     coap: Arc<CoapServer>,
     config: DtlsServerConfig,
 ) -> std::io::Result<()> {
-    let mtu = usize::from(transport.config().common.dtls.mtu).max(256);
+    let common = &transport.config().common;
+    if common.framing().ok() != Some(Framing::Dtls) || !common.dtls.cookie_exchange {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the coaps:// endpoint must be DTLS with DtlsConfig::cookie_exchange",
+        ));
+    }
+    let mtu = usize::from(common.dtls.mtu).max(256);
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut server = Server {
         transport,
         coap,
@@ -289,6 +510,8 @@ pub async fn serve(
         timers: BTreeSet::new(),
         per_ip: HashMap::new(),
         handshakes: 0,
+        secret,
+        created: Instant::now(),
     };
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -300,7 +523,16 @@ pub async fn serve(
             .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             received = socket.recv_from(&mut buf) => {
-                let (n, from) = received?;
+                let (n, from) = match received {
+                    Ok(received) => received,
+                    // An ICMP error for an earlier answer, or a transient
+                    // failure: the listener stays up.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "CoAP over DTLS: receive failed");
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                };
                 let Some(datagram) = buf.get(..n) else { continue };
                 for answer in server.datagram(datagram, from, Instant::now()) {
                     if let Err(e) = socket.send_to(&answer, from).await {
@@ -338,6 +570,9 @@ pub enum DtlsLinkError {
 pub struct DtlsLink {
     socket: UdpSocket,
     peer: SocketAddr,
+    endpoint: Arc<dyn ClientEndpoint>,
+    server_name: Option<String>,
+    timeout: Duration,
     session: Session,
     inbox: VecDeque<Vec<u8>>,
     mtu: usize,
@@ -348,7 +583,7 @@ impl DtlsLink {
     /// on the DTLS timer), giving up after `timeout`.
     pub async fn connect(
         server: SocketAddr,
-        endpoint: &dyn ClientEndpoint,
+        endpoint: Arc<dyn ClientEndpoint>,
         server_name: Option<String>,
         timeout: Duration,
     ) -> Result<Self, DtlsLinkError> {
@@ -359,42 +594,69 @@ impl DtlsLink {
         };
         let socket = UdpSocket::bind(local).await?;
         socket.connect(server).await?;
-        let params = ClientSessionParams {
-            server_name,
-            ..ClientSessionParams::default()
-        };
-        let session = Session::client(endpoint, &params)?;
+        let session = Self::session(endpoint.as_ref(), &server_name)?;
         let mtu = usize::from(endpoint.config().common.dtls.mtu).max(256);
         let mut link = Self {
             socket,
             peer: server,
+            endpoint,
+            server_name,
+            timeout,
             session,
             inbox: VecDeque::new(),
             mtu,
         };
-        let give_up = tokio::time::Instant::now() + timeout;
+        link.handshake().await?;
+        Ok(link)
+    }
+
+    fn session(
+        endpoint: &dyn ClientEndpoint,
+        server_name: &Option<String>,
+    ) -> Result<Session, DtlsLinkError> {
+        let params = ClientSessionParams {
+            server_name: server_name.clone(),
+            ..ClientSessionParams::default()
+        };
+        Ok(Session::client(endpoint, &params)?)
+    }
+
+    /// A new DTLS handshake from the same address and port (the server
+    /// forgot the session: it restarted, or dropped it idle). The server
+    /// keeps the old session until this one returned its cookie.
+    pub async fn reconnect(&mut self) -> Result<(), DtlsLinkError> {
+        self.session = Self::session(self.endpoint.as_ref(), &self.server_name)?;
+        self.inbox.clear();
+        self.handshake().await
+    }
+
+    async fn handshake(&mut self) -> Result<(), DtlsLinkError> {
+        let server = self.peer;
+        let give_up = tokio::time::Instant::now()
+            .checked_add(self.timeout)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
         let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
-            link.flush().await?;
-            if link.session.is_handshake_complete() {
-                return Ok(link);
+            self.flush().await?;
+            if self.session.is_handshake_complete() {
+                return Ok(());
             }
-            let wake = link
+            let wake = self
                 .session
                 .next_timeout()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1))
                 .min(give_up);
-            match tokio::time::timeout_at(wake, link.socket.recv(&mut buf)).await {
+            match tokio::time::timeout_at(wake, self.socket.recv(&mut buf)).await {
                 Ok(received) => {
                     let n = received?;
                     let datagram = buf.get(..n).unwrap_or_default();
                     if records::split_records(Framing::Dtls, datagram).is_err() {
                         continue;
                     }
-                    if let Err(e) = link.session.push_flight(datagram, Instant::now()) {
-                        if link.session.is_closed() {
-                            let _ = link.flush().await;
+                    if let Err(e) = self.session.push_flight(datagram, Instant::now()) {
+                        if self.session.is_closed() {
+                            let _ = self.flush().await;
                             return Err(e.into());
                         }
                     }
@@ -402,7 +664,7 @@ impl DtlsLink {
                 Err(_) if tokio::time::Instant::now() >= give_up => {
                     return Err(DtlsLinkError::Timeout(server))
                 }
-                Err(_) => link.session.handle_timeout(Instant::now())?,
+                Err(_) => self.session.handle_timeout(Instant::now())?,
             }
         }
     }
@@ -469,5 +731,144 @@ impl DtlsLink {
             }
             self.flush().await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atls_core::{ClientConfig, CommonConfig, Psk, ServerConfig, TlsVersion};
+
+    fn common() -> CommonConfig {
+        let mut common = CommonConfig {
+            versions: vec![TlsVersion::Dtls12],
+            ..CommonConfig::default()
+        };
+        common.dtls.cookie_exchange = true;
+        common
+    }
+
+    fn psk() -> Psk {
+        Psk::new("unit", vec![7u8; 32]).expect("psk")
+    }
+
+    fn server(config: DtlsServerConfig) -> Server {
+        let engine = atls_tests::engines()[0];
+        let transport = engine
+            .server(&ServerConfig {
+                common: common(),
+                psks: vec![psk()],
+                ..ServerConfig::default()
+            })
+            .expect("transport");
+        let tls = engine
+            .server(&atls_tests::server_config(TlsVersion::Tls13))
+            .expect("tls");
+        Server {
+            transport,
+            coap: CoapServer::new(tls, crate::CoapConfig::default()),
+            config,
+            mtu: 1200,
+            conns: HashMap::new(),
+            timers: BTreeSet::new(),
+            per_ip: HashMap::new(),
+            handshakes: 0,
+            secret: [9; 32],
+            created: Instant::now(),
+        }
+    }
+
+    fn client() -> Session {
+        let endpoint = atls_tests::engines()[0]
+            .client(&ClientConfig {
+                common: common(),
+                psk: Some(psk()),
+                ..ClientConfig::default()
+            })
+            .expect("client");
+        Session::client(endpoint.as_ref(), &ClientSessionParams::default()).expect("session")
+    }
+
+    /// Run a client's handshake through the server from `from`.
+    fn handshake(server: &mut Server, from: SocketAddr) -> Session {
+        let mut client = client();
+        let now = Instant::now();
+        for _ in 0..10 {
+            let Some(flight) = client.take_flight(now).expect("flight") else {
+                break;
+            };
+            for datagram in datagrams(&flight, 1200) {
+                for answer in server.datagram(&datagram, from, now) {
+                    client.push_flight(&answer, now).expect("push");
+                }
+            }
+            if client.is_handshake_complete() && !client.wants_write() {
+                break;
+            }
+        }
+        assert!(client.is_handshake_complete());
+        client
+    }
+
+    #[test]
+    fn a_spoofed_client_hello_does_not_end_an_established_session() {
+        let mut server = server(DtlsServerConfig::default());
+        let from: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let mut device = handshake(&mut server, from);
+        assert_eq!((server.conns.len(), server.handshakes), (1, 0));
+        // A ClientHello "from" the device's address, without a cookie.
+        let hello = client()
+            .take_flight(Instant::now())
+            .expect("flight")
+            .expect("hello");
+        let answers = server.datagram(&hello, from, Instant::now());
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].get(13), Some(&3), "a HelloVerifyRequest");
+        assert_eq!((server.conns.len(), server.handshakes), (1, 0));
+        assert!(server.conns.get(&from).is_some_and(|c| !c.handshaking));
+        // The device's session still carries its records.
+        device.send(&[0x40, 0x01, 0x12, 0x34]).expect("send");
+        let record = device
+            .take_flight(Instant::now())
+            .expect("flight")
+            .expect("record");
+        let _ = server.datagram(&record, from, Instant::now());
+        assert!(server.conns.get(&from).is_some_and(|c| !c.handshaking));
+        // A ClientHello that returns its cookie proves the client is there
+        // (RFC 6347 §4.2.8): it replaces the session.
+        let again = handshake(&mut server, from);
+        assert!(again.is_handshake_complete());
+        assert_eq!((server.conns.len(), server.handshakes), (1, 0));
+    }
+
+    #[test]
+    fn counts_stay_right_through_completion_close_and_failure() {
+        let mut server = server(DtlsServerConfig::default());
+        let a: SocketAddr = "127.0.0.1:5001".parse().expect("addr");
+        let mut device = handshake(&mut server, a);
+        assert_eq!(server.handshakes, 0);
+        assert_eq!(server.per_ip.get(&a.ip()), Some(&(0, 1)));
+        // close_notify from an established session: removed, counted once.
+        device.close();
+        let close = device
+            .take_flight(Instant::now())
+            .expect("flight")
+            .expect("close_notify");
+        let _ = server.datagram(&close, a, Instant::now());
+        assert!(server.conns.is_empty());
+        assert_eq!(server.handshakes, 0);
+        assert!(server.per_ip.is_empty(), "{:?}", server.per_ip);
+        // A handshake left unfinished, then timed out by the sweep.
+        let b: SocketAddr = "127.0.0.1:5002".parse().expect("addr");
+        let mut half = client();
+        let hello = half.take_flight(Instant::now()).expect("flight").expect("hello");
+        let verify = server.datagram(&hello, b, Instant::now());
+        half.push_flight(&verify[0], Instant::now()).expect("push");
+        let second = half.take_flight(Instant::now()).expect("flight").expect("hello");
+        assert!(!server.datagram(&second, b, Instant::now()).is_empty());
+        assert_eq!(server.handshakes, 1);
+        server.sweep(Instant::now() + Duration::from_secs(11));
+        assert!(server.conns.is_empty() && server.per_ip.is_empty() && server.handshakes == 0);
+        assert!(server.timers.is_empty(), "no timer outlives its session");
     }
 }

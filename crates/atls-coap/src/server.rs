@@ -81,6 +81,8 @@ const BLOCK1_LIFETIME: Duration = Duration::from_secs(60);
 /// Block1 transfers in progress at once, over all endpoints (each at most
 /// `max_flight` bytes): the bound on what strangers can make the server buffer.
 const MAX_BLOCK1_TRANSFERS: usize = 256;
+/// CoAP messages one records-mode POST may carry.
+const MAX_RECORDS_MESSAGES: usize = 16;
 /// How long an Echo value stays valid (it changes every window; the current
 /// and the previous one are accepted).
 const ECHO_WINDOW_SECS: u64 = 60;
@@ -395,6 +397,29 @@ impl CoapServer {
             secret: random::<32>(),
             created: Instant::now(),
         })
+    }
+
+    /// Forget the exchanges of `addr` on `transport` — deduplication,
+    /// blockwise transfers, the last handshake answer — but not its ATLS
+    /// sessions: a new DTLS session of the transport scopes message IDs
+    /// afresh (RFC 7252 §9.1).
+    pub fn reset_exchanges(&self, addr: SocketAddr, transport: Transport) {
+        let endpoint = Endpoint { addr, transport };
+        let mut peers = lock(&self.peers);
+        let dropped = peers.map.get_mut(&endpoint).map(|peer| {
+            let before = peer.transfers();
+            peer.recent.clear();
+            peer.mids.clear();
+            peer.block1 = None;
+            peer.block2 = None;
+            peer.inner_block1 = None;
+            peer.inner_block2 = None;
+            peer.dtls_last = None;
+            before
+        });
+        if let Some(before) = dropped {
+            peers.transfers = peers.transfers.saturating_sub(before);
+        }
     }
 
     /// The session table's counts.
@@ -745,6 +770,7 @@ impl CoapServer {
     fn flight(&self, flight: &[u8], from: Endpoint, now: Instant) -> Result<Vec<u8>, Reply> {
         let framing = atls_core::records::detect_framing(flight).unwrap_or(Framing::Tls);
         if framing == Framing::Dtls {
+            let half_open_before = self.with_peer(from, now, |p, _| p.half_open).ok().flatten();
             let output = self.flight_once(flight, framing, from, now)?;
             let handshake = records::split_records(framing, flight).is_ok_and(|records| {
                 records.iter().any(|r| {
@@ -759,7 +785,15 @@ impl CoapServer {
             }
             return Ok(self
                 .with_peer(from, now, |p, _| {
-                    if output.is_empty() {
+                    let completed = half_open_before.is_some()
+                        && p.half_open.is_none()
+                        && p.established == half_open_before;
+                    if output.is_empty() && completed {
+                        // This flight completed the handshake (the client's
+                        // last flight of an abbreviated one): nothing to send.
+                        p.dtls_last = None;
+                        Vec::new()
+                    } else if output.is_empty() {
                         // The stack took nothing new from this flight: the
                         // client's timer fired because our last flight was
                         // lost. Send it again.
@@ -975,6 +1009,15 @@ impl CoapServer {
                 rest = tail;
             }
         }
+        if messages.len() > MAX_RECORDS_MESSAGES {
+            // Each request's answer may be much larger than the request:
+            // bound what one POST can make the server build and keep.
+            s.abandon_records();
+            return Err(Reply::new(
+                ResponseType::RequestEntityTooLarge,
+                "records mode: too many CoAP messages in one POST",
+            ));
+        }
         drop(s);
         if messages.is_empty() {
             return Ok(output);
@@ -1010,7 +1053,15 @@ impl CoapServer {
             };
             answers.push(answer);
         }
+        let total: usize = answers.iter().flatten().map(Vec::len).sum();
         let mut s = lock(&found.entry);
+        if total > self.config.max_flight {
+            s.abandon_records();
+            return Err(Reply::new(
+                ResponseType::RequestEntityTooLarge,
+                "records mode: the answers exceed the largest flight",
+            ));
+        }
         for answer in answers {
             let Some(answer) = answer else {
                 s.abandon_records();

@@ -438,62 +438,46 @@ async fn the_coaps_listener_holds_against_a_flood() {
     .await;
     exercise(&device, "established device", TlsVersion::Tls13, CoapMode::Oscore).await;
 
-    // Strangers: garbage, truncated hellos, and 12 real ClientHellos that
-    // never continue (the cap is 4 per address).
-    let transport_client_endpoint = openssl.client(&transport_client(true)).expect("endpoint");
-    let mut strangers = Vec::new();
+    // Spoofers: garbage, truncated hellos, and 12 real ClientHellos that
+    // never return the cookie. Each gets a HelloVerifyRequest, smaller than
+    // its ClientHello, and the server keeps nothing for it.
+    let hop_client = openssl.client(&transport_client(true)).expect("endpoint");
+    let hello_session = || {
+        atls_core::Session::client(hop_client.as_ref(), &atls_core::ClientSessionParams::default())
+            .expect("session")
+    };
+    let receive = |socket: Arc<tokio::net::UdpSocket>| async move {
+        let mut buf = vec![0u8; 4096];
+        tokio::time::timeout(Duration::from_millis(300), socket.recv_from(&mut buf))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|(n, _)| buf[..n].to_vec())
+    };
+    let mut waits = tokio::task::JoinSet::new();
     let mut hello_len = 0;
     for i in 0..12 {
-        let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let mut session = atls_core::Session::client(
-            transport_client_endpoint.as_ref(),
-            &atls_core::ClientSessionParams::default(),
-        )
-        .expect("session");
-        let hello = session
+        let spoofer = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let hello = hello_session()
             .take_flight(std::time::Instant::now())
             .expect("flight")
             .expect("hello");
         hello_len = hello.len();
-        stranger
+        spoofer
             .send_to(&hello[..hello.len() / 2], addr)
             .await
             .expect("send");
-        stranger
+        spoofer
             .send_to(&[0x16, 0xfe, 0xfd, 0xff], addr)
             .await
             .expect("send");
-        stranger.send_to(&vec![i as u8; 900], addr).await.expect("send");
-        stranger.send_to(&hello, addr).await.expect("send");
-        strangers.push(stranger);
+        spoofer.send_to(&vec![i as u8; 900], addr).await.expect("send");
+        spoofer.send_to(&hello, addr).await.expect("send");
+        waits.spawn(receive(spoofer));
     }
-    let answers = {
-        let mut waits = tokio::task::JoinSet::new();
-        for stranger in strangers {
-            waits.spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                tokio::time::timeout(Duration::from_millis(300), stranger.recv_from(&mut buf))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .map(|(n, _)| buf[..n].to_vec())
-            });
-        }
-        waits
-            .join_all()
-            .await
-            .into_iter()
-            .flatten()
-            .collect::<Vec<Vec<u8>>>()
-    };
-    assert_eq!(
-        answers.len(),
-        4,
-        "only the per-address cap of ClientHellos got an answer"
-    );
+    let answers: Vec<Vec<u8>> = waits.join_all().await.into_iter().flatten().collect();
+    assert_eq!(answers.len(), 12, "every ClientHello is answered, statelessly");
     for answer in &answers {
-        // A HelloVerifyRequest (handshake type 3): smaller than the
-        // ClientHello, and no key exchange was done for it.
         assert_eq!(answer.get(13), Some(&3), "a HelloVerifyRequest: {answer:02x?}");
         assert!(
             answer.len() < hello_len,
@@ -501,6 +485,36 @@ async fn the_coaps_listener_holds_against_a_flood() {
             answer.len()
         );
     }
+    // Peers that return the cookie and then stop: they hold handshake
+    // slots, at most the per-address cap of 4.
+    let mut stalled = Vec::new();
+    let mut waits = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let peer = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+        let mut session = hello_session();
+        let hello = session
+            .take_flight(std::time::Instant::now())
+            .expect("flight")
+            .expect("hello");
+        peer.send_to(&hello, addr).await.expect("send");
+        let verify = receive(peer.clone()).await.expect("a HelloVerifyRequest");
+        session
+            .push_flight(&verify, std::time::Instant::now())
+            .expect("HelloVerifyRequest accepted");
+        let second = session
+            .take_flight(std::time::Instant::now())
+            .expect("flight")
+            .expect("hello");
+        peer.send_to(&second, addr).await.expect("send");
+        waits.spawn(receive(peer.clone()));
+        stalled.push((peer, session));
+    }
+    let flights: Vec<Vec<u8>> = waits.join_all().await.into_iter().flatten().collect();
+    assert_eq!(flights.len(), 4, "only the per-address cap of handshakes started");
+    assert!(
+        flights.iter().all(|f| f.get(13) == Some(&2)),
+        "each a ServerHello"
+    );
     // The device is still served while the strangers hold their places.
     exercise(
         &device,
@@ -547,5 +561,139 @@ async fn the_coaps_listener_holds_against_a_flood() {
         CoapMode::Oscore,
     )
     .await;
+    task.abort();
+}
+
+/// A records-mode POST carrying more CoAP requests than one POST may
+/// (16): 4.13, and the answers are never built; 16 are answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_records_post_is_bounded_in_messages() {
+    use coap_lite::{CoapOption, Packet};
+    let openssl = engines()[0];
+    let endpoint = openssl
+        .server(&server_config(TlsVersion::Tls13))
+        .expect("endpoint");
+    let server = CoapServer::new(endpoint, CoapConfig::default());
+    let from: SocketAddr = "127.0.0.1:40000".parse().expect("addr");
+    let post = |payload: Vec<u8>| {
+        let mut p = Packet::new();
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.set_token(vec![1, 2, 3, 4]);
+        p.add_option(CoapOption::UriPath, b".well-known".to_vec());
+        p.add_option(CoapOption::UriPath, b"atls".to_vec());
+        p.add_option(CoapOption::ContentFormat, 65000u16.to_be_bytes().to_vec());
+        p.payload = payload;
+        p
+    };
+    let client = atls_client(openssl, TlsVersion::Tls13);
+    let mut session =
+        atls_core::Session::client(client.as_ref(), &atls_tests::client_params()).expect("session");
+    while let Some(flight) = session.take_flight(std::time::Instant::now()).expect("flight") {
+        let answer = server
+            .handle_reliable(&post(flight), from, std::time::Instant::now())
+            .expect("answer");
+        assert_eq!(answer.header.code, MessageClass::Response(ResponseType::Changed));
+        if !answer.payload.is_empty() {
+            session
+                .push_flight(&answer.payload, std::time::Instant::now())
+                .expect("push");
+        }
+        if session.is_handshake_complete() && !session.wants_write() {
+            break;
+        }
+    }
+    assert!(session.is_handshake_complete());
+    let frames = |n: usize| {
+        let mut stream = Vec::new();
+        for _ in 0..n {
+            stream.extend(
+                atls_coap::tcp::encode(&inner_request(RequestType::Get, "/session", b"")).expect("frame"),
+            );
+        }
+        stream
+    };
+    session.send(&frames(16)).expect("send");
+    let records = session
+        .take_flight(std::time::Instant::now())
+        .expect("flight")
+        .expect("records");
+    let answer = server
+        .handle_reliable(&post(records), from, std::time::Instant::now())
+        .expect("answer");
+    assert_eq!(answer.header.code, MessageClass::Response(ResponseType::Changed));
+    session
+        .push_flight(&answer.payload, std::time::Instant::now())
+        .expect("push");
+    let data = session.take_received();
+    let mut rest = data.as_slice();
+    let mut answered = 0;
+    while let Some(len) = atls_coap::tcp::frame_len(rest).filter(|n| *n <= rest.len()) {
+        let (_, response) = atls_coap::tcp::decode(&rest[..len]).expect("frame");
+        assert_eq!(
+            response.header.code,
+            MessageClass::Response(ResponseType::Content)
+        );
+        answered += 1;
+        rest = &rest[len..];
+    }
+    assert_eq!(answered, 16);
+    session.send(&frames(17)).expect("send");
+    let records = session
+        .take_flight(std::time::Instant::now())
+        .expect("flight")
+        .expect("records");
+    let answer = server
+        .handle_reliable(&post(records), from, std::time::Instant::now())
+        .expect("answer");
+    assert_eq!(
+        answer.header.code,
+        MessageClass::Response(ResponseType::RequestEntityTooLarge)
+    );
+}
+
+/// The server drops an idle DTLS session; the client's next request runs
+/// a new DTLS handshake from the same port and is served (the ATLS session
+/// inside goes on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coaps_client_reconnects_after_the_server_dropped_it() {
+    let openssl = engines()[0];
+    let tls = openssl
+        .server(&server_config(TlsVersion::Tls13))
+        .expect("tls endpoint");
+    let server = CoapServer::new(tls, CoapConfig::default());
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    let limits = DtlsServerConfig {
+        idle_timeout: Duration::from_millis(500),
+        ..DtlsServerConfig::default()
+    };
+    let transport = openssl.server(&transport_server(true)).expect("transport");
+    let task = tokio::spawn(atls_coap::dtls::serve(socket, transport, server.clone(), limits));
+    let mut quick = options(512, CoapMode::Oscore);
+    quick.transmission.max_retransmit = 2;
+    let device = connect(
+        Wire::Dtls,
+        addr,
+        atls_client(openssl, TlsVersion::Tls13),
+        quick,
+        true,
+    )
+    .await;
+    exercise(&device, "before", TlsVersion::Tls13, CoapMode::Oscore).await;
+    let port = device.local_addr().await.expect("addr").port();
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    exercise(
+        &device,
+        "after the server dropped the DTLS session",
+        TlsVersion::Tls13,
+        CoapMode::Oscore,
+    )
+    .await;
+    assert_eq!(
+        device.local_addr().await.expect("addr").port(),
+        port,
+        "the same port"
+    );
+    assert_eq!(server.stats().established, 1, "the same ATLS session");
     task.abort();
 }

@@ -315,6 +315,12 @@ pub struct ServerSessionParams {
     pub oscore_cid: Option<ConnectionId>,
     /// The server's `cose_ext` CID, likewise.
     pub cose_cid: Option<ConnectionId>,
+    /// DTLS with `DtlsConfig::cookie_exchange`: the HelloVerifyRequest
+    /// cookie the transport already checked statelessly for this peer (see
+    /// `atls_coap::dtls`). The engine's own HelloVerifyRequest then carries
+    /// it and a ClientHello must return it; without it the engine makes one
+    /// random cookie per session.
+    pub dtls_cookie: Option<Vec<u8>>,
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ pub(crate) struct AtlsState {
     pub(crate) psk_identity: Option<Vec<u8>>,
     pub(crate) server_name: Option<String>,
     /// DTLS server: the cookie of this session's HelloVerifyRequest.
-    pub(crate) cookie: Option<[u8; 16]>,
+    pub(crate) cookie: Option<Vec<u8>>,
 }
 
 pub(crate) fn state_index() -> Index<Ssl, AtlsState> {
@@ -427,8 +427,15 @@ impl Engine for OpenSslEngine {
             // and no key exchange.
             builder.set_options(SslOptions::COOKIE_EXCHANGE);
             builder.set_cookie_generate_cb(|ssl, out| {
-                let mut cookie = [0u8; 16];
-                openssl::rand::rand_bytes(&mut cookie)?;
+                let state = ssl.ex_data_mut(state_index());
+                let cookie = match state.as_ref().and_then(|s| s.cookie.clone()) {
+                    Some(cookie) => cookie,
+                    None => {
+                        let mut cookie = vec![0u8; 16];
+                        openssl::rand::rand_bytes(&mut cookie)?;
+                        cookie
+                    }
+                };
                 let n = cookie.len().min(out.len());
                 out[..n].copy_from_slice(&cookie[..n]);
                 if let Some(state) = ssl.ex_data_mut(state_index()) {
@@ -438,9 +445,9 @@ impl Engine for OpenSslEngine {
             });
             builder.set_cookie_verify_cb(|ssl, cookie| {
                 ssl.ex_data(state_index())
-                    .and_then(|s| s.cookie)
+                    .and_then(|s| s.cookie.as_deref())
                     // memcmp::eq panics on different lengths.
-                    .is_some_and(|ours| cookie.len() == ours.len() && openssl::memcmp::eq(&ours, cookie))
+                    .is_some_and(|ours| cookie.len() == ours.len() && openssl::memcmp::eq(ours, cookie))
             });
         }
         if config.max_early_data > 0 && config.common.resumption {
@@ -537,7 +544,7 @@ impl ServerEndpoint for OpenSslServer {
                     peer: None,
                 },
                 psk_identity: None,
-                cookie: None,
+                cookie: params.dtls_cookie.clone(),
                 server_name: None,
             },
         );

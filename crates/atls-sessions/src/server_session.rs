@@ -92,6 +92,7 @@ impl ServerSession {
         let params = ServerSessionParams {
             oscore_cid: Some(ConnectionId::new(admission.oscore_cid().to_vec())?),
             cose_cid: Some(ConnectionId::new(admission.cose_cid().to_vec())?),
+            ..ServerSessionParams::default()
         };
         let mut session = Session::server(endpoint, &params)?;
         session.set_limits(limits);

@@ -28,6 +28,7 @@ fn sessions(
     let sp = ServerSessionParams {
         oscore_cid: Some(ConnectionId::new(vec![0x51]).expect("cid")),
         cose_cid: Some(ConnectionId::new(vec![0x52]).expect("cid")),
+        ..ServerSessionParams::default()
     };
     let h = handshake(&*c, &cp, &*s, &sp);
     assert_complete(&h);

@@ -29,6 +29,7 @@ fn cids_round_trip_and_map_to_sender_and_recipient_ids() {
         let sp = ServerSessionParams {
             oscore_cid: cid(&[0x5E, 0x01, 0x02]),
             cose_cid: cid(&[]),
+            ..ServerSessionParams::default()
         };
         let h = handshake(&*c, &cp, &*s, &sp);
         assert_complete(&h);
@@ -100,6 +101,7 @@ fn server_does_not_answer_an_extension_the_client_did_not_offer() {
         let sp = ServerSessionParams {
             oscore_cid: cid(&[0x5E]),
             cose_cid: cid(&[0x5F]),
+            ..ServerSessionParams::default()
         };
         let h = handshake(&*c, &cp, &*s, &sp);
         assert_complete(&h);
@@ -158,6 +160,7 @@ fn code_points_are_configurable() {
     let sp = ServerSessionParams {
         oscore_cid: cid(&[8]),
         cose_cid: None,
+        ..ServerSessionParams::default()
     };
     let h = handshake(&*c, &cp, &*s, &sp);
     assert_complete(&h);
@@ -185,6 +188,7 @@ fn mismatched_code_points_fall_back() {
     let sp = ServerSessionParams {
         oscore_cid: cid(&[8]),
         cose_cid: None,
+        ..ServerSessionParams::default()
     };
     let h = handshake(&*c, &cp, &*s, &sp);
     assert_complete(&h);
