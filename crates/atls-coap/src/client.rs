@@ -269,6 +269,18 @@ impl AtlsCoapClient {
         }
     }
 
+    /// CoAP ping (RFC 7252 §4.3): an empty confirmable message, answered
+    /// with a Reset.
+    async fn ping(&self) -> Result<(), CoapClientError> {
+        let mut ping = Packet::new();
+        ping.header.code = MessageClass::Empty;
+        ping.header.message_id = self.next_mid.fetch_add(1, Ordering::Relaxed);
+        match self.exchange_once(ping, Delivery::Confirmable).await {
+            Ok(_) | Err(CoapClientError::Transport(ExchangeError::Reset)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// One exchange; `None` only when a non-confirmable request got no
     /// answer by its deadline.
     async fn exchange_once(
@@ -623,6 +635,12 @@ impl AtlsCoapClient {
     /// `MAX_RETRANSMIT` + 2 firings.
     async fn dtls_timer(&self, session: &mut Session, timeouts: &mut u32) -> Result<(), CoapClientError> {
         *timeouts += 1;
+        if *timeouts == 1 && matches!(self.link, Link::Dtls(_)) {
+            // No answer to a flight over a DTLS link: make sure the link
+            // itself is alive (a CoAP ping, confirmable: a dead link is
+            // reconnected on its timeout) before the ATLS layer resends.
+            self.ping().await?;
+        }
         if *timeouts > self.options.transmission.max_retransmit + 2 {
             return Err(ExchangeError::Timeout(self.server).into());
         }

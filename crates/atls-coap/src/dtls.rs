@@ -61,7 +61,7 @@ impl Default for DtlsServerConfig {
             max_sessions: 4096,
             max_handshakes: 256,
             max_handshakes_per_ip: 16,
-            max_sessions_per_ip: 1024,
+            max_sessions_per_ip: 256,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             evict_idle_after: Duration::from_secs(30),
@@ -78,6 +78,9 @@ const COOKIE_LEN: usize = 16;
 /// Split `output` (records of one DTLS session) into datagrams of at most
 /// `mtu` bytes, whole records each.
 fn datagrams(output: &[u8], mtu: usize) -> Vec<Vec<u8>> {
+    if output.is_empty() {
+        return Vec::new();
+    }
     let Ok(records) = records::split_records(Framing::Dtls, output) else {
         return vec![output.to_vec()];
     };
@@ -179,8 +182,9 @@ fn hello_verify_request(hello: &Hello<'_>, cookie: &[u8]) -> Vec<u8> {
 
 /// The per-IP key of the caps: the address, IPv6 addresses by /64.
 fn ip_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
+    // An IPv4 peer of a dual-stack socket arrives as ::ffff:a.b.c.d.
+    match ip.to_canonical() {
+        ip @ IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => {
             let mut octets = v6.octets();
             octets[8..].fill(0);
@@ -198,6 +202,8 @@ struct Conn {
     timer: Option<Instant>,
     /// Whether this session is counted as a handshake in progress.
     handshaking: bool,
+    /// client_version and random of the ClientHello that opened it.
+    random: [u8; 34],
 }
 
 /// The server's DTLS sessions.
@@ -213,6 +219,8 @@ struct Server {
     handshakes: usize,
     secret: [u8; 32],
     created: Instant,
+    /// A full table had no session to evict: none before this time.
+    no_victim_until: Option<Instant>,
 }
 
 impl Server {
@@ -267,31 +275,53 @@ impl Server {
         ok(window) || window.checked_sub(1).is_some_and(ok)
     }
 
-    /// Whether a new session from `addr` fits the bounds, making room by
-    /// evicting the least recently active idle established session when
-    /// the table is full.
+    /// Whether a new session from `addr` fits the bounds. With the table
+    /// full, room is made by evicting the least recently active established
+    /// session of the prefix holding the most sessions — if that session has
+    /// been idle `evict_idle_after`, and that prefix is the newcomer's or
+    /// holds more sessions than the newcomer's: a host cannot push out
+    /// devices of smaller prefixes by opening sessions, only its own.
     fn room_for(&mut self, addr: SocketAddr, now: Instant) -> bool {
-        let (handshakes, all) = self.per_ip.get(&ip_key(addr.ip())).copied().unwrap_or((0, 0));
+        let key = ip_key(addr.ip());
+        let (handshakes, all) = self.per_ip.get(&key).copied().unwrap_or((0, 0));
         if self.handshakes >= self.config.max_handshakes
             || handshakes >= self.config.max_handshakes_per_ip
             || all >= self.config.max_sessions_per_ip
         {
             return false;
         }
-        if self.conns.len() >= self.config.max_sessions {
-            let idle = self
-                .conns
-                .iter()
-                .filter(|(_, c)| !c.handshaking)
-                .min_by_key(|(_, c)| c.last)
-                .filter(|(_, c)| now.saturating_duration_since(c.last) >= self.config.evict_idle_after)
-                .map(|(a, _)| *a);
-            match idle {
-                Some(victim) => self.remove(victim),
-                None => return false,
+        if self.conns.len() < self.config.max_sessions {
+            return true;
+        }
+        if self.no_victim_until.is_some_and(|t| now < t) {
+            return false;
+        }
+        let fullest = self
+            .per_ip
+            .iter()
+            .max_by_key(|(_, (_, sessions))| *sessions)
+            .map(|(k, (_, sessions))| (*k, *sessions));
+        let victim = fullest
+            .filter(|(prefix, sessions)| *sessions > all || *prefix == key)
+            .and_then(|(prefix, _)| {
+                self.conns
+                    .iter()
+                    .filter(|(a, c)| !c.handshaking && ip_key(a.ip()) == prefix)
+                    .min_by_key(|(_, c)| c.last)
+                    .filter(|(_, c)| now.saturating_duration_since(c.last) >= self.config.evict_idle_after)
+                    .map(|(a, _)| *a)
+            });
+        match victim {
+            Some(victim) => {
+                self.remove(victim);
+                true
+            }
+            None => {
+                // The scan is O(sessions): not again for a second.
+                self.no_victim_until = Some(now + Duration::from_secs(1));
+                false
             }
         }
-        true
     }
 
     /// A ClientHello from `from`: without a valid cookie it gets a
@@ -307,14 +337,33 @@ impl Server {
         if hello.message_seq != 1 || hello.record_seq == 0 {
             return Vec::new();
         }
-        let existing = self.conns.get(&from).map(|c| c.handshaking);
+        let existing = self
+            .conns
+            .get(&from)
+            .map(|c| (c.handshaking, c.random == hello.version_random));
         match existing {
-            // A retransmission of the ClientHello of a handshake in progress.
-            Some(true) => return self.datagram_for(datagram, from, now),
-            Some(false) => self.remove(from),
-            None => {}
+            // A retransmission of the ClientHello of the handshake in
+            // progress: the engine answers it.
+            Some((true, true)) => return self.datagram_for(datagram, from, now),
+            // A replay (or a late duplicate) of the ClientHello that opened
+            // the established session: nothing to do.
+            Some((false, true)) => return Vec::new(),
+            // A new handshake from the address of a session: the cookie
+            // proved the client is there (RFC 6347 §4.2.8); the old session
+            // goes once the new one has started.
+            Some(_) => {}
+            None => {
+                if !self.room_for(from, now) {
+                    return Vec::new();
+                }
+            }
         }
-        if !self.room_for(from, now) {
+        let handshakes_full = self.handshakes >= self.config.max_handshakes
+            || self
+                .per_ip
+                .get(&ip_key(from.ip()))
+                .is_some_and(|(h, _)| *h >= self.config.max_handshakes_per_ip);
+        if existing.is_some_and(|(handshaking, _)| !handshaking) && handshakes_full {
             return Vec::new();
         }
         let params = ServerSessionParams {
@@ -333,6 +382,11 @@ impl Server {
             return Vec::new();
         }
         let _ = session.take_flight(now);
+        if existing.is_some() {
+            self.remove(from);
+        }
+        let mut random = [0u8; 34];
+        random.copy_from_slice(hello.version_random);
         self.conns.insert(
             from,
             Conn {
@@ -341,6 +395,7 @@ impl Server {
                 last: now,
                 timer: None,
                 handshaking: true,
+                random,
             },
         );
         self.count(from.ip(), 1, 1);
@@ -512,6 +567,7 @@ pub async fn serve(
         handshakes: 0,
         secret,
         created: Instant::now(),
+        no_victim_until: None,
     };
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -775,6 +831,7 @@ mod tests {
             handshakes: 0,
             secret: [9; 32],
             created: Instant::now(),
+            no_victim_until: None,
         }
     }
 
@@ -789,10 +846,12 @@ mod tests {
         Session::client(endpoint.as_ref(), &ClientSessionParams::default()).expect("session")
     }
 
-    /// Run a client's handshake through the server from `from`.
-    fn handshake(server: &mut Server, from: SocketAddr) -> Session {
+    /// Run a client's handshake through the server from `from`; returns
+    /// the client and every datagram it sent.
+    fn handshake_sent(server: &mut Server, from: SocketAddr) -> (Session, Vec<Vec<u8>>) {
         let mut client = client();
         let now = Instant::now();
+        let mut sent = Vec::new();
         for _ in 0..10 {
             let Some(flight) = client.take_flight(now).expect("flight") else {
                 break;
@@ -801,13 +860,120 @@ mod tests {
                 for answer in server.datagram(&datagram, from, now) {
                     client.push_flight(&answer, now).expect("push");
                 }
+                sent.push(datagram);
             }
             if client.is_handshake_complete() && !client.wants_write() {
                 break;
             }
         }
         assert!(client.is_handshake_complete());
-        client
+        (client, sent)
+    }
+
+    fn handshake(server: &mut Server, from: SocketAddr) -> Session {
+        handshake_sent(server, from).0
+    }
+
+    /// A CoAP ping through `device`'s session: answered with a Reset.
+    fn pinged(server: &mut Server, device: &mut Session, from: SocketAddr) -> bool {
+        device.send(&[0x40, 0x00, 0x12, 0x34]).expect("send");
+        let record = device
+            .take_flight(Instant::now())
+            .expect("flight")
+            .expect("record");
+        let answers = server.datagram(&record, from, Instant::now());
+        let mut received = Vec::new();
+        for answer in answers {
+            let _ = device.push_flight(&answer, Instant::now());
+            received.extend(device.take_received());
+        }
+        received == [0x70, 0x00, 0x12, 0x34]
+    }
+
+    #[test]
+    fn a_replayed_client_hello_does_not_end_the_session_it_opened() {
+        let mut server = server(DtlsServerConfig::default());
+        let from: SocketAddr = "127.0.0.1:5003".parse().expect("addr");
+        let (mut device, sent) = handshake_sent(&mut server, from);
+        assert!(pinged(&mut server, &mut device, from));
+        // The second ClientHello (with its valid cookie), again.
+        let hello2 = sent.get(1).expect("the second ClientHello").clone();
+        assert!(server.datagram(&hello2, from, Instant::now()).is_empty());
+        assert!(pinged(&mut server, &mut device, from), "the session goes on");
+        // A bogus record for the session: no answer at all (not even an
+        // empty datagram).
+        let mut bogus = hello2.clone();
+        bogus[0] = 23;
+        bogus[4] = 1;
+        assert!(server.datagram(&bogus, from, Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_new_handshake_replaces_a_stalled_one_from_the_same_port() {
+        let mut server = server(DtlsServerConfig::default());
+        let from: SocketAddr = "127.0.0.1:5004".parse().expect("addr");
+        let mut stalled = client();
+        let hello = stalled
+            .take_flight(Instant::now())
+            .expect("flight")
+            .expect("hello");
+        let verify = server.datagram(&hello, from, Instant::now());
+        stalled.push_flight(&verify[0], Instant::now()).expect("push");
+        let second = stalled
+            .take_flight(Instant::now())
+            .expect("flight")
+            .expect("hello");
+        assert!(!server.datagram(&second, from, Instant::now()).is_empty());
+        assert_eq!(server.handshakes, 1);
+        let mut device = handshake(&mut server, from);
+        assert!(pinged(&mut server, &mut device, from));
+        assert_eq!((server.conns.len(), server.handshakes), (1, 0));
+    }
+
+    #[test]
+    fn ipv4_peers_of_a_dual_stack_socket_are_told_apart() {
+        let a: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
+        let b: IpAddr = "::ffff:192.0.2.2".parse().expect("ip");
+        assert_ne!(ip_key(a), ip_key(b));
+        assert_eq!(ip_key(a), "192.0.2.1".parse::<IpAddr>().expect("ip"));
+        let c: IpAddr = "2001:db8:1:2:3:4:5:6".parse().expect("ip");
+        let d: IpAddr = "2001:db8:1:2:ffff::1".parse().expect("ip");
+        assert_eq!(ip_key(c), ip_key(d), "one IPv6 /64");
+    }
+
+    #[test]
+    fn a_full_table_evicts_only_from_the_fullest_prefix() {
+        let config = DtlsServerConfig {
+            max_sessions: 3,
+            evict_idle_after: Duration::ZERO,
+            ..DtlsServerConfig::default()
+        };
+        let mut server = server(config);
+        let at = |s: &str| s.parse::<SocketAddr>().expect("addr");
+        let mut device = handshake(&mut server, at("192.0.2.1:1000"));
+        let _hog1 = handshake(&mut server, at("198.51.100.7:1"));
+        let _hog2 = handshake(&mut server, at("198.51.100.7:2"));
+        assert_eq!(server.conns.len(), 3);
+        // The host with two sessions gets a third only by giving up one of
+        // its own.
+        let _hog3 = handshake(&mut server, at("198.51.100.7:3"));
+        assert_eq!(server.conns.len(), 3);
+        assert!(
+            server.conns.contains_key(&at("192.0.2.1:1000")),
+            "the device stays"
+        );
+        assert!(pinged(&mut server, &mut device, at("192.0.2.1:1000")));
+        // Another device takes the hog's place, not the first device's.
+        let _other = handshake(&mut server, at("203.0.113.9:1"));
+        assert!(server.conns.contains_key(&at("192.0.2.1:1000")));
+        assert_eq!(
+            server
+                .conns
+                .keys()
+                .filter(|a| a.ip() == "198.51.100.7".parse::<IpAddr>().expect("ip"))
+                .count(),
+            1
+        );
     }
 
     #[test]

@@ -271,6 +271,19 @@ impl Peers {
 
 type Entry = Mutex<ServerSession>;
 
+/// CoAP ping (RFC 7252 §4.3): an empty Confirmable message is answered
+/// with a Reset of its message ID (4 bytes: never an amplification).
+fn ping_reset(request: &Packet) -> Option<Vec<u8>> {
+    if request.header.code != MessageClass::Empty || request.header.get_type() != MessageType::Confirmable {
+        return None;
+    }
+    let mut reset = Packet::new();
+    reset.header.code = MessageClass::Empty;
+    reset.header.set_type(MessageType::Reset);
+    reset.header.message_id = request.header.message_id;
+    reset.to_bytes().ok()
+}
+
 /// The ETag of a Block2 body: 8 bytes of its SHA-256.
 fn etag(body: &[u8]) -> [u8; 8] {
     use sha2::Digest as _;
@@ -438,6 +451,9 @@ impl CoapServer {
         // ignored, as RFC 7252 §4.2 allows for message format errors.
         crate::message::validate(datagram).ok()?;
         let request = Packet::from_bytes(datagram).ok()?;
+        if let Some(pong) = ping_reset(&request) {
+            return Some(pong);
+        }
         if !matches!(request.header.code, MessageClass::Request(_))
             || !matches!(
                 request.header.get_type(),
@@ -458,6 +474,9 @@ impl CoapServer {
     pub fn handle_secured(&self, message: &[u8], from: SocketAddr, now: Instant) -> Option<Vec<u8>> {
         crate::message::validate(message).ok()?;
         let request = Packet::from_bytes(message).ok()?;
+        if let Some(pong) = ping_reset(&request) {
+            return Some(pong);
+        }
         if !matches!(request.header.code, MessageClass::Request(_))
             || !matches!(
                 request.header.get_type(),
@@ -1031,6 +1050,7 @@ impl CoapServer {
             Framing::Dtls => self.config.block_size,
         };
         let mut answers = Vec::with_capacity(messages.len());
+        let mut total = 0usize;
         for message in messages {
             let answer = match framing {
                 Framing::Tls => crate::tcp::decode(&message).ok().and_then(|(_, request)| {
@@ -1051,9 +1071,13 @@ impl CoapServer {
                         response.to_bytes_unlimited().ok()
                     }),
             };
+            total = total.saturating_add(answer.as_ref().map_or(0, Vec::len));
             answers.push(answer);
+            if total > self.config.max_flight {
+                // Stop at once: the rest is neither run nor answered.
+                break;
+            }
         }
-        let total: usize = answers.iter().flatten().map(Vec::len).sum();
         let mut s = lock(&found.entry);
         if total > self.config.max_flight {
             s.abandon_records();
