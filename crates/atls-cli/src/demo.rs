@@ -93,7 +93,7 @@ fn describe_flight(from: Role, index: usize, bytes: &[u8]) -> String {
     let records: Vec<String> = view
         .records
         .iter()
-        .map(|r| format!("{}({})", r.content_type.name(), r.length))
+        .map(|r| format!("{}({})", r.content_type.map_or("unknown", |t| t.name()), r.length))
         .collect();
     let mut line = format!(
         "  {arrow} flight {index}: {:>5} B  {}",

@@ -4,7 +4,9 @@ use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use atls_core::inspect::inspect;
+use atls_core::inspect::{handshake_type_name, inspect, version_name, HandshakeSummary, Inspection};
+use atls_core::Framing;
+use serde_json::{json, Value};
 
 /// Arguments of `atls inspect`.
 #[derive(Debug, clap::Args)]
@@ -15,6 +17,9 @@ pub(crate) struct InspectArgs {
     /// The input is hex text rather than binary.
     #[arg(long)]
     hex: bool,
+    /// Print JSON (one object) for tools.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Largest payload read.
@@ -44,7 +49,81 @@ pub(crate) fn run(args: &InspectArgs) -> anyhow::Result<()> {
         bail!("empty payload");
     }
     let inspection = inspect(&payload);
+    if args.json {
+        println!("{}", to_json(&inspection, payload.len()));
+        return Ok(());
+    }
     println!("{} bytes, {:?} framing", payload.len(), inspection.framing);
     print!("{inspection}");
     Ok(())
+}
+
+fn version(v: u16) -> Value {
+    json!({ "code": v, "name": version_name(v) })
+}
+
+fn cid(c: Option<&atls_core::ConnectionId>) -> Value {
+    c.map_or(Value::Null, |c| Value::String(hex::encode(c.as_bytes())))
+}
+
+/// The inspection as one JSON object: what a middlebox can know.
+fn to_json(i: &Inspection, bytes: usize) -> Value {
+    let records: Vec<Value> = i
+        .records
+        .iter()
+        .map(|r| {
+            json!({
+                "content_type": r.content_type.map(|t| t.name()),
+                "content_type_code": r.content_type_code,
+                "version": version(r.version),
+                "epoch": r.epoch,
+                "sequence": r.sequence,
+                "length": r.length,
+            })
+        })
+        .collect();
+    let handshake: Vec<Value> = i
+        .handshake
+        .iter()
+        .map(|h| match h {
+            HandshakeSummary::ClientHello(ch) => json!({
+                "type": "client_hello",
+                "legacy_version": version(ch.legacy_version),
+                "server_name": ch.server_name,
+                "versions": ch.versions.iter().map(|v| version(*v)).collect::<Vec<_>>(),
+                "cipher_suites": ch.cipher_suites.iter().map(|s| json!({"code": s.0, "name": s.to_string()})).collect::<Vec<_>>(),
+                "extensions": ch.extensions,
+                "oscore_connection_id": cid(ch.oscore_cid.as_ref()),
+                "cose_ext": cid(ch.cose_cid.as_ref()),
+            }),
+            HandshakeSummary::ServerHello(sh) => json!({
+                "type": "server_hello",
+                "version": version(sh.version),
+                "cipher_suite": {"code": sh.cipher_suite.0, "name": sh.cipher_suite.to_string()},
+                "extensions": sh.extensions,
+                "oscore_connection_id": cid(sh.oscore_cid.as_ref()),
+                "cose_ext": cid(sh.cose_cid.as_ref()),
+            }),
+            HandshakeSummary::Other { msg_type, length } => json!({
+                "type": handshake_type_name(*msg_type),
+                "msg_type": msg_type,
+                "length": length,
+            }),
+            HandshakeSummary::Undecodable { msg_type, reason } => json!({
+                "type": "undecodable",
+                "msg_type": msg_type,
+                "reason": reason,
+            }),
+        })
+        .collect();
+    json!({
+        "bytes": bytes,
+        "framing": i.framing.map(|f| match f {
+            Framing::Tls => "tls",
+            Framing::Dtls => "dtls",
+        }),
+        "records": records,
+        "handshake": handshake,
+        "error": i.error,
+    })
 }

@@ -12,7 +12,7 @@ use std::fmt;
 use tls_parser::{DTLSMessage, DTLSMessageHandshakeBody};
 
 use crate::ext::{ConnectionId, DEFAULT_COSE_EXTENSION, DEFAULT_OSCORE_CID_EXTENSION};
-use crate::records::{detect_framing, split_records, ContentType, Framing, MAX_RECORDS_PER_FLIGHT};
+use crate::records::{detect_framing, ContentType, Framing, MAX_RECORDS_PER_FLIGHT};
 use crate::suites::CipherSuite;
 
 /// Largest handshake stream reassembled for inspection.
@@ -21,8 +21,11 @@ const MAX_REASSEMBLY: usize = 64 * 1024;
 /// One record as seen on the wire.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecordSummary {
-    /// Content type.
-    pub content_type: ContentType,
+    /// Content type, when it is one this inspector knows.
+    pub content_type: Option<ContentType>,
+    /// The content type byte (shown for unknown types too: a middlebox must
+    /// not constrain the TLS stack, §5.1.4).
+    pub content_type_code: u8,
     /// Record-layer version.
     pub version: u16,
     /// DTLS epoch (0 for TLS).
@@ -147,7 +150,7 @@ pub fn inspect(payload: &[u8]) -> Inspection {
 /// Inspect an ATLS payload.
 pub fn inspect_with(payload: &[u8], options: InspectOptions) -> Inspection {
     let mut result = Inspection {
-        framing: detect_framing(payload),
+        framing: detect_lenient(payload),
         records: Vec::new(),
         handshake: Vec::new(),
         error: None,
@@ -156,20 +159,27 @@ pub fn inspect_with(payload: &[u8], options: InspectOptions) -> Inspection {
         result.error = Some("not a TLS or DTLS record".into());
         return result;
     };
-    // Split as far as the records are well-formed, then report the error.
-    let (records, error) = split_prefix(framing, payload);
+    // Split as far as the record headers hold, then report the error.
+    // Content types and versions this inspector does not know are shown,
+    // not refused (§5.1.4).
+    let (records, error) = split_lenient(framing, payload);
     result.error = error;
     let mut tls_stream: Vec<u8> = Vec::new();
     let mut tls_stream_open = true;
     for record in &records {
+        let content_type = ContentType::from_u8(record.code);
         result.records.push(RecordSummary {
-            content_type: record.content_type,
+            content_type,
+            content_type_code: record.code,
             version: record.version,
             epoch: record.epoch,
             sequence: record.sequence,
             length: record.body.len(),
         });
-        match (framing, record.content_type) {
+        let Some(content_type) = content_type else {
+            continue;
+        };
+        match (framing, content_type) {
             (Framing::Dtls, ContentType::Handshake) if record.epoch == 0 => {
                 result.handshake.push(dtls_handshake(record.body, options));
             }
@@ -190,30 +200,72 @@ pub fn inspect_with(payload: &[u8], options: InspectOptions) -> Inspection {
     result
 }
 
-fn split_prefix(framing: Framing, payload: &[u8]) -> (Vec<crate::records::RecordRef<'_>>, Option<String>) {
-    match split_records(framing, payload) {
-        Ok(records) => (records, None),
-        Err(error) => {
-            // Re-split the valid prefix: everything before the failing offset.
-            let valid_end = match &error {
-                crate::FlightError::Truncated { offset }
-                | crate::FlightError::UnknownContentType { offset, .. }
-                | crate::FlightError::BadVersion { offset, .. }
-                | crate::FlightError::RecordTooLong { offset, .. } => *offset,
-                _ => 0,
-            };
-            let prefix = payload.get(..valid_end).unwrap_or_default();
-            let records = if prefix.is_empty() {
-                Vec::new()
-            } else {
-                split_records(framing, prefix).unwrap_or_default()
-            };
-            (
-                records.into_iter().take(MAX_RECORDS_PER_FLIGHT).collect(),
-                Some(error.to_string()),
-            )
-        }
+/// The framing of a payload from its first record header's version: any
+/// 0x03xx is TLS, any 0xFExx DTLS (versions not known yet included).
+fn detect_lenient(payload: &[u8]) -> Option<Framing> {
+    match payload.get(1)? {
+        0x03 if payload.len() >= 5 => Some(Framing::Tls),
+        0xFE if payload.len() >= 13 => Some(Framing::Dtls),
+        _ => detect_framing(payload),
     }
+}
+
+/// A record header and body, whatever its content type and version.
+struct RawRecord<'a> {
+    code: u8,
+    version: u16,
+    epoch: u16,
+    sequence: u64,
+    body: &'a [u8],
+}
+
+/// Split `payload` into records by their headers alone; stops at the first
+/// truncated record (reported) or after `MAX_RECORDS_PER_FLIGHT`.
+fn split_lenient(framing: Framing, payload: &[u8]) -> (Vec<RawRecord<'_>>, Option<String>) {
+    let header: usize = match framing {
+        Framing::Tls => 5,
+        Framing::Dtls => 13,
+    };
+    let mut records = Vec::new();
+    let mut rest = payload;
+    let mut offset = 0usize;
+    while !rest.is_empty() {
+        if records.len() >= MAX_RECORDS_PER_FLIGHT {
+            return (
+                records,
+                Some(format!("more than {MAX_RECORDS_PER_FLIGHT} records")),
+            );
+        }
+        let truncated = || Some(format!("record at offset {offset} is truncated"));
+        let (Some(head), Some(tail)) = (rest.get(..header), rest.get(header..)) else {
+            return (records, truncated());
+        };
+        let byte = |i: usize| head.get(i).copied().unwrap_or(0);
+        let len = usize::from(u16::from_be_bytes([
+            byte(header.saturating_sub(2)),
+            byte(header.saturating_sub(1)),
+        ]));
+        let (Some(body), Some(after)) = (tail.get(..len), tail.get(len..)) else {
+            return (records, truncated());
+        };
+        let (epoch, sequence) = match framing {
+            Framing::Tls => (0, 0),
+            Framing::Dtls => (
+                u16::from_be_bytes([byte(3), byte(4)]),
+                (5..11).fold(0u64, |a, i| (a << 8) | u64::from(byte(i))),
+            ),
+        };
+        records.push(RawRecord {
+            code: byte(0),
+            version: u16::from_be_bytes([byte(1), byte(2)]),
+            epoch,
+            sequence,
+            body,
+        });
+        offset = offset.saturating_add(header).saturating_add(len);
+        rest = after;
+    }
+    (records, None)
 }
 
 fn tls_handshake_messages(mut stream: &[u8], options: InspectOptions, out: &mut Vec<HandshakeSummary>) {
@@ -429,8 +481,13 @@ impl fmt::Display for Inspection {
             write!(
                 f,
                 "  {} {} len={}",
-                r.content_type.name(),
-                version_name(r.version),
+                r.content_type
+                    .map(|t| t.name().to_owned())
+                    .unwrap_or_else(|| format!("unknown({})", r.content_type_code)),
+                match version_name(r.version) {
+                    "unknown" => format!("unknown(0x{:04x})", r.version),
+                    name => name.to_owned(),
+                },
                 r.length
             )?;
             if self.framing == Some(Framing::Dtls) {
@@ -498,7 +555,7 @@ mod tests {
         let payload = [21, 3, 3, 0, 2, 2, 40, 22, 3, 3, 0, 9, 1];
         let i = inspect(&payload);
         assert_eq!(i.records.len(), 1);
-        assert_eq!(i.records[0].content_type, ContentType::Alert);
+        assert_eq!(i.records[0].content_type, Some(ContentType::Alert));
         assert!(i.error.expect("error").contains("truncated"));
     }
 

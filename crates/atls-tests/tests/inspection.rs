@@ -23,7 +23,7 @@ fn client_hello_from_each_engine_shows_sni_versions_and_suites() {
             let first = inspect(&h.transcript.flights[0].bytes);
             assert_eq!(first.framing, Some(Framing::Tls));
             assert_eq!(first.error, None);
-            assert_eq!(first.records[0].content_type, ContentType::Handshake);
+            assert_eq!(first.records[0].content_type, Some(ContentType::Handshake));
             let hello = first.client_hello().expect("ClientHello decoded");
             assert_eq!(
                 hello.server_name.as_deref(),
@@ -66,7 +66,7 @@ fn client_hello_from_each_engine_shows_sni_versions_and_suites() {
                     server
                         .records
                         .iter()
-                        .any(|r| r.content_type == ContentType::ApplicationData),
+                        .any(|r| r.content_type == Some(ContentType::ApplicationData)),
                     "TLS 1.3 encrypts the rest of the server flight"
                 );
             }
