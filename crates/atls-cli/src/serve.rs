@@ -266,7 +266,9 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         client_address_header,
     };
     let coap_endpoint = endpoint.clone();
-    let server = AtlsServer::with_options(endpoint, options)?;
+    // DTLS flights over HTTP too (a device whose ATLS layer is DTLS, behind
+    // a CoAP-to-HTTP gateway): told apart by the first record.
+    let server = AtlsServer::with_dtls(endpoint, dtls_endpoint.clone(), options)?;
     let inner: App = match &args.upstream {
         Some(url) => BoxCloneService::new(
             app::Upstream::new(url)

@@ -806,4 +806,24 @@ fn coaps_listener_and_dtls_as_the_atls_layer() {
         "dtls1.2",
     ]);
     assert_eq!(rustls_dtls.status.code(), Some(1), "{}", stderr(&rustls_dtls));
+    // The HTTP listener of the same server takes DTLS flights too.
+    for mode in ["oscore", "cose", "records"] {
+        let over_http = request(&[
+            &format!("http://{}/session", server.http),
+            "--ca",
+            ca,
+            "--server-name",
+            "localhost",
+            "--tls-version",
+            "dtls1.2",
+            "--mode",
+            mode,
+        ]);
+        assert!(over_http.status.success(), "{mode}: {}", stderr(&over_http));
+        assert!(
+            stdout(&over_http).contains("DTLSv1.2"),
+            "{mode}: {}",
+            stdout(&over_http)
+        );
+    }
 }

@@ -531,7 +531,7 @@ impl AtlsClient {
                     loop {
                         let rest = pending.get(start..).unwrap_or_default();
                         let piece = atls_core::records::complete_records_within(
-                            atls_core::Framing::Tls,
+                            sink.tls.framing(),
                             rest,
                             self.limits.tls.max_flight_len,
                             atls_core::records::MAX_RECORDS_PER_FLIGHT,

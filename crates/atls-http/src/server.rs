@@ -246,6 +246,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The ATLS terminator: a TLS server endpoint and its session table.
 pub struct AtlsServer {
     endpoint: Arc<dyn ServerEndpoint>,
+    /// DTLS 1.2 as the ATLS layer: first flights in DTLS framing (known
+    /// from the first record) open sessions on this endpoint.
+    dtls: Option<Arc<dyn ServerEndpoint>>,
     options: ServerOptions,
     limits: DerivedLimits,
     table: SessionTable<Entry>,
@@ -325,7 +328,7 @@ impl AtlsServer {
             limits,
             ..ServerOptions::default()
         };
-        Self::build(endpoint, options)
+        Self::build(endpoint, None, options)
     }
 
     /// A server on `endpoint` with `options`; fails on a cookie name that is
@@ -340,15 +343,38 @@ impl AtlsServer {
                 options.cookie_name
             )));
         }
-        Ok(Self::build(endpoint, options))
+        Ok(Self::build(endpoint, None, options))
     }
 
-    fn build(endpoint: Arc<dyn ServerEndpoint>, options: ServerOptions) -> Arc<Self> {
+    /// A server whose ATLS layer is TLS on `endpoint` and, for first flights
+    /// in DTLS framing (a device whose ATLS layer is DTLS 1.2, e.g. behind a
+    /// CoAP-to-HTTP gateway), DTLS on `dtls`. The framing is told from the
+    /// first record; OSCORE and COSE then work the same.
+    pub fn with_dtls(
+        endpoint: Arc<dyn ServerEndpoint>,
+        dtls: Arc<dyn ServerEndpoint>,
+        options: ServerOptions,
+    ) -> Result<Arc<Self>, InvalidOptions> {
+        if !wire::is_valid_cookie_name(&options.cookie_name) {
+            return Err(InvalidOptions(format!(
+                "cookie name {:?} is not an RFC 6265 token",
+                options.cookie_name
+            )));
+        }
+        Ok(Self::build(endpoint, Some(dtls), options))
+    }
+
+    fn build(
+        endpoint: Arc<dyn ServerEndpoint>,
+        dtls: Option<Arc<dyn ServerEndpoint>>,
+        options: ServerOptions,
+    ) -> Arc<Self> {
         let early = usize::try_from(endpoint.config().max_early_data).unwrap_or(usize::MAX);
         Arc::new(Self {
             limits: options.limits.derived(early),
             table: SessionTable::new(options.limits.policy()),
             endpoint,
+            dtls,
             options,
         })
     }
@@ -480,16 +506,13 @@ impl Inbound {
     /// 256 records each).
     fn feed(&mut self, entry: &Entry, data: &[u8], max_piece: usize, now: Instant) -> Result<(), Stop> {
         self.pending.extend_from_slice(data);
+        let framing = lock(entry).session().framing();
         let mut start = 0usize;
         loop {
             let rest = self.pending.get(start..).unwrap_or_default();
-            let piece = records::complete_records_within(
-                Framing::Tls,
-                rest,
-                max_piece,
-                records::MAX_RECORDS_PER_FLIGHT,
-            )
-            .map_err(|_| Stop::Malformed)?;
+            let piece =
+                records::complete_records_within(framing, rest, max_piece, records::MAX_RECORDS_PER_FLIGHT)
+                    .map_err(|_| Stop::Malformed)?;
             if piece == 0 {
                 break;
             }
@@ -728,7 +751,8 @@ where
         };
         let Some(rest) = rest else {
             // The whole body is here (at most a first flight's size).
-            let first = match records::classify_payload(Framing::Tls, &head) {
+            let framing = records::detect_framing(&head).unwrap_or(Framing::Tls);
+            let first = match records::classify_payload(framing, &head) {
                 Ok(first) => first,
                 Err(_) => {
                     return plain(
@@ -784,18 +808,21 @@ where
             }
         };
         let id = admission.id();
-        let mut session = match ServerSession::accept(
-            server.endpoint.as_ref(),
-            &admission,
-            server.limits.tls,
-            server.limits.max_message,
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start an ATLS session");
-                return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot start an ATLS session");
-            }
+        let endpoint = match records::detect_framing(body) {
+            Some(Framing::Dtls) => match &server.dtls {
+                Some(dtls) => dtls.as_ref(),
+                None => return plain(StatusCode::BAD_REQUEST, "this server does not run DTLS"),
+            },
+            _ => server.endpoint.as_ref(),
         };
+        let mut session =
+            match ServerSession::accept(endpoint, &admission, server.limits.tls, server.limits.max_message) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start an ATLS session");
+                    return plain(StatusCode::INTERNAL_SERVER_ERROR, "cannot start an ATLS session");
+                }
+            };
         let progress = match session.push_flight(body, now) {
             Ok(p) => p,
             Err(failure) => {
