@@ -27,6 +27,7 @@ use atls_core::records::{self, Framing};
 use atls_core::{
     ClientEndpoint, ClientSessionParams, HandshakeInfo, ServerEndpoint, ServerSessionParams, Session,
 };
+use atls_sessions::ClientKey;
 use tokio::net::UdpSocket;
 
 use crate::server::CoapServer;
@@ -180,17 +181,10 @@ fn hello_verify_request(hello: &Hello<'_>, cookie: &[u8]) -> Vec<u8> {
     record
 }
 
-/// The per-IP key of the caps: the address, IPv6 addresses by /64.
-fn ip_key(ip: IpAddr) -> IpAddr {
-    // An IPv4 peer of a dual-stack socket arrives as ::ffff:a.b.c.d.
-    match ip.to_canonical() {
-        ip @ IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => {
-            let mut octets = v6.octets();
-            octets[8..].fill(0);
-            IpAddr::from(octets)
-        }
-    }
+/// The per-IP key of the caps: the session table's (IPv4 addresses, IPv4-
+/// mapped ones included; IPv6 addresses by /64).
+fn ip_key(ip: IpAddr) -> ClientKey {
+    ClientKey::from(ip)
 }
 
 struct Conn {
@@ -215,7 +209,7 @@ struct Server {
     conns: HashMap<SocketAddr, Conn>,
     timers: BTreeSet<(Instant, SocketAddr)>,
     /// Per IP key: (handshakes, sessions).
-    per_ip: HashMap<IpAddr, (usize, usize)>,
+    per_ip: HashMap<ClientKey, (usize, usize)>,
     handshakes: usize,
     secret: [u8; 32],
     created: Instant,
@@ -243,9 +237,9 @@ impl Server {
         }
     }
 
-    /// The cookie of `hello` from `from` in time window `window`: a keyed
-    /// hash of the address, port, client random and window.
-    fn cookie(&self, from: SocketAddr, hello: &Hello<'_>, window: u64) -> [u8; COOKIE_LEN] {
+    /// The keyed hash behind the cookie of `hello` from `from` in time
+    /// window `window`: over the address, port, client random and window.
+    fn cookie_mac(&self, from: SocketAddr, hello: &Hello<'_>, window: u64) -> hmac::Hmac<sha2::Sha256> {
         use hmac::Mac as _;
         let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&self.secret)
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
@@ -256,7 +250,13 @@ impl Server {
         mac.update(&from.port().to_be_bytes());
         mac.update(hello.version_random);
         mac.update(&window.to_be_bytes());
-        let tag = mac.finalize().into_bytes();
+        mac
+    }
+
+    /// The cookie: the first `COOKIE_LEN` bytes of the keyed hash.
+    fn cookie(&self, from: SocketAddr, hello: &Hello<'_>, window: u64) -> [u8; COOKIE_LEN] {
+        use hmac::Mac as _;
+        let tag = self.cookie_mac(from, hello, window).finalize().into_bytes();
         let mut cookie = [0u8; COOKIE_LEN];
         cookie.copy_from_slice(tag.get(..COOKIE_LEN).unwrap_or(&[0; COOKIE_LEN]));
         cookie
@@ -266,11 +266,18 @@ impl Server {
         now.saturating_duration_since(self.created).as_secs() / COOKIE_WINDOW_SECS
     }
 
+    /// Whether `hello` returns the cookie of the current or the previous
+    /// window (compared in constant time by the hmac crate).
     fn cookie_valid(&self, from: SocketAddr, hello: &Hello<'_>, now: Instant) -> bool {
+        use hmac::Mac as _;
+        if hello.cookie.len() != COOKIE_LEN {
+            return false;
+        }
         let window = self.window(now);
         let ok = |w: u64| {
-            let ours = self.cookie(from, hello, w);
-            hello.cookie.len() == COOKIE_LEN && openssl_free_eq(&ours, hello.cookie)
+            self.cookie_mac(from, hello, w)
+                .verify_truncated_left(hello.cookie)
+                .is_ok()
         };
         ok(window) || window.checked_sub(1).is_some_and(ok)
     }
@@ -525,11 +532,6 @@ impl Server {
             self.remove(addr);
         }
     }
-}
-
-/// Constant-time equality of two equally long byte strings.
-fn openssl_free_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serve CoAP over DTLS on `socket`: DTLS sessions of `transport` (its
@@ -935,7 +937,7 @@ mod tests {
         let a: IpAddr = "::ffff:192.0.2.1".parse().expect("ip");
         let b: IpAddr = "::ffff:192.0.2.2".parse().expect("ip");
         assert_ne!(ip_key(a), ip_key(b));
-        assert_eq!(ip_key(a), "192.0.2.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(ip_key(a), ip_key("192.0.2.1".parse::<IpAddr>().expect("ip")));
         let c: IpAddr = "2001:db8:1:2:3:4:5:6".parse().expect("ip");
         let d: IpAddr = "2001:db8:1:2:ffff::1".parse().expect("ip");
         assert_eq!(ip_key(c), ip_key(d), "one IPv6 /64");
@@ -1013,7 +1015,7 @@ mod tests {
         let a: SocketAddr = "127.0.0.1:5001".parse().expect("addr");
         let mut device = handshake(&mut server, a);
         assert_eq!(server.handshakes, 0);
-        assert_eq!(server.per_ip.get(&a.ip()), Some(&(0, 1)));
+        assert_eq!(server.per_ip.get(&ip_key(a.ip())), Some(&(0, 1)));
         // close_notify from an established session: removed, counted once.
         device.close();
         let close = device

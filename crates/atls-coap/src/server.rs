@@ -271,6 +271,23 @@ impl Peers {
 
 type Entry = Mutex<ServerSession>;
 
+/// A datagram as a request: `None` to drop it (malformed, or not a
+/// confirmable or non-confirmable request), `Err` with the Reset that
+/// answers a CoAP ping.
+fn parse_request(datagram: &[u8]) -> Option<Result<Packet, Vec<u8>>> {
+    crate::message::validate(datagram).ok()?;
+    let request = Packet::from_bytes(datagram).ok()?;
+    if let Some(pong) = ping_reset(&request) {
+        return Some(Err(pong));
+    }
+    let is_request = matches!(request.header.code, MessageClass::Request(_))
+        && matches!(
+            request.header.get_type(),
+            MessageType::Confirmable | MessageType::NonConfirmable
+        );
+    is_request.then_some(Ok(request))
+}
+
 /// CoAP ping (RFC 7252 §4.3): an empty Confirmable message is answered
 /// with a Reset of its message ID (4 bytes: never an amplification).
 fn ping_reset(request: &Packet) -> Option<Vec<u8>> {
@@ -449,19 +466,10 @@ impl CoapServer {
         // Not a CoAP message, or a malformed one (truncated, a long token,
         // reserved nibbles, a payload marker with no payload): silently
         // ignored, as RFC 7252 §4.2 allows for message format errors.
-        crate::message::validate(datagram).ok()?;
-        let request = Packet::from_bytes(datagram).ok()?;
-        if let Some(pong) = ping_reset(&request) {
-            return Some(pong);
-        }
-        if !matches!(request.header.code, MessageClass::Request(_))
-            || !matches!(
-                request.header.get_type(),
-                MessageType::Confirmable | MessageType::NonConfirmable
-            )
-        {
-            return None;
-        }
+        let request = match parse_request(datagram)? {
+            Ok(request) => request,
+            Err(pong) => return Some(pong),
+        };
         let from = Endpoint {
             addr: from,
             transport: Transport::Udp,
@@ -472,19 +480,10 @@ impl CoapServer {
     /// Handle one CoAP message that arrived inside the DTLS session of
     /// `from` (CoAP over DTLS): the DTLS handshake validated the endpoint.
     pub fn handle_secured(&self, message: &[u8], from: SocketAddr, now: Instant) -> Option<Vec<u8>> {
-        crate::message::validate(message).ok()?;
-        let request = Packet::from_bytes(message).ok()?;
-        if let Some(pong) = ping_reset(&request) {
-            return Some(pong);
-        }
-        if !matches!(request.header.code, MessageClass::Request(_))
-            || !matches!(
-                request.header.get_type(),
-                MessageType::Confirmable | MessageType::NonConfirmable
-            )
-        {
-            return None;
-        }
+        let request = match parse_request(message)? {
+            Ok(request) => request,
+            Err(pong) => return Some(pong),
+        };
         let from = Endpoint {
             addr: from,
             transport: Transport::Dtls,

@@ -337,13 +337,7 @@ impl AtlsServer {
         endpoint: Arc<dyn ServerEndpoint>,
         options: ServerOptions,
     ) -> Result<Arc<Self>, InvalidOptions> {
-        if !wire::is_valid_cookie_name(&options.cookie_name) {
-            return Err(InvalidOptions(format!(
-                "cookie name {:?} is not an RFC 6265 token",
-                options.cookie_name
-            )));
-        }
-        Ok(Self::build(endpoint, None, options))
+        Self::checked(endpoint, None, options)
     }
 
     /// A server whose ATLS layer is TLS on `endpoint` and, for first flights
@@ -355,13 +349,21 @@ impl AtlsServer {
         dtls: Arc<dyn ServerEndpoint>,
         options: ServerOptions,
     ) -> Result<Arc<Self>, InvalidOptions> {
+        Self::checked(endpoint, Some(dtls), options)
+    }
+
+    fn checked(
+        endpoint: Arc<dyn ServerEndpoint>,
+        dtls: Option<Arc<dyn ServerEndpoint>>,
+        options: ServerOptions,
+    ) -> Result<Arc<Self>, InvalidOptions> {
         if !wire::is_valid_cookie_name(&options.cookie_name) {
             return Err(InvalidOptions(format!(
                 "cookie name {:?} is not an RFC 6265 token",
                 options.cookie_name
             )));
         }
-        Ok(Self::build(endpoint, Some(dtls), options))
+        Ok(Self::build(endpoint, dtls, options))
     }
 
     fn build(
