@@ -8,6 +8,7 @@ mod common;
 mod demo;
 mod demo_coap;
 mod demo_http;
+mod gateway;
 mod inspect;
 mod request;
 mod serve;
@@ -31,6 +32,10 @@ enum Command {
     /// Terminate ATLS over HTTP in front of the built-in resources or an
     /// upstream HTTP application.
     Serve(serve::ServeArgs),
+    /// The untrusted CoAP-to-HTTP gateway (draft Figure 9): forwards ATLS
+    /// flights and OSCORE messages from CoAP devices to HTTP services
+    /// without being able to read them.
+    Gateway(gateway::GatewayArgs),
     /// Make one ATLS-protected HTTP request; the body goes to stdout, the
     /// inner status to stderr.
     Request(request::RequestArgs),
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Gateway(args) => gateway::run(&args),
         Command::Request(args) => return request::run(&args),
     };
     match result {

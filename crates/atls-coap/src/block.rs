@@ -5,6 +5,10 @@
 //! cache has no bound on the number of transfers it holds nor on the size a
 //! Block1 body may grow to: a server facing strangers needs both.
 
+use std::time::{Duration, Instant};
+
+use coap_lite::{Packet, ResponseType};
+
 /// A Block1 or Block2 option value: block number, more flag, size exponent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BlockValue {
@@ -168,6 +172,76 @@ pub fn block2_slice(body: &[u8], num: u32, szx: u8) -> Option<(&[u8], BlockValue
             szx,
         },
     ))
+}
+
+/// A Block1 transfer not continued for this long is abandoned.
+pub const BLOCK1_LIFETIME: Duration = Duration::from_secs(60);
+/// Block1 transfers in progress at once, over all endpoints (each at most
+/// the configured flight size): the bound on what strangers can make a
+/// server buffer.
+pub const MAX_BLOCK1_TRANSFERS: usize = 256;
+
+/// One Block1 block of the endpoint's transfer in `slot`. Block 0 starts
+/// (or restarts) a transfer; a block already received (a duplicate) is
+/// acknowledged again and changes nothing; a gap is 4.08 and keeps the
+/// transfer; a transfer idle for `BLOCK1_LIFETIME` is dropped; at most
+/// `MAX_BLOCK1_TRANSFERS` run at once over all endpoints.
+pub fn block1_step(
+    slot: &mut Option<(Block1Assembly, Instant)>,
+    transfers: usize,
+    block: BlockValue,
+    payload: &[u8],
+    size1: Option<usize>,
+    max: usize,
+    now: Instant,
+) -> Result<Block1Step, BlockError> {
+    if slot
+        .as_ref()
+        .is_some_and(|(_, at)| now.saturating_duration_since(*at) > BLOCK1_LIFETIME)
+    {
+        *slot = None;
+    }
+    if block.num == 0 {
+        if slot.is_none() && transfers >= MAX_BLOCK1_TRANSFERS {
+            return Err(BlockError::Busy);
+        }
+        let (assembly, step) =
+            Block1Assembly::start(block, payload, size1, max).inspect_err(|_| *slot = None)?;
+        *slot = matches!(step, Block1Step::Continue).then_some((assembly, now));
+        return Ok(step);
+    }
+    let Some((assembly, at)) = slot.as_mut() else {
+        return Err(BlockError::Incomplete);
+    };
+    if block.num < assembly.next() {
+        return Ok(Block1Step::Continue);
+    }
+    let step = assembly.accept(block, payload)?;
+    *at = now;
+    if matches!(step, Block1Step::Complete(_)) {
+        *slot = None;
+    }
+    Ok(step)
+}
+
+/// The ETag of a Block2 body: 8 bytes of its SHA-256.
+pub fn etag(body: &[u8]) -> [u8; 8] {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(body);
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
+    tag
+}
+
+/// The error answer to a blockwise request that cannot be used.
+pub fn block_error(request: &Packet, e: BlockError) -> Packet {
+    let code = match e {
+        BlockError::BadOption => ResponseType::BadOption,
+        BlockError::Incomplete => ResponseType::RequestEntityIncomplete,
+        BlockError::TooLarge => ResponseType::RequestEntityTooLarge,
+        BlockError::Busy => ResponseType::ServiceUnavailable,
+    };
+    crate::message::diagnostic(request, code, &e.to_string())
 }
 
 #[cfg(test)]

@@ -696,8 +696,28 @@ impl AtlsCoapClient {
             .size(),
             _ => self.block_size(szx),
         };
+        // RFC 7959 §2.4: on an unreliable link, ask for the answer in
+        // blocks of this client's size from the start, so that a server
+        // that cannot know the link (an HTTP terminator behind a gateway)
+        // does not send more than one message can hold.
+        let early_block2 = self.options.mode == CoapMode::Oscore && !self.link.is_reliable();
+        let with_early_block2 = |p: &mut Packet| {
+            if early_block2 && p.get_first_option(CoapOption::Block2).is_none() {
+                p.add_option(
+                    CoapOption::Block2,
+                    BlockValue {
+                        num: 0,
+                        more: false,
+                        szx,
+                    }
+                    .encode(),
+                );
+            }
+        };
         let mut response = if inner.payload.len() <= size {
-            self.protected(est, inner).await?
+            let mut whole = inner.clone();
+            with_early_block2(&mut whole);
+            self.protected(est, &whole).await?
         } else {
             let blocks: Vec<&[u8]> = inner.payload.chunks(size).collect();
             let mut last = None;
@@ -717,6 +737,9 @@ impl AtlsCoapClient {
                     part.add_option(CoapOption::Size1, uint_option(inner.payload.len() as u64));
                 }
                 part.payload = chunk.to_vec();
+                if !more {
+                    with_early_block2(&mut part);
+                }
                 let answer = self.protected(est, &part).await?;
                 let continues = answer.header.code == MessageClass::Response(ResponseType::Continue);
                 if !more || !continues {

@@ -30,7 +30,8 @@ use atls_core::{
 use atls_sessions::ClientKey;
 use tokio::net::UdpSocket;
 
-use crate::server::CoapServer;
+use crate::handler::{Answer, CoapHandler};
+use crate::server::Transport;
 
 /// Largest datagram read.
 const MAX_DATAGRAM: usize = 16 * 1024 + 512;
@@ -203,7 +204,9 @@ struct Conn {
 /// The server's DTLS sessions.
 struct Server {
     transport: Arc<dyn ServerEndpoint>,
-    coap: Arc<CoapServer>,
+    coap: Arc<dyn CoapHandler>,
+    /// Answers the handler gives later, to be sent in their sessions.
+    later: tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>,
     config: DtlsServerConfig,
     mtu: usize,
     conns: HashMap<SocketAddr, Conn>,
@@ -407,7 +410,7 @@ impl Server {
         );
         self.count(from.ip(), 1, 1);
         // Message IDs are scoped to the DTLS session (RFC 7252 §9.1).
-        self.coap.reset_exchanges(from, crate::server::Transport::Dtls);
+        self.coap.reset_exchanges(from, Transport::Dtls);
         self.datagram_for(datagram, from, now)
     }
 
@@ -447,10 +450,23 @@ impl Server {
                     continue;
                 }
                 progress = true;
-                if let Some(answer) = self.coap.handle_secured(&message, from, now) {
-                    if conn.session.send(&answer).is_err() {
-                        failed = true;
-                        break;
+                match self.coap.datagram(&message, from, Transport::Dtls, now) {
+                    Answer::Now(None) => {}
+                    Answer::Now(Some(answer)) => {
+                        if conn.session.send(&answer).is_err() {
+                            failed = true;
+                            break;
+                        }
+                    }
+                    Answer::Later(pending) => {
+                        let later = self.later.clone();
+                        tokio::spawn(async move {
+                            if let Some(answer) = pending.await {
+                                // A full queue drops the answer: the
+                                // device's retransmission asks again.
+                                let _ = later.try_send((from, answer));
+                            }
+                        });
                     }
                 }
             }
@@ -481,6 +497,19 @@ impl Server {
         if closed {
             self.remove(from);
         }
+        datagrams(&output, self.mtu)
+    }
+
+    /// An answer the handler gave later, protected in the session of `to`
+    /// (none if the session ended meanwhile).
+    fn send_later(&mut self, to: SocketAddr, answer: &[u8], now: Instant) -> Vec<Vec<u8>> {
+        let Some(conn) = self.conns.get_mut(&to) else {
+            return Vec::new();
+        };
+        if conn.handshaking || conn.session.send(answer).is_err() {
+            return Vec::new();
+        }
+        let output = conn.session.take_flight(now).ok().flatten().unwrap_or_default();
         datagrams(&output, self.mtu)
     }
 
@@ -542,10 +571,10 @@ impl Server {
 /// A ClientHello without a valid cookie is answered with a
 /// HelloVerifyRequest computed statelessly (RFC 6347 §4.2.1): the server
 /// keeps nothing for a source address until it returned the cookie.
-pub async fn serve(
+pub async fn serve<H: CoapHandler>(
     socket: UdpSocket,
     transport: Arc<dyn ServerEndpoint>,
-    coap: Arc<CoapServer>,
+    coap: Arc<H>,
     config: DtlsServerConfig,
 ) -> std::io::Result<()> {
     let common = &transport.config().common;
@@ -558,9 +587,11 @@ pub async fn serve(
     let mtu = usize::from(common.dtls.mtu).max(256);
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (later, mut later_rx) = tokio::sync::mpsc::channel(1024);
     let mut server = Server {
         transport,
         coap,
+        later,
         config,
         mtu,
         conns: HashMap::new(),
@@ -601,6 +632,13 @@ pub async fn serve(
             () = tokio::time::sleep_until(next_timer) => {
                 for (to, datagram) in server.timers(Instant::now()) {
                     let _ = socket.send_to(&datagram, to).await;
+                }
+            }
+            Some((to, answer)) = later_rx.recv() => {
+                for datagram in server.send_later(to, &answer, Instant::now()) {
+                    if let Err(e) = socket.send_to(&datagram, to).await {
+                        tracing::debug!(error = %e, %to, "cannot answer");
+                    }
                 }
             }
             _ = sweep.tick() => server.sweep(Instant::now()),
@@ -795,6 +833,7 @@ impl DtlsLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::CoapServer;
     use atls_core::{ClientConfig, CommonConfig, Psk, ServerConfig, TlsVersion};
 
     fn common() -> CommonConfig {
@@ -825,6 +864,7 @@ mod tests {
         Server {
             transport,
             coap: CoapServer::new(tls, crate::CoapConfig::default()),
+            later: tokio::sync::mpsc::channel(1).0,
             config,
             mtu: 1200,
             conns: HashMap::new(),

@@ -23,10 +23,18 @@ use atls_core::records::{self, FirstFlight};
 use atls_core::{Framing, Limits, ServerEndpoint};
 use atls_oscore::OscoreError;
 use atls_sessions::{ClientKey, KidKind, Phase, Policy, Refusal, ServerSession, SessionId, SessionTable};
-use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 
 use crate::app;
-use crate::block::{block2_slice, Block1Assembly, Block1Step, BlockError, BlockValue};
+use crate::block::{
+    block1_step, block2_slice, block_error, etag, Block1Assembly, Block1Step, BlockError, BlockValue,
+    BLOCK1_LIFETIME, MAX_BLOCK1_TRANSFERS,
+};
+use crate::echo::EchoGuard;
+pub use crate::echo::AMPLIFICATION_FACTOR;
+pub(crate) use crate::message::random;
+use crate::message::{answer, diagnostic, is_atls_path, parse_request, read_uint};
+pub use crate::message::{random_bytes, uint_option};
 
 /// Content-Format of `application/atls`: IANA has assigned none (draft §12),
 /// so a value from the experimental range (RFC 7252 §12.3), configurable.
@@ -76,16 +84,8 @@ const RECENT_PER_ENDPOINT: usize = 4;
 const MIDS_PER_ENDPOINT: usize = 64;
 /// How long a message ID is remembered (EXCHANGE_LIFETIME, RFC 7252 §4.8.2).
 const DEDUP_LIFETIME: Duration = Duration::from_secs(247);
-/// A Block1 transfer not continued for this long is abandoned.
-const BLOCK1_LIFETIME: Duration = Duration::from_secs(60);
-/// Block1 transfers in progress at once, over all endpoints (each at most
-/// `max_flight` bytes): the bound on what strangers can make the server buffer.
-const MAX_BLOCK1_TRANSFERS: usize = 256;
 /// CoAP messages one records-mode POST may carry.
 const MAX_RECORDS_MESSAGES: usize = 16;
-/// How long an Echo value stays valid (it changes every window; the current
-/// and the previous one are accepted).
-const ECHO_WINDOW_SECS: u64 = 60;
 
 /// The transport a CoAP message arrived on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -165,11 +165,6 @@ impl Peer {
         usize::from(self.block1.is_some()) + usize::from(self.inner_block1.is_some())
     }
 }
-
-/// An unvalidated endpoint is sent at most this many times the bytes it sent.
-pub const AMPLIFICATION_FACTOR: usize = 3;
-/// CoAP option number of Echo (RFC 9175).
-const OPTION_ECHO: u16 = 252;
 
 /// The validated endpoints, least recently seen first, with a cap per IP
 /// address (so one host cannot push out everyone's state) and the count of
@@ -271,45 +266,6 @@ impl Peers {
 
 type Entry = Mutex<ServerSession>;
 
-/// A datagram as a request: `None` to drop it (malformed, or not a
-/// confirmable or non-confirmable request), `Err` with the Reset that
-/// answers a CoAP ping.
-fn parse_request(datagram: &[u8]) -> Option<Result<Packet, Vec<u8>>> {
-    crate::message::validate(datagram).ok()?;
-    let request = Packet::from_bytes(datagram).ok()?;
-    if let Some(pong) = ping_reset(&request) {
-        return Some(Err(pong));
-    }
-    let is_request = matches!(request.header.code, MessageClass::Request(_))
-        && matches!(
-            request.header.get_type(),
-            MessageType::Confirmable | MessageType::NonConfirmable
-        );
-    is_request.then_some(Ok(request))
-}
-
-/// CoAP ping (RFC 7252 §4.3): an empty Confirmable message is answered
-/// with a Reset of its message ID (4 bytes: never an amplification).
-fn ping_reset(request: &Packet) -> Option<Vec<u8>> {
-    if request.header.code != MessageClass::Empty || request.header.get_type() != MessageType::Confirmable {
-        return None;
-    }
-    let mut reset = Packet::new();
-    reset.header.code = MessageClass::Empty;
-    reset.header.set_type(MessageType::Reset);
-    reset.header.message_id = request.header.message_id;
-    reset.to_bytes().ok()
-}
-
-/// The ETag of a Block2 body: 8 bytes of its SHA-256.
-fn etag(body: &[u8]) -> [u8; 8] {
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(body);
-    let mut tag = [0u8; 8];
-    tag.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
-    tag
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -323,9 +279,8 @@ pub struct CoapServer {
     config: CoapConfig,
     table: SessionTable<Entry>,
     peers: Mutex<Peers>,
-    /// Key of the stateless Echo values.
-    secret: [u8; 32],
-    created: Instant,
+    /// Stateless Echo address validation.
+    echo: EchoGuard,
 }
 
 impl fmt::Debug for CoapServer {
@@ -335,74 +290,6 @@ impl fmt::Debug for CoapServer {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-/// An answer under construction: code, options, payload.
-fn answer(request: &Packet, code: ResponseType) -> Packet {
-    let mut p = Packet::new();
-    p.header.code = MessageClass::Response(code);
-    p.set_token(request.get_token().to_vec());
-    match request.header.get_type() {
-        MessageType::Confirmable => {
-            p.header.set_type(MessageType::Acknowledgement);
-            p.header.message_id = request.header.message_id;
-        }
-        _ => {
-            p.header.set_type(MessageType::NonConfirmable);
-            p.header.message_id = random_mid();
-        }
-    }
-    p
-}
-
-/// `N` bytes from the operating system's CSPRNG.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    random()
-}
-
-pub(crate) fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    let _ = getrandom::fill(&mut b);
-    b
-}
-
-fn random_mid() -> u16 {
-    u16::from_be_bytes(random::<2>())
-}
-
-fn diagnostic(request: &Packet, code: ResponseType, text: &str) -> Packet {
-    // (Diagnostic payloads are plain text, RFC 7252 §5.5.2.)
-    let mut p = answer(request, code);
-    p.payload = text.as_bytes().to_vec();
-    p
-}
-
-/// A CoAP uint option value (RFC 7252 §3.2: minimal length).
-pub(crate) fn uint_option(value: u64) -> Vec<u8> {
-    let bytes = value.to_be_bytes();
-    let skip = bytes.iter().take_while(|b| **b == 0).count();
-    bytes.get(skip..).unwrap_or_default().to_vec()
-}
-
-fn read_uint(bytes: &[u8]) -> Option<u64> {
-    (bytes.len() <= 8).then(|| bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b)))
-}
-
-fn block_error(request: &Packet, e: BlockError) -> Packet {
-    let code = match e {
-        BlockError::BadOption => ResponseType::BadOption,
-        BlockError::Incomplete => ResponseType::RequestEntityIncomplete,
-        BlockError::TooLarge => ResponseType::RequestEntityTooLarge,
-        BlockError::Busy => ResponseType::ServiceUnavailable,
-    };
-    diagnostic(request, code, &e.to_string())
-}
-
-fn is_atls_path(request: &Packet) -> bool {
-    let Some(path) = request.get_option(CoapOption::UriPath) else {
-        return false;
-    };
-    path.len() == 2 && path.iter().map(Vec::as_slice).eq([&b".well-known"[..], b"atls"])
 }
 
 impl CoapServer {
@@ -424,8 +311,7 @@ impl CoapServer {
             dtls,
             config,
             peers: Mutex::new(Peers::default()),
-            secret: random::<32>(),
-            created: Instant::now(),
+            echo: EchoGuard::new(),
         })
     }
 
@@ -505,15 +391,8 @@ impl CoapServer {
         // (so the challenge needs no state, as DTLS's HelloVerifyRequest);
         // the endpoint is validated when it repeats a request with it.
         if from.transport == Transport::Udp && !lock(&self.peers).contains(&from) {
-            let echo = request.get_first_option(CoapOption::Unknown(OPTION_ECHO));
-            if !echo.is_some_and(|e| self.echo_valid(from, e, now)) {
-                let mut challenge = answer(&request, ResponseType::Unauthorized);
-                challenge.add_option(
-                    CoapOption::Unknown(OPTION_ECHO),
-                    self.echo_value(from, self.window(now)).to_vec(),
-                );
-                let bytes = challenge.to_bytes().ok()?;
-                return (bytes.len() <= datagram.len().saturating_mul(AMPLIFICATION_FACTOR)).then_some(bytes);
+            if let Err(challenge) = self.echo.check(&request, datagram.len(), from.addr, now) {
+                return challenge;
             }
         }
         // Deduplication (RFC 7252 §4.5) of confirmable and non-confirmable
@@ -584,36 +463,6 @@ impl CoapServer {
         // A reliable transport carries whole messages (up to the size both
         // sides announced): no Block2 for answers.
         Some(self.respond(request, from, now, crate::tcp::MAX_MESSAGE_SIZE))
-    }
-
-    fn window(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.created).as_secs() / ECHO_WINDOW_SECS
-    }
-
-    /// The Echo value of `endpoint` in time window `window`: a keyed hash,
-    /// unpredictable without the server's secret.
-    fn echo_value(&self, endpoint: Endpoint, window: u64) -> [u8; 8] {
-        use sha2::Digest as _;
-        let mut h = sha2::Sha256::new();
-        h.update(self.secret);
-        h.update(window.to_be_bytes());
-        match endpoint.addr.ip() {
-            std::net::IpAddr::V4(ip) => h.update(ip.octets()),
-            std::net::IpAddr::V6(ip) => h.update(ip.octets()),
-        }
-        h.update(endpoint.addr.port().to_be_bytes());
-        let digest = h.finalize();
-        let mut value = [0u8; 8];
-        value.copy_from_slice(digest.get(..8).unwrap_or(&[0; 8]));
-        value
-    }
-
-    fn echo_valid(&self, endpoint: Endpoint, echo: &[u8], now: Instant) -> bool {
-        let window = self.window(now);
-        echo == self.echo_value(endpoint, window)
-            || window
-                .checked_sub(1)
-                .is_some_and(|w| echo == self.echo_value(endpoint, w))
     }
 
     /// `whole`: the largest answer payload sent without Block2.
@@ -1282,49 +1131,6 @@ impl CoapServer {
         }
         response
     }
-}
-
-/// One Block1 block of the endpoint's transfer in `slot`. Block 0 starts
-/// (or restarts) a transfer; a block already received (a duplicate) is
-/// acknowledged again and changes nothing; a gap is 4.08 and keeps the
-/// transfer; a transfer idle for `BLOCK1_LIFETIME` is dropped; at most
-/// `MAX_BLOCK1_TRANSFERS` run at once over all endpoints.
-fn block1_step(
-    slot: &mut Option<(Block1Assembly, Instant)>,
-    transfers: usize,
-    block: BlockValue,
-    payload: &[u8],
-    size1: Option<usize>,
-    max: usize,
-    now: Instant,
-) -> Result<Block1Step, BlockError> {
-    if slot
-        .as_ref()
-        .is_some_and(|(_, at)| now.saturating_duration_since(*at) > BLOCK1_LIFETIME)
-    {
-        *slot = None;
-    }
-    if block.num == 0 {
-        if slot.is_none() && transfers >= MAX_BLOCK1_TRANSFERS {
-            return Err(BlockError::Busy);
-        }
-        let (assembly, step) =
-            Block1Assembly::start(block, payload, size1, max).inspect_err(|_| *slot = None)?;
-        *slot = matches!(step, Block1Step::Continue).then_some((assembly, now));
-        return Ok(step);
-    }
-    let Some((assembly, at)) = slot.as_mut() else {
-        return Err(BlockError::Incomplete);
-    };
-    if block.num < assembly.next() {
-        return Ok(Block1Step::Continue);
-    }
-    let step = assembly.accept(block, payload)?;
-    *at = now;
-    if matches!(step, Block1Step::Complete(_)) {
-        *slot = None;
-    }
-    Ok(step)
 }
 
 fn oscore_error(request: &Packet, e: &OscoreError) -> Packet {

@@ -15,7 +15,7 @@ use coap_lite::{MessageClass, MessageType, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::server::CoapServer;
+use crate::handler::{Answer, CoapHandler};
 
 /// Why a frame cannot be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -133,9 +133,10 @@ pub fn csm() -> Vec<u8> {
     encode(&p).unwrap_or_default()
 }
 
-/// Serve `server` on `listener`: each connection sends its CSM, then
-/// requests; answers are frames in order.
-pub async fn serve(listener: TcpListener, server: Arc<CoapServer>) -> std::io::Result<()> {
+/// Serve `server` (a [`crate::CoapServer`], or any [`CoapHandler`]) on
+/// `listener`: each connection sends its CSM, then requests; answers are
+/// frames in order.
+pub async fn serve<H: CoapHandler + ?Sized>(listener: TcpListener, server: Arc<H>) -> std::io::Result<()> {
     loop {
         let (stream, from) = listener.accept().await?;
         let server = server.clone();
@@ -147,7 +148,11 @@ pub async fn serve(listener: TcpListener, server: Arc<CoapServer>) -> std::io::R
     }
 }
 
-async fn connection(mut stream: TcpStream, from: SocketAddr, server: Arc<CoapServer>) -> std::io::Result<()> {
+async fn connection<H: CoapHandler + ?Sized>(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    server: Arc<H>,
+) -> std::io::Result<()> {
     stream.write_all(&csm()).await?;
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
@@ -190,7 +195,13 @@ async fn connection(mut stream: TcpStream, from: SocketAddr, server: Arc<CoapSer
             // non-confirmable one (no ACKs, no deduplication on a reliable
             // transport) from a validated endpoint.
             request.header.set_type(MessageType::NonConfirmable);
-            if let Some(answer) = server.handle_reliable(&request, from, Instant::now()) {
+            let answer = match server.reliable(&request, from, Instant::now()) {
+                Answer::Now(answer) => answer,
+                // Answered in order: the next request waits (RFC 8323
+                // allows answers out of order; this loop keeps it simple).
+                Answer::Later(pending) => pending.await,
+            };
+            if let Some(answer) = answer {
                 stream.write_all(&encode(&answer).unwrap_or_default()).await?;
             }
         }

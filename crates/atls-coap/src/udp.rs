@@ -8,20 +8,47 @@ use std::time::{Duration, Instant};
 use coap_lite::{MessageType, Packet};
 use tokio::net::UdpSocket;
 
-use crate::server::CoapServer;
+use crate::handler::{Answer, CoapHandler};
+use crate::server::Transport;
 
 /// Largest datagram read.
 const MAX_DATAGRAM: usize = 1500 + 152;
 
-/// Serve `server` on `socket` until the socket fails.
-pub async fn serve(socket: UdpSocket, server: Arc<CoapServer>) -> std::io::Result<()> {
+/// Serve `handler` (a [`crate::CoapServer`], or any [`CoapHandler`]) on
+/// `socket` until the socket fails. Answers given later are sent when they
+/// are ready, while other datagrams are handled.
+pub async fn serve<H: CoapHandler + ?Sized>(socket: UdpSocket, handler: Arc<H>) -> std::io::Result<()> {
+    let socket = Arc::new(socket);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        let (n, from) = socket.recv_from(&mut buf).await?;
+        let (n, from) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            // An ICMP error for an earlier answer, or a transient failure:
+            // the listener stays up.
+            Err(e) if e.kind() != std::io::ErrorKind::InvalidInput => {
+                tracing::debug!(error = %e, "CoAP over UDP: receive failed");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let Some(datagram) = buf.get(..n) else { continue };
-        if let Some(answer) = server.handle(datagram, from, Instant::now()) {
-            if let Err(e) = socket.send_to(&answer, from).await {
-                tracing::debug!(error = %e, %from, "cannot answer");
+        match handler.datagram(datagram, from, Transport::Udp, Instant::now()) {
+            Answer::Now(None) => {}
+            Answer::Now(Some(answer)) => {
+                if let Err(e) = socket.send_to(&answer, from).await {
+                    tracing::debug!(error = %e, %from, "cannot answer");
+                }
+            }
+            Answer::Later(pending) => {
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    if let Some(answer) = pending.await {
+                        if let Err(e) = socket.send_to(&answer, from).await {
+                            tracing::debug!(error = %e, %from, "cannot answer");
+                        }
+                    }
+                });
             }
         }
     }

@@ -225,19 +225,30 @@ impl rustls::client::danger::ServerCertVerifier for NoTransportVerification {
 }
 
 pub(crate) fn transport_tls(options: &ClientOptions) -> Result<rustls::ClientConfig, ClientError> {
+    transport_tls_config(options.insecure_transport, &options.transport_roots)
+}
+
+/// The transport TLS configuration of an HTTPS client of ATLS (the outer
+/// layer, independent of ATLS): the public roots plus `roots`, or no
+/// verification at all with `insecure`; ALPN h2 and http/1.1.
+pub fn transport_tls_config(
+    insecure: bool,
+    roots: &[Certificate],
+) -> Result<rustls::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(transport)?;
-    let mut config = if options.insecure_transport {
+    let mut config = if insecure {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoTransportVerification(provider)))
             .with_no_client_auth()
     } else {
+        let extra = roots;
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for cert in &options.transport_roots {
+        for cert in extra {
             roots
                 .add(rustls_pki_types::CertificateDer::from(cert.0.clone()))
                 .map_err(|e| ClientError::Invalid(format!("transport CA: {e}")))?;

@@ -34,9 +34,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use atls_coap::inner::InnerTransfers;
 use atls_core::records::{self, FirstFlight};
 use atls_core::{Error as TlsError, Framing, PeerIdentity, ServerEndpoint};
 use atls_oscore::{cose, http as oscore_http, OscoreError};
+use atls_sessions::SessionId;
 use atls_sessions::{
     ClientKey, Eviction, Found, KidKind, Phase, Policy, Refusal, ServerSession, SessionTable, TableStats,
 };
@@ -252,7 +254,15 @@ pub struct AtlsServer {
     options: ServerOptions,
     limits: DerivedLimits,
     table: SessionTable<Entry>,
+    /// Blockwise transfers inside OSCORE (CoAP devices behind a gateway,
+    /// RFC 8613 §4.1.3.4.2), per session.
+    inner_blocks: std::sync::Mutex<InnerTransfers<SessionId>>,
 }
+
+/// Inner blockwise transfers in progress at once, over all sessions.
+const MAX_INNER_TRANSFERS: usize = 256;
+/// Bytes of inner responses kept for Block2 follow-ups, over all sessions.
+const MAX_INNER_BLOCK_BYTES: usize = 64 * 1024 * 1024;
 
 impl fmt::Debug for AtlsServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -375,6 +385,12 @@ impl AtlsServer {
         Arc::new(Self {
             limits: options.limits.derived(early),
             table: SessionTable::new(options.limits.policy()),
+            inner_blocks: std::sync::Mutex::new(InnerTransfers::new(
+                MAX_INNER_TRANSFERS,
+                options.limits.max_request,
+                MAX_INNER_BLOCK_BYTES,
+                1024,
+            )),
             endpoint,
             dtls,
             options,
@@ -671,6 +687,12 @@ where
         ),
         Err(_) => plain_bytes(StatusCode::BAD_GATEWAY, "the application's response failed"),
     }
+}
+
+fn lock_blocks(
+    m: &std::sync::Mutex<InnerTransfers<SessionId>>,
+) -> std::sync::MutexGuard<'_, InnerTransfers<SessionId>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn oscore_error_reply(e: &OscoreError) -> Reply {
@@ -1041,40 +1063,56 @@ where
             Err(reply) => return reply,
         };
         server.table.touch(&found.id, now);
-        let (response, method) = match oscore_http::http_request_from_coap(&inner_packet) {
-            Ok(mut inner_http) => {
-                if let Some(host) = host {
-                    inner_http.headers_mut().entry(header::HOST).or_insert(host);
-                }
-                let method = inner_http.method().clone();
-                let response = if inner_http.body().len() > server.limits.max_request {
-                    too_large(server.limits.max_request)
-                } else {
-                    let request = Inner {
-                        request: inner_http.map(Bytes::from),
-                        peer,
-                    };
-                    call_app(&mut self.inner, request, server.limits.max_response).await
-                };
-                (response, method)
-            }
-            Err(e) => (plain_bytes(StatusCode::BAD_REQUEST, &e.to_string()), Method::POST),
-        };
-        let inner_response =
-            match oscore_http::coap_response_from_http(&response.map(|b| b.to_vec()), &method) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "the application's response has no CoAP form");
-                    let fallback = plain_bytes(
-                        StatusCode::BAD_GATEWAY,
-                        "the response cannot be carried in OSCORE",
-                    );
-                    match oscore_http::coap_response_from_http(&fallback.map(|b| b.to_vec()), &method) {
-                        Ok(p) => p,
-                        Err(e) => return oscore_error_reply(&e),
+        // Blockwise inside OSCORE: a body arriving in inner Block1 blocks is
+        // reassembled, a large answer leaves in inner Block2 blocks when the
+        // client does blockwise; each block is its own protected exchange.
+        let step = lock_blocks(&server.inner_blocks).request(&found.id, &inner_packet, now);
+        let inner_response = match step {
+            Err(block_answer) => block_answer,
+            Ok(whole) => {
+                let (response, method) = match oscore_http::http_request_from_coap(&whole) {
+                    Ok(mut inner_http) => {
+                        if let Some(host) = host {
+                            inner_http.headers_mut().entry(header::HOST).or_insert(host);
+                        }
+                        let method = inner_http.method().clone();
+                        let response = if inner_http.body().len() > server.limits.max_request {
+                            too_large(server.limits.max_request)
+                        } else {
+                            let request = Inner {
+                                request: inner_http.map(Bytes::from),
+                                peer,
+                            };
+                            call_app(&mut self.inner, request, server.limits.max_response).await
+                        };
+                        (response, method)
                     }
-                }
-            };
+                    Err(e) => (plain_bytes(StatusCode::BAD_REQUEST, &e.to_string()), Method::POST),
+                };
+                let inner_response =
+                    match oscore_http::coap_response_from_http(&response.map(|b| b.to_vec()), &method) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "the application's response has no CoAP form");
+                            let fallback = plain_bytes(
+                                StatusCode::BAD_GATEWAY,
+                                "the response cannot be carried in OSCORE",
+                            );
+                            match oscore_http::coap_response_from_http(&fallback.map(|b| b.to_vec()), &method)
+                            {
+                                Ok(p) => p,
+                                Err(e) => return oscore_error_reply(&e),
+                            }
+                        }
+                    };
+                lock_blocks(&server.inner_blocks).response(
+                    &found.id,
+                    &inner_packet,
+                    inner_response,
+                    Instant::now(),
+                )
+            }
+        };
         let protected = match seal_in(&found.entry, |est| {
             atls_oscore::protect_response(&mut est.oscore, &inner_response, &binding, false)
         }) {

@@ -1,0 +1,272 @@
+//! `atls gateway`: the untrusted CoAP-to-HTTP gateway of draft Figure 9.
+//! Devices speak CoAP (UDP, TCP, DTLS) to it; it forwards their ATLS
+//! flights and OSCORE messages, which it cannot read, to HTTP(S) services.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use atls_core::{CommonConfig, ServerConfig};
+use atls_gateway::{Gateway, GatewayConfig, Route};
+
+use crate::common;
+
+/// Arguments of `atls gateway`.
+///
+/// The two layers are configured apart (draft §5.2): `--coaps-*` is the
+/// transport layer towards devices, `--upstream-*` the transport layer
+/// towards services. The gateway has no ATLS configuration at all: it
+/// never terminates ATLS.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct GatewayArgs {
+    /// CoAP over UDP listener for devices. Default 127.0.0.1:5683 when no
+    /// listener is given.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) coap: Option<SocketAddr>,
+    /// CoAP over TCP listener (RFC 8323).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) coap_tcp: Option<SocketAddr>,
+    /// CoAP over DTLS listener (coaps://): the transport layer towards
+    /// devices, with --coaps-psk keys and/or the --coaps-cert certificate
+    /// (default: a development certificate in --state-dir; devices may
+    /// ignore its validation errors, §5.3).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) coaps: Option<SocketAddr>,
+    /// PSK of the coaps:// hop (repeatable): IDENTITY:HEXKEY.
+    #[arg(long, value_name = "ID:HEX")]
+    pub(crate) coaps_psk: Vec<String>,
+    /// Certificate chain of the coaps:// hop (PEM).
+    #[arg(long, value_name = "FILE", requires = "coaps_key")]
+    pub(crate) coaps_cert: Option<PathBuf>,
+    /// Private key of the coaps:// hop (PEM).
+    #[arg(long, value_name = "FILE", requires = "coaps_cert")]
+    pub(crate) coaps_key: Option<PathBuf>,
+    /// The service of devices whose ClientHello names no --route (default
+    /// http://127.0.0.1:8080, where `atls serve` listens, when no --route
+    /// is given either).
+    #[arg(long, value_name = "URL")]
+    pub(crate) upstream: Option<String>,
+    /// A service chosen by the SNI of a device's ClientHello (repeatable):
+    /// NAME=URL.
+    #[arg(long, value_name = "NAME=URL")]
+    pub(crate) route: Vec<String>,
+    /// Trust anchors for HTTPS to the services (PEM; besides the public roots).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) upstream_ca: Option<PathBuf>,
+    /// Do not verify the services' HTTPS certificates.
+    #[arg(long)]
+    pub(crate) upstream_insecure: bool,
+    /// An HTTP forward proxy for every upstream request.
+    #[arg(long, value_name = "URL")]
+    pub(crate) upstream_proxy: Option<String>,
+    /// Seconds a service may take to answer (then 5.04 Gateway Timeout).
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub(crate) upstream_timeout: f64,
+    /// CoAP Content-Format number of ATLS payloads.
+    #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS)]
+    pub(crate) coap_content_format: u16,
+    /// CoAP block size of Block2 answers (16..=1024, a power of two).
+    #[arg(long, default_value_t = 512)]
+    pub(crate) coap_block_size: usize,
+    /// Most devices remembered at once.
+    #[arg(long, default_value_t = 4096)]
+    pub(crate) max_devices: usize,
+    /// Most devices remembered per IP address (IPv6: per /64).
+    #[arg(long, default_value_t = 1024)]
+    pub(crate) max_devices_per_ip: usize,
+    /// Seconds a device that has not completed a handshake is remembered
+    /// without a message.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) handshake_timeout: u64,
+    /// Seconds an established device is remembered without a message.
+    #[arg(long, default_value_t = 300)]
+    pub(crate) idle_timeout: u64,
+    /// Directory for the coaps:// development certificate.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+}
+
+/// A gateway with its listeners bound, serving. Dropping it stops them.
+pub(crate) struct Running {
+    pub(crate) coap: Option<SocketAddr>,
+    pub(crate) coap_tcp: Option<SocketAddr>,
+    pub(crate) coaps: Option<SocketAddr>,
+    pub(crate) gateway: Arc<Gateway>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Serve until a listener fails.
+    pub(crate) async fn wait(mut self) -> anyhow::Result<()> {
+        match self.tasks.join_next().await {
+            Some(Ok(result)) => result,
+            Some(Err(e)) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+}
+
+fn url(text: &str, what: &str) -> anyhow::Result<reqwest::Url> {
+    let url = reqwest::Url::parse(text).with_context(|| format!("{what} {text:?} is not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("{what} {text:?} must be an http:// or https:// URL");
+    }
+    Ok(url)
+}
+
+/// Build the gateway and bind its listeners.
+pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
+    let mut routes = Vec::new();
+    for spec in &args.route {
+        let Some((name, target)) = spec.split_once('=') else {
+            bail!("--route expects NAME=URL, got {spec:?}");
+        };
+        if name.is_empty() {
+            bail!("--route {spec:?} has no name");
+        }
+        routes.push(Route {
+            name: name.to_owned(),
+            upstream: url(target, "--route")?,
+        });
+    }
+    let default_upstream = match (&args.upstream, routes.is_empty()) {
+        (Some(u), _) => Some(url(u, "--upstream")?),
+        (None, true) => Some(url("http://127.0.0.1:8080", "--upstream")?),
+        (None, false) => None,
+    };
+    if !(args.upstream_timeout.is_finite() && args.upstream_timeout > 0.0) {
+        bail!("--upstream-timeout must be a positive number of seconds");
+    }
+    let config = GatewayConfig {
+        routes,
+        default_upstream,
+        content_format: args.coap_content_format,
+        block_size: args.coap_block_size,
+        max_devices: args.max_devices,
+        max_devices_per_ip: args.max_devices_per_ip,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        idle_timeout: Duration::from_secs(args.idle_timeout),
+        upstream_timeout: Duration::from_secs_f64(args.upstream_timeout),
+        upstream_roots: args
+            .upstream_ca
+            .as_deref()
+            .map(common::certificates)
+            .transpose()?
+            .unwrap_or_default(),
+        upstream_insecure: args.upstream_insecure,
+        upstream_proxy: args.upstream_proxy.clone(),
+        ..GatewayConfig::default()
+    };
+    let gateway = Gateway::new(config)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let coap_addr = match args.coap {
+        None if args.coap_tcp.is_none() && args.coaps.is_none() => {
+            Some(SocketAddr::from(([127, 0, 0, 1], 5683)))
+        }
+        other => other,
+    };
+    let mut coap = None;
+    if let Some(addr) = coap_addr {
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding UDP {addr}"))?;
+        coap = Some(socket.local_addr()?);
+        let g = gateway.clone();
+        tasks.spawn(async move { atls_coap::udp::serve(socket, g).await.context("CoAP listener") });
+    }
+    let mut coap_tcp = None;
+    if let Some(addr) = args.coap_tcp {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding TCP {addr}"))?;
+        coap_tcp = Some(listener.local_addr()?);
+        let g = gateway.clone();
+        tasks.spawn(async move {
+            atls_coap::tcp::serve(listener, g)
+                .await
+                .context("CoAP over TCP listener")
+        });
+    }
+    let mut coaps = None;
+    if let Some(addr) = args.coaps {
+        let identity = match (&args.coaps_cert, &args.coaps_key) {
+            (Some(cert), Some(key)) => Some(common::certified_key(cert, key)?),
+            _ if !args.coaps_psk.is_empty() => None,
+            _ => {
+                let dir = args.state_dir.clone().unwrap_or_else(common::default_state_dir);
+                Some(crate::serve::dev_pki(&dir.join("gateway"))?.identity)
+            }
+        };
+        let mut common = CommonConfig {
+            versions: vec![atls_core::TlsVersion::Dtls12],
+            ..CommonConfig::default()
+        };
+        common.resumption = false;
+        common.dtls.cookie_exchange = true;
+        let transport = common::engine("openssl")?
+            .server(&ServerConfig {
+                common,
+                identity,
+                psks: common::psks(&args.coaps_psk)?,
+                ..ServerConfig::default()
+            })
+            .context("configuring the coaps:// DTLS hop")?;
+        let socket = tokio::net::UdpSocket::bind(addr)
+            .await
+            .with_context(|| format!("binding UDP {addr}"))?;
+        coaps = Some(socket.local_addr()?);
+        let g = gateway.clone();
+        tasks.spawn(async move {
+            atls_coap::dtls::serve(socket, transport, g, atls_coap::DtlsServerConfig::default())
+                .await
+                .context("CoAP over DTLS listener")
+        });
+    }
+    // Let go of devices that went quiet even when no message arrives.
+    let g = gateway.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            g.sweep(std::time::Instant::now());
+        }
+    });
+    Ok(Running {
+        coap,
+        coap_tcp,
+        coaps,
+        gateway,
+        tasks,
+    })
+}
+
+/// Run `atls gateway` until interrupted.
+pub(crate) fn run(args: &GatewayArgs) -> anyhow::Result<()> {
+    crate::init_tracing();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let running = start(args).await?;
+        let config = running.gateway.config();
+        for route in &config.routes {
+            println!("route: SNI {} -> {}", route.name, route.upstream);
+        }
+        if let Some(url) = &config.default_upstream {
+            println!("default service: {url}");
+        }
+        if let Some(addr) = running.coap {
+            println!("ATLS gateway on coap://{addr}");
+        }
+        if let Some(addr) = running.coap_tcp {
+            println!("ATLS gateway on coap+tcp://{addr}");
+        }
+        if let Some(addr) = running.coaps {
+            println!("ATLS gateway on coaps://{addr}");
+        }
+        tokio::select! {
+            result = running.wait() => result,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
+    })
+}

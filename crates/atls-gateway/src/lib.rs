@@ -1,0 +1,754 @@
+//! The untrusted CoAP-to-HTTP gateway of draft-friel-tls-atls Figure 9.
+//!
+//! Devices speak CoAP to the gateway — over UDP, TCP (RFC 8323) or DTLS
+//! (`coaps://`) — and the gateway speaks HTTP or HTTPS to services. It
+//! forwards what it cannot read:
+//!
+//! - **ATLS flights**: `POST /.well-known/atls` with the ATLS
+//!   Content-Format (reassembled from Block1 blocks) becomes `POST
+//!   {service}/.well-known/atls` with `Content-Type: application/atls`; a
+//!   `200` answer becomes `2.04 Changed` with the flight (in Block2 blocks
+//!   when it does not fit one message);
+//! - **OSCORE messages** (RFC 8613 §11.2/§11.3): a CoAP request with the
+//!   OSCORE option becomes `POST` with `Content-Type: application/oscore`
+//!   and the `OSCORE` header, to the service named by Proxy-Uri (or
+//!   Proxy-Scheme and Uri-Host), or else to the device's service.
+//!
+//! Each device (CoAP endpoint) has its own cookie store and its own
+//! upstream connection pool (§5.1.5), so the service tells devices apart as
+//! it tells browsers apart. With several services (`routes`), the SNI of a
+//! device's ClientHello chooses its service (§5.1.5). Anything that is not
+//! an ATLS flight (records that parse as TLS or DTLS) or an OSCORE message
+//! is refused with 4.03 (§5.1.2). What the gateway logs is what a middlebox
+//! may see: content types, sizes, record types, SNI.
+//!
+//! Upstream faults become CoAP errors: unreachable or garbage is 5.02,
+//! slower than `upstream_timeout` is 5.04. State per device is bounded
+//! ([`GatewayConfig`]).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod devices;
+mod upstream;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use atls_coap::block::{block1_step, block2_slice, block_error, Block1Step, BlockError, BlockValue};
+use atls_coap::echo::EchoGuard;
+use atls_coap::handler::{Answer, CoapHandler};
+use atls_coap::message::{answer, diagnostic, is_atls_path, parse_request, read_uint, uint_option};
+use atls_coap::server::{Endpoint, Transport, CONTENT_FORMAT_MULTIPART_CORE};
+use atls_core::records::{self, FirstFlight};
+use atls_core::Certificate;
+use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
+
+use crate::devices::{Bounds, Devices, NoRoom};
+pub use crate::upstream::coap_code;
+
+/// A service the gateway forwards to, chosen by the SNI of a device's
+/// ClientHello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// The server name (SNI) that selects it.
+    pub name: String,
+    /// Its base URL (scheme, authority, optional path prefix).
+    pub upstream: reqwest::Url,
+}
+
+/// Settings of a [`Gateway`].
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Services by SNI (§5.1.5).
+    pub routes: Vec<Route>,
+    /// The service of a device whose ClientHello names none of `routes`
+    /// (or no name at all). Without it such a device gets 4.04.
+    pub default_upstream: Option<reqwest::Url>,
+    /// Content-Format number of ATLS payloads.
+    pub content_format: u16,
+    /// Block size of Block2 answers over UDP and DTLS (16..=1024).
+    pub block_size: usize,
+    /// Largest flight forwarded, either way.
+    pub max_flight: usize,
+    /// Largest OSCORE message forwarded, either way.
+    pub max_message: usize,
+    /// Devices remembered at once.
+    pub max_devices: usize,
+    /// Devices remembered per IP address (IPv6: per /64). Each device of a
+    /// host behind the gateway's devices' own NAT is a port of it.
+    pub max_devices_per_ip: usize,
+    /// Upstream requests in progress at once, over all devices.
+    pub max_upstream_requests: usize,
+    /// Upstream requests in progress at once for one device.
+    pub max_requests_per_device: usize,
+    /// A device that has not completed a handshake is forgotten after this
+    /// long without a message.
+    pub handshake_timeout: Duration,
+    /// An established device is forgotten after this long without a message.
+    pub idle_timeout: Duration,
+    /// How long the service may take to answer (then 5.04).
+    pub upstream_timeout: Duration,
+    /// How long connecting to the service may take (then 5.02).
+    pub upstream_connect_timeout: Duration,
+    /// Extra trust anchors for HTTPS to the services (besides the public
+    /// roots): the transport layer's, separate from ATLS's (the gateway has
+    /// no ATLS trust anchors at all).
+    pub upstream_roots: Vec<Certificate>,
+    /// Do not verify the services' HTTPS certificates.
+    pub upstream_insecure: bool,
+    /// An HTTP forward proxy for every upstream request.
+    pub upstream_proxy: Option<String>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            routes: Vec::new(),
+            default_upstream: None,
+            content_format: atls_coap::CONTENT_FORMAT_ATLS,
+            block_size: 512,
+            max_flight: 64 * 1024,
+            max_message: 64 * 1024,
+            max_devices: 4096,
+            max_devices_per_ip: 1024,
+            max_upstream_requests: 256,
+            max_requests_per_device: 4,
+            handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            upstream_timeout: Duration::from_secs(10),
+            upstream_connect_timeout: Duration::from_secs(5),
+            upstream_roots: Vec::new(),
+            upstream_insecure: false,
+            upstream_proxy: None,
+        }
+    }
+}
+
+/// Why a gateway cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The configuration is not usable.
+    #[error("gateway configuration: {0}")]
+    Config(String),
+}
+
+/// What the gateway holds now.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Devices remembered.
+    pub devices: usize,
+    /// Of which have not completed a handshake.
+    pub half_open: usize,
+    /// Of which have.
+    pub established: usize,
+    /// Upstream requests in progress.
+    pub upstream_in_flight: usize,
+    /// Block1 uploads in progress.
+    pub block1_transfers: usize,
+    /// Bytes of answers held for Block2 follow-ups.
+    pub block2_bytes: usize,
+}
+
+/// Block1 uploads in progress at once over all devices.
+const MAX_BLOCK1_TRANSFERS: usize = atls_coap::block::MAX_BLOCK1_TRANSFERS;
+/// Bytes of answers held for Block2 follow-ups over all devices.
+const MAX_BLOCK2_BYTES: usize = 16 * 1024 * 1024;
+/// A Block2 answer not fetched for this long is dropped.
+const BLOCK2_LIFETIME: Duration = Duration::from_secs(60);
+/// Largest OSCORE answer sent in one datagram (RFC 7252 §4.6).
+const MAX_DATAGRAM_MESSAGE: usize = 1152;
+
+/// The gateway: a [`CoapHandler`] for the transport loops of `atls-coap`
+/// ([`atls_coap::udp::serve`], [`atls_coap::tcp::serve`],
+/// [`atls_coap::dtls::serve`]).
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway")
+            .field("routes", &self.inner.config.routes)
+            .field("default_upstream", &self.inner.config.default_upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: GatewayConfig,
+    pub(crate) bounds: Bounds,
+    pub(crate) tls: rustls::ClientConfig,
+    pub(crate) devices: Mutex<Devices>,
+    echo: EchoGuard,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What becomes of one request.
+pub(crate) enum Step {
+    /// Answered by the gateway itself.
+    Now(Packet),
+    /// Forwarded.
+    Upstream(upstream::Call),
+}
+
+impl Gateway {
+    /// A gateway with `config`.
+    pub fn new(config: GatewayConfig) -> Result<Arc<Self>, GatewayError> {
+        if config.routes.is_empty() && config.default_upstream.is_none() {
+            return Err(GatewayError::Config(
+                "no service: give a route or a default upstream".into(),
+            ));
+        }
+        for url in config
+            .routes
+            .iter()
+            .map(|r| &r.upstream)
+            .chain(config.default_upstream.as_ref())
+        {
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(GatewayError::Config(format!(
+                    "upstream {url} is not an http(s) URL"
+                )));
+            }
+        }
+        if !(16..=1024).contains(&config.block_size) || !config.block_size.is_power_of_two() {
+            return Err(GatewayError::Config(
+                "block size must be a power of two in 16..=1024".into(),
+            ));
+        }
+        let tls = atls_http::client::transport_tls_config(config.upstream_insecure, &config.upstream_roots)
+            .map_err(|e| GatewayError::Config(e.to_string()))?;
+        let bounds = Bounds {
+            max_devices: config.max_devices,
+            max_per_prefix: config.max_devices_per_ip,
+            handshake_timeout: config.handshake_timeout,
+            idle_timeout: config.idle_timeout,
+        };
+        Ok(Arc::new(Self {
+            inner: Arc::new(Inner {
+                config,
+                bounds,
+                tls,
+                devices: Mutex::new(Devices::default()),
+                echo: EchoGuard::new(),
+            }),
+        }))
+    }
+
+    /// The gateway's settings.
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+
+    /// Forget devices whose time is up (also done as messages arrive; a
+    /// server loop calls this once a second so that an idle gateway lets
+    /// go of them too).
+    pub fn sweep(&self, now: Instant) {
+        lock(&self.inner.devices).sweep(now, &self.inner.bounds);
+    }
+
+    /// What the gateway holds, after a [`sweep`](Self::sweep).
+    pub fn stats(&self, now: Instant) -> GatewayStats {
+        let mut devices = lock(&self.inner.devices);
+        devices.sweep(now, &self.inner.bounds);
+        let (half_open, established) = devices.counts();
+        GatewayStats {
+            devices: devices.len(),
+            half_open,
+            established,
+            upstream_in_flight: devices.in_flight,
+            block1_transfers: devices.transfers,
+            block2_bytes: devices.block2_bytes,
+        }
+    }
+}
+
+fn unavailable(request: &Packet, text: &str, max_age: u64) -> Packet {
+    let mut p = diagnostic(request, ResponseType::ServiceUnavailable, text);
+    p.add_option(CoapOption::MaxAge, uint_option(max_age));
+    p
+}
+
+fn no_room(request: &Packet, why: NoRoom) -> Packet {
+    match why {
+        NoRoom::PerAddress => unavailable(request, "too many devices from this address", 10),
+        NoRoom::Full => unavailable(request, "the gateway serves too many devices", 10),
+    }
+}
+
+impl Inner {
+    /// The route a ClientHello's SNI chooses.
+    fn route_for(&self, sni: Option<&str>) -> Option<Option<usize>> {
+        let named = sni.and_then(|name| {
+            self.config
+                .routes
+                .iter()
+                .position(|r| r.name.eq_ignore_ascii_case(name))
+        });
+        match named {
+            Some(i) => Some(Some(i)),
+            None => self.config.default_upstream.as_ref().map(|_| None),
+        }
+    }
+
+    /// The base URL of a route (`None`: the default upstream).
+    pub(crate) fn base(&self, route: Option<usize>) -> Option<&reqwest::Url> {
+        match route {
+            Some(i) => self.config.routes.get(i).map(|r| &r.upstream),
+            None => self.config.default_upstream.as_ref(),
+        }
+    }
+
+    /// The route an OSCORE request names with Proxy-Uri, or with
+    /// Proxy-Scheme and Uri-Host/Uri-Port (RFC 7252 §6.5): one of the
+    /// configured services, never an arbitrary URL (the gateway is not an
+    /// open proxy). `Ok(None)`: the request names no service.
+    fn proxy_target(&self, request: &Packet) -> Result<Option<(Option<usize>, reqwest::Url)>, &'static str> {
+        let first = |o: CoapOption| {
+            request
+                .get_first_option(o)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let named = if let Some(uri) = first(CoapOption::ProxyUri) {
+            reqwest::Url::parse(&uri).map_err(|_| "Proxy-Uri is not a URL")?
+        } else if let Some(scheme) = first(CoapOption::ProxyScheme) {
+            let host = first(CoapOption::UriHost).ok_or("Proxy-Scheme without Uri-Host")?;
+            let port = request
+                .get_first_option(CoapOption::UriPort)
+                .and_then(|v| read_uint(v))
+                .map(|p| format!(":{p}"))
+                .unwrap_or_default();
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            reqwest::Url::parse(&format!("{scheme}://{host}{port}/"))
+                .map_err(|_| "Proxy-Scheme and Uri-Host make no URL")?
+        } else {
+            return Ok(None);
+        };
+        let same_origin = |u: &reqwest::Url| {
+            u.scheme() == named.scheme()
+                && u.host_str().map(str::to_ascii_lowercase) == named.host_str().map(str::to_ascii_lowercase)
+                && u.port_or_known_default() == named.port_or_known_default()
+        };
+        let route = if let Some(i) = self.config.routes.iter().position(|r| same_origin(&r.upstream)) {
+            Some(i)
+        } else if self.config.default_upstream.as_ref().is_some_and(same_origin) {
+            None
+        } else {
+            return Err("not a service of this gateway");
+        };
+        Ok(Some((route, named)))
+    }
+
+    /// Decide what to do with one request from `from`; `whole` is the
+    /// largest flight answer sent without Block2.
+    fn process(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Step {
+        if let Some(option) = atls_coap::message::unknown_critical(request) {
+            return Step::Now(diagnostic(
+                request,
+                ResponseType::BadOption,
+                &format!("unknown critical option {option}"),
+            ));
+        }
+        if is_atls_path(request) {
+            return self.flight(request, from, now, whole);
+        }
+        if request.get_option(CoapOption::Oscore).is_some() {
+            return self.oscore(request, from, now);
+        }
+        tracing::info!(
+            device = %from.addr, transport = ?from.transport, code = %request.header.code,
+            bytes = request.payload.len(),
+            "refused: neither an ATLS flight nor an OSCORE message"
+        );
+        Step::Now(diagnostic(
+            request,
+            ResponseType::Forbidden,
+            "this gateway forwards only ATLS flights and OSCORE messages",
+        ))
+    }
+
+    fn flight(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Step {
+        if request.header.code != MessageClass::Request(RequestType::Post) {
+            return Step::Now(diagnostic(
+                request,
+                ResponseType::MethodNotAllowed,
+                "ATLS flights are POSTed",
+            ));
+        }
+        // A Block2 follow-up: the rest of the last answer.
+        if let Some(value) = request.get_first_option(CoapOption::Block2) {
+            let block2 = match BlockValue::decode(value) {
+                Ok(b) => b,
+                Err(e) => return Step::Now(block_error(request, e)),
+            };
+            if block2.num > 0 {
+                return Step::Now(self.block2_follow_up(request, block2, from, now));
+            }
+        }
+        let format = request
+            .get_first_option(CoapOption::ContentFormat)
+            .and_then(|v| read_uint(v));
+        let multipart = format == Some(CONTENT_FORMAT_MULTIPART_CORE);
+        if format != Some(u64::from(self.config.content_format)) && !multipart {
+            return Step::Now(diagnostic(
+                request,
+                ResponseType::UnsupportedContentFormat,
+                "expected the application/atls Content-Format",
+            ));
+        }
+        let flight = match request.get_first_option(CoapOption::Block1) {
+            None => request.payload.clone(),
+            Some(value) => match self.block1(request, value, from, now) {
+                Ok(Block1Step::Complete(body)) => body,
+                Ok(Block1Step::Continue) => {
+                    let mut p = answer(request, ResponseType::Continue);
+                    p.add_option(CoapOption::Block1, value.clone());
+                    return Step::Now(p);
+                }
+                Err(e) => return Step::Now(block_error(request, e)),
+            },
+        };
+        let flight = if multipart {
+            match atls_coap::multipart::atls_parts(&flight, self.config.content_format) {
+                Ok(parts) => parts,
+                Err(e) => return Step::Now(diagnostic(request, ResponseType::BadRequest, e)),
+            }
+        } else {
+            flight
+        };
+        // §5.1.2: forward only what is recognisably TLS or DTLS records.
+        let Some(framing) = records::detect_framing(&flight) else {
+            return Step::Now(diagnostic(
+                request,
+                ResponseType::BadRequest,
+                "the payload is not TLS records",
+            ));
+        };
+        let hello = match records::split_records(framing, &flight) {
+            Ok(records) => records::first_flight(framing, &records) == FirstFlight::ClientHello,
+            Err(_) => {
+                return Step::Now(diagnostic(
+                    request,
+                    ResponseType::BadRequest,
+                    "the payload is not TLS records",
+                ))
+            }
+        };
+        let sni = if hello {
+            atls_core::inspect::inspect(&flight)
+                .client_hello()
+                .and_then(|ch| ch.server_name.clone())
+        } else {
+            None
+        };
+        let chosen = if hello {
+            match self.route_for(sni.as_deref()) {
+                Some(route) => Some(route),
+                None => {
+                    tracing::info!(device = %from.addr, sni = sni.as_deref().unwrap_or("-"), "refused: no service for this server name");
+                    return Step::Now(diagnostic(
+                        request,
+                        ResponseType::NotFound,
+                        "no service for this server name",
+                    ));
+                }
+            }
+        } else {
+            None
+        };
+        let admitted = lock(&self.devices).with(from, now, &self.bounds, true, |device, totals| {
+            if hello {
+                device.route = chosen.flatten();
+                device.sni = sni.clone();
+                device.exchanges = 0;
+                device.established = false;
+            } else if device.sni.is_none() && device.route.is_none() && self.config.default_upstream.is_none()
+            {
+                return Err("no handshake of this device passed this gateway");
+            }
+            self.admit(device, totals)?;
+            Ok((device.route, device.sni.clone()))
+        });
+        let (route, sni) = match admitted {
+            Ok(Some(Ok(found))) => found,
+            Ok(Some(Err(why))) if why.starts_with("no handshake") => {
+                return Step::Now(diagnostic(request, ResponseType::NotFound, why))
+            }
+            Ok(Some(Err(why))) => return Step::Now(unavailable(request, why, 1)),
+            Ok(None) => return Step::Now(unavailable(request, "device state was dropped", 1)),
+            Err(why) => return Step::Now(no_room(request, why)),
+        };
+        let Some(base) = self.base(route).cloned() else {
+            return Step::Now(diagnostic(
+                request,
+                ResponseType::NotFound,
+                "no service for this device",
+            ));
+        };
+        Step::Upstream(upstream::Call {
+            endpoint: from,
+            request: request.clone(),
+            kind: upstream::Kind::Flight { body: flight, hello },
+            url: upstream::join(&base, atls_http::wire::WELL_KNOWN_PATH),
+            sni,
+            whole,
+        })
+    }
+
+    fn oscore(&self, request: &Packet, from: Endpoint, now: Instant) -> Step {
+        let target = match self.proxy_target(request) {
+            Ok(target) => target,
+            Err(why) => {
+                tracing::info!(device = %from.addr, why, "refused: OSCORE request for another service");
+                return Step::Now(diagnostic(request, ResponseType::ProxyingNotSupported, why));
+            }
+        };
+        if request.payload.len() > self.config.max_message {
+            return Step::Now(diagnostic(
+                request,
+                ResponseType::RequestEntityTooLarge,
+                "the OSCORE message is too large",
+            ));
+        }
+        let admitted = lock(&self.devices).with(from, now, &self.bounds, true, |device, totals| {
+            self.admit(device, totals)?;
+            Ok((device.route, device.sni.clone()))
+        });
+        let (route, sni) = match admitted {
+            Ok(Some(Ok(found))) => found,
+            Ok(Some(Err(why))) => return Step::Now(unavailable(request, why, 1)),
+            Ok(None) => return Step::Now(unavailable(request, "device state was dropped", 1)),
+            Err(why) => return Step::Now(no_room(request, why)),
+        };
+        let url = match target {
+            Some((_, url)) => url,
+            None => match self.base(route) {
+                Some(base) => upstream::join(base, "/"),
+                None => {
+                    return Step::Now(diagnostic(
+                        request,
+                        ResponseType::NotFound,
+                        "no service for this device",
+                    ))
+                }
+            },
+        };
+        Step::Upstream(upstream::Call {
+            endpoint: from,
+            request: request.clone(),
+            kind: upstream::Kind::Oscore,
+            url,
+            sni,
+            whole: MAX_DATAGRAM_MESSAGE,
+        })
+    }
+
+    /// Count one more upstream request of `device`, within the bounds.
+    fn admit(&self, device: &mut devices::Device, totals: devices::Totals) -> Result<(), &'static str> {
+        if device.in_flight >= self.config.max_requests_per_device.max(1) {
+            return Err("too many requests of this device in progress");
+        }
+        if totals.in_flight >= self.config.max_upstream_requests.max(1) {
+            return Err("too many upstream requests in progress");
+        }
+        device.in_flight = device.in_flight.saturating_add(1);
+        Ok(())
+    }
+
+    fn block1(
+        &self,
+        request: &Packet,
+        value: &[u8],
+        from: Endpoint,
+        now: Instant,
+    ) -> Result<Block1Step, BlockError> {
+        let block = BlockValue::decode(value)?;
+        let size1 = request
+            .get_first_option(CoapOption::Size1)
+            .and_then(|v| read_uint(v))
+            .map(|s| usize::try_from(s).unwrap_or(usize::MAX));
+        let max = self.config.max_flight;
+        lock(&self.devices)
+            .with(from, now, &self.bounds, true, |device, totals| {
+                block1_step(
+                    &mut device.block1,
+                    totals.transfers.min(MAX_BLOCK1_TRANSFERS),
+                    block,
+                    &request.payload,
+                    size1,
+                    max,
+                    now,
+                )
+            })
+            .ok()
+            .flatten()
+            .unwrap_or(Err(BlockError::Busy))
+    }
+
+    fn block2_follow_up(&self, request: &Packet, block2: BlockValue, from: Endpoint, now: Instant) -> Packet {
+        let szx = block2.szx.min(BlockValue::szx_for(self.config.block_size));
+        let format = self.config.content_format;
+        let answer = lock(&self.devices).with(from, now, &self.bounds, false, |device, _| {
+            let kept = device.block2.as_ref()?;
+            if now.saturating_duration_since(kept.at) > BLOCK2_LIFETIME {
+                device.block2 = None;
+                return None;
+            }
+            let p = block2_packet(request, &kept.body, kept.tag, block2.num, szx, format);
+            if block2_slice(&kept.body, block2.num, szx).is_some_and(|(_, v)| !v.more) {
+                device.block2 = None;
+            } else if let Some(kept) = device.block2.as_mut() {
+                kept.at = now;
+            }
+            p
+        });
+        match answer {
+            Ok(Some(Some(p))) => p,
+            _ => block_error(request, BlockError::Incomplete),
+        }
+    }
+}
+
+/// Block `num` of `body` as a 2.04 answer with the ATLS Content-Format, the
+/// body's ETag and, on the first, its size.
+pub(crate) fn block2_packet(
+    request: &Packet,
+    body: &[u8],
+    tag: [u8; 8],
+    num: u32,
+    szx: u8,
+    format: u16,
+) -> Option<Packet> {
+    let (slice, value) = block2_slice(body, num, szx)?;
+    let mut p = answer(request, ResponseType::Changed);
+    p.add_option(CoapOption::ContentFormat, uint_option(u64::from(format)));
+    p.add_option(CoapOption::Block2, value.encode());
+    p.add_option(CoapOption::ETag, tag.to_vec());
+    if num == 0 {
+        p.add_option(CoapOption::Size2, uint_option(body.len() as u64));
+    }
+    p.payload = slice.to_vec();
+    Some(p)
+}
+
+impl CoapHandler for Gateway {
+    fn datagram(
+        &self,
+        message: &[u8],
+        from: SocketAddr,
+        transport: Transport,
+        now: Instant,
+    ) -> Answer<Vec<u8>> {
+        let request = match parse_request(message) {
+            None => return Answer::Now(None),
+            Some(Err(pong)) => return Answer::Now(Some(pong)),
+            Some(Ok(request)) => request,
+        };
+        let inner = &self.inner;
+        let endpoint = Endpoint {
+            addr: from,
+            transport,
+        };
+        // Address validation of plain UDP (over DTLS the handshake did it):
+        // nothing is kept for, and nothing is forwarded for, an address
+        // that has not shown it receives what is sent to it.
+        if transport == Transport::Udp && !lock(&inner.devices).contains(&endpoint) {
+            if let Err(challenge) = inner.echo.check(&request, message.len(), from, now) {
+                return Answer::Now(challenge);
+            }
+        }
+        let mid = request.header.message_id;
+        let seen = lock(&inner.devices).with(endpoint, now, &inner.bounds, true, |device, _| {
+            devices::dedup(device, mid, now)
+        });
+        match seen {
+            Err(why) => return Answer::Now(no_room(&request, why).to_bytes().ok()),
+            Ok(Some(Err(cached))) => return Answer::Now(cached),
+            Ok(None) => return Answer::Now(None),
+            Ok(Some(Ok(()))) => {}
+        }
+        match inner.process(&request, endpoint, now, inner.config.block_size) {
+            Step::Now(p) => {
+                let bytes = p.to_bytes().ok();
+                let _ =
+                    lock(&inner.devices).with(
+                        endpoint,
+                        now,
+                        &inner.bounds,
+                        false,
+                        |device, _| match &bytes {
+                            Some(b) => devices::remember(device, mid, b),
+                            None => devices::forget(device, mid),
+                        },
+                    );
+                Answer::Now(bytes)
+            }
+            Step::Upstream(call) => {
+                let inner = self.inner.clone();
+                Answer::Later(Box::pin(async move {
+                    let p = inner.run(call).await;
+                    let bytes = p.to_bytes_unlimited().ok();
+                    let _ = lock(&inner.devices).with(
+                        endpoint,
+                        Instant::now(),
+                        &inner.bounds,
+                        false,
+                        |device, _| match &bytes {
+                            Some(b) => devices::remember(device, mid, b),
+                            None => devices::forget(device, mid),
+                        },
+                    );
+                    bytes
+                }))
+            }
+        }
+    }
+
+    fn reliable(&self, request: &Packet, from: SocketAddr, now: Instant) -> Answer<Packet> {
+        if !matches!(request.header.code, MessageClass::Request(_)) {
+            return Answer::Now(None);
+        }
+        let endpoint = Endpoint {
+            addr: from,
+            transport: Transport::Tcp,
+        };
+        match self
+            .inner
+            .process(request, endpoint, now, atls_coap::tcp::MAX_MESSAGE_SIZE)
+        {
+            Step::Now(p) => Answer::Now(Some(p)),
+            Step::Upstream(call) => {
+                let inner = self.inner.clone();
+                Answer::Later(Box::pin(async move { Some(inner.run(call).await) }))
+            }
+        }
+    }
+
+    fn reset_exchanges(&self, addr: SocketAddr, transport: Transport) {
+        // A new DTLS session scopes message IDs afresh (RFC 7252 §9.1); the
+        // device's cookies and route stay (its ATLS session may outlive the
+        // transport's).
+        let endpoint = Endpoint { addr, transport };
+        let _ = lock(&self.inner.devices).with(
+            endpoint,
+            Instant::now(),
+            &self.inner.bounds,
+            false,
+            |device, _| {
+                device.recent.clear();
+                device.block1 = None;
+                device.block2 = None;
+            },
+        );
+    }
+}

@@ -1,0 +1,603 @@
+//! `atls-gateway` on loopback between real CoAP devices and real HTTP ATLS
+//! terminators: every device transport × every ATLS layer, SNI routing,
+//! refusal of what is not ATLS, upstream faults, and bounded device state.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atls_coap::{
+    inner_request, AtlsCoapClient, CoapClientError, CoapClientOptions, CoapMode, DtlsServerConfig,
+};
+use atls_core::{ClientConfig, ClientEndpoint, ClientSessionParams, Psk, ServerConfig, TlsVersion};
+use atls_gateway::{Gateway, GatewayConfig, Route};
+use atls_http::{app, AtlsLayer, AtlsServer, ServerOptions};
+use atls_tests::{client_config, engines, server_config, SERVER_NAME};
+use axum::ServiceExt;
+use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use tower::Layer;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wire {
+    Udp,
+    Tcp,
+    Dtls,
+}
+
+const HOP_PSK_ID: &str = "device-hop";
+
+fn hop_psk() -> Psk {
+    Psk::new(HOP_PSK_ID, b"0123456789abcdef0123456789abcdef".to_vec()).expect("psk")
+}
+
+/// An HTTP ATLS terminator (TLS on `engine`, DTLS on OpenSSL) with the
+/// built-in app, counting the outer requests it gets.
+struct Terminator {
+    url: String,
+    server: Arc<AtlsServer>,
+    hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Terminator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn terminator(engine: &dyn atls_core::Engine, version: TlsVersion) -> Terminator {
+    let tls = engine.server(&server_config(version)).expect("tls endpoint");
+    let dtls = engines()[0]
+        .server(&server_config(TlsVersion::Dtls12))
+        .expect("dtls endpoint");
+    let server = AtlsServer::with_dtls(tls, dtls, ServerOptions::default()).expect("server");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let service = tower::ServiceBuilder::new()
+        .map_request(move |r: http::Request<axum::body::Body>| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            r
+        })
+        .service(AtlsLayer::new(server.clone()).layer(app::builtin()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            service.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+    Terminator {
+        url: format!("http://{addr}"),
+        server,
+        hits,
+        task,
+    }
+}
+
+/// A gateway on UDP, TCP and DTLS (PSK hop).
+struct Rig {
+    udp: SocketAddr,
+    tcp: SocketAddr,
+    coaps: SocketAddr,
+    gateway: Arc<Gateway>,
+    tasks: Vec<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+async fn gateway(config: GatewayConfig) -> Rig {
+    let gateway = Gateway::new(config).expect("gateway");
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let coaps = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let (udp_addr, tcp_addr, coaps_addr) = (
+        udp.local_addr().expect("addr"),
+        tcp.local_addr().expect("addr"),
+        coaps.local_addr().expect("addr"),
+    );
+    let mut hop = ServerConfig {
+        common: atls_tests::common(TlsVersion::Dtls12),
+        psks: vec![hop_psk()],
+        ..ServerConfig::default()
+    };
+    hop.common.dtls.cookie_exchange = true;
+    let transport = engines()[0].server(&hop).expect("hop");
+    let tasks = vec![
+        tokio::spawn(atls_coap::udp::serve(udp, gateway.clone())),
+        tokio::spawn(atls_coap::tcp::serve(tcp, gateway.clone())),
+        tokio::spawn(atls_coap::dtls::serve(
+            coaps,
+            transport,
+            gateway.clone(),
+            DtlsServerConfig::default(),
+        )),
+    ];
+    Rig {
+        udp: udp_addr,
+        tcp: tcp_addr,
+        coaps: coaps_addr,
+        gateway,
+        tasks,
+    }
+}
+
+fn to(url: &str) -> reqwest::Url {
+    reqwest::Url::parse(url).expect("url")
+}
+
+fn options(server_name: &str) -> CoapClientOptions {
+    CoapClientOptions {
+        block_size: 256,
+        mode: CoapMode::Oscore,
+        server_name: Some(server_name.into()),
+        transmission: atls_coap::udp::Transmission {
+            ack_timeout: Duration::from_millis(200),
+            ack_random_factor: 1.5,
+            max_retransmit: 4,
+            separate_timeout: Duration::from_secs(5),
+        },
+        ..CoapClientOptions::default()
+    }
+}
+
+fn atls_client(layer: TlsVersion) -> Arc<dyn ClientEndpoint> {
+    engines()[0]
+        .client(&client_config(layer))
+        .expect("client endpoint")
+}
+
+async fn device(wire: Wire, rig: &Rig, layer: TlsVersion, server_name: &str) -> AtlsCoapClient {
+    let endpoint = atls_client(layer);
+    let options = options(server_name);
+    match wire {
+        Wire::Udp => AtlsCoapClient::new(rig.udp, endpoint, options).await,
+        Wire::Tcp => AtlsCoapClient::new_tcp(rig.tcp, endpoint, options).await,
+        Wire::Dtls => {
+            let hop = engines()[0]
+                .client(&ClientConfig {
+                    common: atls_tests::common(TlsVersion::Dtls12),
+                    psk: Some(hop_psk()),
+                    ..ClientConfig::default()
+                })
+                .expect("hop client");
+            AtlsCoapClient::new_dtls(rig.coaps, hop, endpoint, options).await
+        }
+    }
+    .expect("device")
+}
+
+fn code(p: &Packet) -> MessageClass {
+    p.header.code
+}
+
+async fn session_json(client: &AtlsCoapClient) -> serde_json::Value {
+    let session = client
+        .request(&inner_request(RequestType::Get, "/session", b""))
+        .await
+        .expect("GET /session");
+    serde_json::from_slice(&session.payload).expect("json")
+}
+
+/// The device's ATLS session runs end to end with the HTTP terminator
+/// through the gateway, on every device transport and every ATLS layer
+/// (DTLS 1.2 included: layered TLS over an unreliable link), with flights
+/// blockwise both ways and OSCORE requests blockwise inside OSCORE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_device_transport_and_atls_layer_reaches_the_http_service() {
+    for engine in engines() {
+        let service = terminator(engine, TlsVersion::Tls13).await;
+        let service12 = terminator(engine, TlsVersion::Tls12).await;
+        let rig = gateway(GatewayConfig {
+            // TLS 1.2 devices name "localhost" (the certificate names it
+            // too) and reach the TLS 1.2 service by that SNI.
+            routes: vec![Route {
+                name: "localhost".into(),
+                upstream: to(&service12.url),
+            }],
+            default_upstream: Some(to(&service.url)),
+            block_size: 256,
+            ..GatewayConfig::default()
+        })
+        .await;
+        for layer in [TlsVersion::Tls13, TlsVersion::Tls12, TlsVersion::Dtls12] {
+            for wire in [Wire::Udp, Wire::Tcp, Wire::Dtls] {
+                let label = format!("{} service, {layer:?} over {wire:?}", engine.name());
+                let name = if layer == TlsVersion::Tls12 {
+                    "localhost"
+                } else {
+                    SERVER_NAME
+                };
+                let client = device(wire, &rig, layer, name).await;
+                let hello = client
+                    .request(&inner_request(RequestType::Get, "/hello", b""))
+                    .await
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                assert_eq!(
+                    code(&hello),
+                    MessageClass::Response(ResponseType::Content),
+                    "{label}"
+                );
+                assert_eq!(hello.payload, b"hello", "{label}");
+                // Larger than a block: inner Block1 up, inner Block2 down.
+                let body: Vec<u8> = (0..1500u32).map(|i| (i * 13) as u8).collect();
+                let echo = client
+                    .request(&inner_request(RequestType::Post, "/echo", &body))
+                    .await
+                    .unwrap_or_else(|e| panic!("{label}: {e}"));
+                assert_eq!(echo.payload, body, "{label}");
+                let json = session_json(&client).await;
+                assert_eq!(json["tls_version"], layer.name(), "{label}: {json}");
+                assert_eq!(json["mode"], "oscore", "{label}: {json}");
+            }
+        }
+        let stats = rig.gateway.stats(Instant::now());
+        assert_eq!(stats.established, 9, "{stats:?}");
+        assert_eq!(stats.upstream_in_flight, 0, "{stats:?}");
+        assert_eq!(
+            service.server.stats().established,
+            6,
+            "{:?}",
+            service.server.stats()
+        );
+        assert_eq!(
+            service12.server.stats().established,
+            3,
+            "{:?}",
+            service12.server.stats()
+        );
+    }
+}
+
+/// §5.1.5: the SNI of a device's ClientHello chooses its service; a name
+/// no route serves, without a default, is 4.04 and reaches no service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_hello_sni_chooses_the_service() {
+    let a = terminator(engines()[0], TlsVersion::Tls13).await;
+    let b = terminator(engines()[1], TlsVersion::Tls13).await;
+    let rig = gateway(GatewayConfig {
+        routes: vec![
+            Route {
+                name: SERVER_NAME.into(),
+                upstream: to(&a.url),
+            },
+            Route {
+                name: "localhost".into(),
+                upstream: to(&b.url),
+            },
+        ],
+        ..GatewayConfig::default()
+    })
+    .await;
+    for wire in [Wire::Udp, Wire::Tcp, Wire::Dtls] {
+        let to_a = device(wire, &rig, TlsVersion::Tls13, SERVER_NAME).await;
+        assert_eq!(session_json(&to_a).await["tls_version"], "TLSv1.3");
+        let to_b = device(wire, &rig, TlsVersion::Tls13, "localhost").await;
+        assert_eq!(session_json(&to_b).await["tls_version"], "TLSv1.3");
+    }
+    assert_eq!(a.server.stats().established, 3, "{:?}", a.server.stats());
+    assert_eq!(b.server.stats().established, 3, "{:?}", b.server.stats());
+    let before = a.hits.load(Ordering::Relaxed) + b.hits.load(Ordering::Relaxed);
+    let stranger = device(Wire::Udp, &rig, TlsVersion::Tls13, "nobody.test").await;
+    match stranger
+        .request(&inner_request(RequestType::Get, "/hello", b""))
+        .await
+    {
+        Err(CoapClientError::Refused { code, .. }) => assert_eq!(code, "4.04"),
+        other => panic!("unroutable SNI: {other:?}"),
+    }
+    let after = a.hits.load(Ordering::Relaxed) + b.hits.load(Ordering::Relaxed);
+    assert_eq!(before, after, "nothing reached a service");
+}
+
+/// A raw CoAP peer of the gateway over UDP (it answers the Echo challenge
+/// once, as a real device does).
+struct Raw {
+    socket: tokio::net::UdpSocket,
+    to: SocketAddr,
+    mid: u16,
+    echo: Option<Vec<u8>>,
+}
+
+impl Raw {
+    async fn new(to: SocketAddr) -> Self {
+        Self {
+            socket: tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"),
+            to,
+            mid: 1,
+            echo: None,
+        }
+    }
+
+    async fn send(&mut self, mut p: Packet) -> Option<Packet> {
+        for _ in 0..2 {
+            self.mid = self.mid.wrapping_add(1);
+            p.header.message_id = self.mid;
+            p.header.set_type(MessageType::Confirmable);
+            p.set_token(vec![1, 2, 3, 4]);
+            if let Some(echo) = &self.echo {
+                p.clear_option(CoapOption::Unknown(252));
+                p.add_option(CoapOption::Unknown(252), echo.clone());
+            }
+            self.socket
+                .send_to(&p.to_bytes_unlimited().expect("encode"), self.to)
+                .await
+                .expect("send");
+            let mut buf = vec![0u8; 70_000];
+            let got = tokio::time::timeout(Duration::from_secs(15), self.socket.recv_from(&mut buf)).await;
+            let Ok(Ok((n, _))) = got else { return None };
+            let answer = Packet::from_bytes(&buf[..n]).expect("answer parses");
+            if let Some(echo) = answer.get_first_option(CoapOption::Unknown(252)) {
+                if self.echo.is_none() {
+                    self.echo = Some(echo.clone());
+                    continue;
+                }
+            }
+            return Some(answer);
+        }
+        None
+    }
+}
+
+fn request(method: RequestType, path: &str) -> Packet {
+    let mut p = Packet::new();
+    p.header.code = MessageClass::Request(method);
+    for seg in path.split('/').filter(|s| !s.is_empty()) {
+        p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());
+    }
+    p
+}
+
+fn flight(payload: Vec<u8>, format: u16) -> Packet {
+    let mut p = request(RequestType::Post, "/.well-known/atls");
+    p.add_option(
+        CoapOption::ContentFormat,
+        atls_coap::server::uint_option(u64::from(format)),
+    );
+    p.payload = payload;
+    p
+}
+
+/// A real first flight (ClientHello) naming `sni`.
+fn client_hello(sni: &str) -> Vec<u8> {
+    let mut session = atls_core::Session::client(
+        atls_client(TlsVersion::Tls13).as_ref(),
+        &ClientSessionParams {
+            server_name: Some(sni.into()),
+            ..ClientSessionParams::default()
+        },
+    )
+    .expect("session");
+    session
+        .take_flight(Instant::now())
+        .expect("flight")
+        .expect("a ClientHello")
+}
+
+fn code_of(p: &Option<Packet>) -> String {
+    match p.as_ref().map(|p| p.header.code) {
+        Some(MessageClass::Response(r)) => format!("{:?}", r),
+        other => format!("{other:?}"),
+    }
+}
+
+/// §5.1.2: what is not recognisably an ATLS flight or an OSCORE message is
+/// refused with a CoAP error and never reaches a service; nor do OSCORE
+/// messages for a service the gateway was not given (no open proxy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_not_atls_or_oscore_is_refused_and_reaches_no_service() {
+    let service = terminator(engines()[0], TlsVersion::Tls13).await;
+    let rig = gateway(GatewayConfig {
+        default_upstream: Some(to(&service.url)),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let mut raw = Raw::new(rig.udp).await;
+    let cf = atls_coap::CONTENT_FORMAT_ATLS;
+    let plain_get = raw.send(request(RequestType::Get, "/hello")).await;
+    assert_eq!(code_of(&plain_get), "Forbidden");
+    let not_records = raw.send(flight(b"GET / HTTP/1.1\r\n\r\n".to_vec(), cf)).await;
+    assert_eq!(code_of(&not_records), "BadRequest");
+    let wrong_format = raw.send(flight(client_hello(SERVER_NAME), 0)).await;
+    assert_eq!(code_of(&wrong_format), "UnsupportedContentFormat");
+    let wrong_method = {
+        let mut p = flight(client_hello(SERVER_NAME), cf);
+        p.header.code = MessageClass::Request(RequestType::Put);
+        raw.send(p).await
+    };
+    assert_eq!(code_of(&wrong_method), "MethodNotAllowed");
+    let mut elsewhere = request(RequestType::Post, "/");
+    elsewhere.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0x00]);
+    elsewhere.add_option(CoapOption::ProxyUri, b"http://example.invalid/".to_vec());
+    elsewhere.payload = vec![0; 16];
+    assert_eq!(code_of(&raw.send(elsewhere).await), "ProxyingNotSupported");
+    let mut critical = request(RequestType::Post, "/");
+    critical.add_option(CoapOption::Unknown(65001), vec![1]);
+    assert_eq!(code_of(&raw.send(critical).await), "BadOption");
+    assert_eq!(
+        service.hits.load(Ordering::Relaxed),
+        0,
+        "nothing reached the service"
+    );
+    // Proxy-Uri naming the configured service is forwarded (the service
+    // then says it has no such OSCORE context: 4.01).
+    let mut named = request(RequestType::Post, "/");
+    named.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0x00]);
+    named.add_option(CoapOption::ProxyUri, format!("{}/", service.url).into_bytes());
+    named.payload = vec![0; 16];
+    let answer = raw.send(named).await;
+    assert_eq!(code_of(&answer), "Unauthorized", "{answer:?}");
+    assert_eq!(service.hits.load(Ordering::Relaxed), 1);
+    // A well-formed flight is forwarded: a ServerHello comes back.
+    let hello = raw
+        .send(flight(client_hello(SERVER_NAME), cf))
+        .await
+        .expect("answer");
+    assert_eq!(hello.header.code, MessageClass::Response(ResponseType::Changed));
+    assert_eq!(service.server.stats().half_open, 1);
+}
+
+/// A TCP "service" that accepts and answers with `reply` (or never, when
+/// `None`).
+async fn fake_service(reply: Option<&'static [u8]>) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 65536];
+            let _ = stream.read(&mut buf).await;
+            match reply {
+                Some(bytes) => {
+                    let _ = stream.write_all(bytes).await;
+                    let _ = stream.shutdown().await;
+                }
+                None => held.push(stream),
+            }
+        }
+    });
+    (format!("http://{addr}"), task)
+}
+
+/// Upstream faults become CoAP errors — down or garbage 5.02, too slow
+/// 5.04 — while the gateway goes on serving another device.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_faults_are_coap_errors_and_other_devices_carry_on() {
+    let good = terminator(engines()[0], TlsVersion::Tls13).await;
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        format!("http://{addr}")
+    };
+    let (slow, _slow_task) = fake_service(None).await;
+    let (html, _html_task) = fake_service(Some(
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 6\r\n\r\n<html>",
+    ))
+    .await;
+    let (junk, _junk_task) = fake_service(Some(b"\x00\x01garbage that is not HTTP\r\n\r\n")).await;
+    let rig = gateway(GatewayConfig {
+        routes: vec![
+            Route {
+                name: "down.test".into(),
+                upstream: to(&down),
+            },
+            Route {
+                name: "slow.test".into(),
+                upstream: to(&slow),
+            },
+            Route {
+                name: "html.test".into(),
+                upstream: to(&html),
+            },
+            Route {
+                name: "junk.test".into(),
+                upstream: to(&junk),
+            },
+        ],
+        default_upstream: Some(to(&good.url)),
+        upstream_timeout: Duration::from_millis(800),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let established = device(Wire::Udp, &rig, TlsVersion::Tls13, SERVER_NAME).await;
+    assert_eq!(session_json(&established).await["mode"], "oscore");
+    let cf = atls_coap::CONTENT_FORMAT_ATLS;
+    for (sni, expected) in [
+        ("down.test", "BadGateway"),
+        ("slow.test", "GatewayTimeout"),
+        ("html.test", "BadGateway"),
+        ("junk.test", "BadGateway"),
+    ] {
+        let mut raw = Raw::new(rig.udp).await;
+        let answer = raw.send(flight(client_hello(sni), cf)).await;
+        assert_eq!(code_of(&answer), expected, "{sni}: {answer:?}");
+        // The established device is served meanwhile.
+        let hello = established
+            .request(&inner_request(RequestType::Get, "/hello", b""))
+            .await
+            .unwrap_or_else(|e| panic!("after {sni}: {e}"));
+        assert_eq!(hello.payload, b"hello");
+    }
+    // The project's own client names the failure with the CoAP code.
+    let unlucky = device(Wire::Tcp, &rig, TlsVersion::Tls13, "down.test").await;
+    match unlucky
+        .request(&inner_request(RequestType::Get, "/hello", b""))
+        .await
+    {
+        Err(CoapClientError::Refused { code, .. }) => assert_eq!(code, "5.02"),
+        other => panic!("upstream down: {other:?}"),
+    }
+    let stats = rig.gateway.stats(Instant::now());
+    assert_eq!(stats.upstream_in_flight, 0, "{stats:?}");
+}
+
+/// A device that vanishes mid-handshake is forgotten after the handshake
+/// timeout; an established one is kept; the table is bounded overall and
+/// per address, and newcomers never push out established devices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_state_is_bounded_and_expires() {
+    let service = terminator(engines()[0], TlsVersion::Tls13).await;
+    let rig = gateway(GatewayConfig {
+        default_upstream: Some(to(&service.url)),
+        handshake_timeout: Duration::from_millis(600),
+        max_devices: 6,
+        max_devices_per_ip: 1000,
+        ..GatewayConfig::default()
+    })
+    .await;
+    let cf = atls_coap::CONTENT_FORMAT_ATLS;
+    let established = device(Wire::Udp, &rig, TlsVersion::Tls13, SERVER_NAME).await;
+    assert_eq!(session_json(&established).await["mode"], "oscore");
+    // Twenty strangers each send a ClientHello and vanish.
+    let mut strangers = Vec::new();
+    for _ in 0..20 {
+        let mut raw = Raw::new(rig.udp).await;
+        let answer = raw.send(flight(client_hello(SERVER_NAME), cf)).await;
+        assert!(answer.is_some());
+        strangers.push(raw);
+        let stats = rig.gateway.stats(Instant::now());
+        assert!(stats.devices <= 6, "{stats:?}");
+        assert_eq!(stats.established, 1, "{stats:?}");
+    }
+    let hello = established
+        .request(&inner_request(RequestType::Get, "/hello", b""))
+        .await
+        .expect("the established device survives the flood");
+    assert_eq!(hello.payload, b"hello");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let stats = rig.gateway.stats(Instant::now());
+    assert_eq!(stats.half_open, 0, "vanished devices are forgotten: {stats:?}");
+    assert_eq!(stats.devices, 1, "{stats:?}");
+    assert_eq!((stats.block1_transfers, stats.block2_bytes), (0, 0), "{stats:?}");
+
+    // Per address: beyond the cap, 5.03 with Max-Age.
+    let capped = gateway(GatewayConfig {
+        default_upstream: Some(to(&service.url)),
+        max_devices_per_ip: 2,
+        ..GatewayConfig::default()
+    })
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let mut raw = Raw::new(capped.udp).await;
+        let answer = raw.send(flight(client_hello(SERVER_NAME), cf)).await;
+        if let Some(a) = &answer {
+            if code_of(&answer) == "ServiceUnavailable" {
+                assert!(a.get_first_option(CoapOption::MaxAge).is_some());
+            }
+        }
+        codes.push(code_of(&answer));
+    }
+    assert_eq!(codes, ["Changed", "Changed", "ServiceUnavailable"]);
+}
