@@ -29,9 +29,9 @@ pub(crate) struct GatewayArgs {
     #[arg(long, value_name = "ADDR")]
     pub(crate) coap_tcp: Option<SocketAddr>,
     /// CoAP over DTLS listener (coaps://): the transport layer towards
-    /// devices, with --coaps-psk keys and/or the --coaps-cert certificate
-    /// (default: a development certificate in --state-dir; devices may
-    /// ignore its validation errors, §5.3).
+    /// devices, with the --coaps-cert certificate (default: a development
+    /// certificate in --state-dir/gateway, its CA beside it; devices may
+    /// ignore its validation errors, §5.3) and any --coaps-psk keys.
     #[arg(long, value_name = "ADDR")]
     pub(crate) coaps: Option<SocketAddr>,
     /// PSK of the coaps:// hop (repeatable): IDENTITY:HEXKEY.
@@ -191,9 +191,9 @@ pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
     }
     let mut coaps = None;
     if let Some(addr) = args.coaps {
+        // A certificate always (devices that have no PSK), PSKs beside it.
         let identity = match (&args.coaps_cert, &args.coaps_key) {
             (Some(cert), Some(key)) => Some(common::certified_key(cert, key)?),
-            _ if !args.coaps_psk.is_empty() => None,
             _ => {
                 let dir = args.state_dir.clone().unwrap_or_else(common::default_state_dir);
                 Some(crate::serve::dev_pki(&dir.join("gateway"))?.identity)

@@ -118,14 +118,7 @@ fn failures_name_their_layer_in_message_and_exit_code() {
 
 #[test]
 fn pyopenssl_memory_bio_client_interoperates() {
-    let ok = Command::new("python3")
-        .args(["-c", "import OpenSSL, aiocoap.oscore"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "python3 with pyOpenSSL and aiocoap[oscore] is required: run scripts/setup.sh"
-    );
+    require_python_interop();
     for engine in ["openssl", "rustls"] {
         let server = serve(&["--engine", engine]);
         for version in ["1.2", "1.3"] {

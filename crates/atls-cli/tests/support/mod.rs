@@ -250,3 +250,75 @@ pub fn tinyproxy(dir: &Path, port: u16) -> (Process, PathBuf) {
     wait_for_port(port, "tinyproxy");
     (process, log)
 }
+
+/// `atls gateway`, with its bound listeners and its log (stderr).
+pub struct Gateway {
+    pub process: Process,
+    pub coap: Option<String>,
+    pub coap_tcp: Option<String>,
+    pub coaps: Option<String>,
+    pub log: PathBuf,
+    pub state: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// What the gateway logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+pub fn gateway(extra: &[&str]) -> Gateway {
+    let state = tempfile::tempdir().expect("state dir");
+    let log = state.path().join("gateway.log");
+    let mut child = Command::new(ATLS)
+        .args(["gateway", "--state-dir"])
+        .arg(state.path())
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("atls gateway");
+    let stdout = child.stdout.take().expect("stdout");
+    let process = Process(child);
+    let (mut coap, mut coap_tcp, mut coaps) = (None, None, None);
+    let wants = |flag: &str| extra.contains(&flag);
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        if let Some(rest) = line.strip_prefix("ATLS gateway on ") {
+            let url = rest.split_whitespace().next().map(str::to_owned);
+            match url.as_deref() {
+                Some(u) if u.starts_with("coap://") => coap = url,
+                Some(u) if u.starts_with("coap+tcp://") => coap_tcp = url,
+                Some(u) if u.starts_with("coaps://") => coaps = url,
+                _ => {}
+            }
+        }
+        if (coap.is_some() || !wants("--coap"))
+            && (coap_tcp.is_some() || !wants("--coap-tcp"))
+            && (coaps.is_some() || !wants("--coaps"))
+        {
+            break;
+        }
+    }
+    Gateway {
+        process,
+        coap,
+        coap_tcp,
+        coaps,
+        log,
+        state,
+    }
+}
+
+/// pyOpenSSL and aiocoap with OSCORE, as `scripts/setup.sh` installs them.
+pub fn require_python_interop() {
+    let ok = Command::new("python3")
+        .args(["-c", "import OpenSSL, aiocoap.oscore"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 with pyOpenSSL and aiocoap[oscore] is required: run scripts/setup.sh"
+    );
+}
