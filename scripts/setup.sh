@@ -19,6 +19,8 @@ python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 # tinyproxy as a forward proxy.
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || need+=(tinyproxy)
+# mitmproxy intercepting transport TLS with its own CA (the deployment demos).
+command -v mitmdump >/dev/null 2>&1 || need+=(mitmproxy)
 # libcoap's coap-client, an independent CoAP peer of the CoAP tests.
 [ -x /usr/bin/coap-client-notls ] || need+=(libcoap3-bin)
 

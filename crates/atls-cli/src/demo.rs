@@ -19,12 +19,24 @@ use atls_rustls::RustlsEngine;
 /// Arguments of `atls demo`.
 #[derive(Debug, Default, clap::Args)]
 pub(crate) struct DemoArgs {
+    /// One of the draft's deployments alone (all of them, after every other
+    /// scenario, without one).
+    #[command(subcommand)]
+    deployment: Option<crate::demo_deploy::Deployment>,
     /// Only scenarios whose client or server runs this engine (openssl, rustls).
-    #[arg(long)]
+    #[arg(long, global = true)]
     engine: Option<String>,
-    /// Only the in-memory handshakes, no HTTP servers on loopback.
+    /// Only the in-memory handshakes, no servers on loopback.
     #[arg(long)]
     memory_only: bool,
+    /// Deployments through real third-party middleboxes started on
+    /// loopback (nginx, mitmproxy, tinyproxy) instead of the demo's own.
+    #[arg(long, global = true)]
+    third_party: bool,
+    /// Keep the deployments' working directory (configurations, logs,
+    /// mitmproxy's record of what it intercepted) in DIR.
+    #[arg(long, global = true, value_name = "DIR")]
+    keep: Option<std::path::PathBuf>,
 }
 
 const SERVER_NAME: &str = "service.atls.example";
@@ -248,6 +260,18 @@ fn run_scenario(ca: &DevCa, s: &Scenario) -> anyhow::Result<bool> {
 }
 
 pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    let deploy = crate::demo_deploy::DeployOptions {
+        third_party: args.third_party,
+        keep: args.keep.clone(),
+    };
+    if let Some(deployment) = args.deployment {
+        let (ran, failures) = crate::demo_deploy::run(&[deployment], &deploy)?;
+        println!("{ran} scenarios, {} succeeded, {failures} failed", ran - failures);
+        if failures > 0 {
+            bail!("{failures} scenario(s) failed");
+        }
+        return Ok(());
+    }
     let ca = DevCa::new("atls demo CA")?;
     println!("ATLS demo: TLS flights as opaque payloads, then keys exported for OSCORE and COSE.");
     println!("Each flight below is one HTTP body or CoAP payload (draft §7, §8).\n");
@@ -276,6 +300,10 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let (coap_ran, coap_failed) = crate::demo_coap::run(args.engine.as_deref())?;
         ran += coap_ran;
         failures += coap_failed;
+        let (deploy_ran, deploy_failed) =
+            crate::demo_deploy::run(&crate::demo_deploy::Deployment::ALL, &deploy)?;
+        ran += deploy_ran;
+        failures += deploy_failed;
     }
     if ran == 0 {
         bail!("no scenario matches the engine filter");

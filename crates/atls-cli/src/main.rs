@@ -7,9 +7,11 @@ use clap::{Parser, Subcommand};
 mod common;
 mod demo;
 mod demo_coap;
+mod demo_deploy;
 mod demo_http;
 mod gateway;
 mod inspect;
+mod middlebox;
 mod request;
 mod serve;
 
@@ -31,14 +33,14 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Terminate ATLS over HTTP in front of the built-in resources or an
     /// upstream HTTP application.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// The untrusted CoAP-to-HTTP gateway (draft Figure 9): forwards ATLS
     /// flights and OSCORE messages from CoAP devices to HTTP services
     /// without being able to read them.
-    Gateway(gateway::GatewayArgs),
+    Gateway(Box<gateway::GatewayArgs>),
     /// Make one ATLS-protected HTTP request; the body goes to stdout, the
     /// inner status to stderr.
-    Request(request::RequestArgs),
+    Request(Box<request::RequestArgs>),
 }
 
 /// Log to stderr, filtered by `RUST_LOG` (default: info).

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use atls_core::{CertifiedKey, CommonConfig, ServerConfig};
+use atls_core::{Certificate, CertifiedKey, CommonConfig, ServerConfig};
 use atls_http::{app, AtlsLayer, AtlsServer, ServerLimits, ServerOptions};
 use axum::body::Body;
 use axum::ServiceExt as _;
@@ -74,6 +74,11 @@ pub(crate) struct ServeArgs {
     /// Only this TLS version (1.2 or 1.3); both by default.
     #[arg(long, value_name = "VERSION")]
     pub(crate) tls_version: Option<String>,
+    /// Serve these PEM certificates at GET /trust-anchors (built-in app): the
+    /// local domain's trust anchors, e.g. of its TLS-intercepting
+    /// middlebox, for clients to bootstrap over ATLS (draft §3.2).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) trust_anchors: Option<PathBuf>,
     /// Send every inner request to this HTTP application (a reverse proxy).
     #[arg(long, value_name = "URL")]
     pub(crate) upstream: Option<String>,
@@ -275,7 +280,20 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
                 .map_err(anyhow::Error::msg)?
                 .with_limit(args.max_request.max(args.max_response)),
         ),
-        None => BoxCloneService::new(app::builtin()),
+        None => {
+            let anchors = match &args.trust_anchors {
+                Some(path) => {
+                    let pem = common::read(path)?;
+                    Certificate::all_from_pem(&pem)
+                        .ok()
+                        .filter(|c| !c.is_empty())
+                        .with_context(|| format!("no PEM certificate in {}", path.display()))?;
+                    Some(bytes::Bytes::from(pem))
+                }
+                None => None,
+            };
+            BoxCloneService::new(app::builtin_with_trust_anchors(anchors))
+        }
     };
 
     let mut tasks = tokio::task::JoinSet::new();

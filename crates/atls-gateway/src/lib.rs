@@ -152,6 +152,35 @@ pub struct GatewayStats {
     pub block2_bytes: usize,
 }
 
+/// What the gateway could read of one forwarded exchange: what any
+/// middlebox on the path may legitimately see (§5.1.2, §5.1.4).
+#[derive(Clone, Debug)]
+pub struct Observation {
+    /// The device.
+    pub device: SocketAddr,
+    /// Its transport.
+    pub transport: Transport,
+    /// `"flight"` or `"oscore"`.
+    pub kind: &'static str,
+    /// The SNI of the device's ClientHello, if it named one.
+    pub sni: Option<String>,
+    /// Where it was forwarded.
+    pub upstream: String,
+    /// The payload forwarded (TLS records, or the OSCORE ciphertext).
+    pub request: Vec<u8>,
+    /// The service's status, if it answered.
+    pub status: Option<u16>,
+    /// The answer's content type.
+    pub response_type: Option<String>,
+    /// The answer's body.
+    pub response: Vec<u8>,
+    /// The CoAP code the device got.
+    pub code: String,
+}
+
+/// Called with each [`Observation`].
+pub type Observer = Arc<dyn Fn(&Observation) + Send + Sync>;
+
 /// Block1 uploads in progress at once over all devices.
 const MAX_BLOCK1_TRANSFERS: usize = atls_coap::block::MAX_BLOCK1_TRANSFERS;
 /// Bytes of answers held for Block2 follow-ups over all devices.
@@ -183,6 +212,7 @@ pub(crate) struct Inner {
     pub(crate) tls: rustls::ClientConfig,
     pub(crate) devices: Mutex<Devices>,
     echo: EchoGuard,
+    pub(crate) observer: Option<Observer>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -200,6 +230,16 @@ pub(crate) enum Step {
 impl Gateway {
     /// A gateway with `config`.
     pub fn new(config: GatewayConfig) -> Result<Arc<Self>, GatewayError> {
+        Self::build(config, None)
+    }
+
+    /// A gateway with `config` that hands `observer` what it could read of
+    /// each forwarded exchange.
+    pub fn with_observer(config: GatewayConfig, observer: Observer) -> Result<Arc<Self>, GatewayError> {
+        Self::build(config, Some(observer))
+    }
+
+    fn build(config: GatewayConfig, observer: Option<Observer>) -> Result<Arc<Self>, GatewayError> {
         if config.routes.is_empty() && config.default_upstream.is_none() {
             return Err(GatewayError::Config(
                 "no service: give a route or a default upstream".into(),
@@ -237,6 +277,7 @@ impl Gateway {
                 tls,
                 devices: Mutex::new(Devices::default()),
                 echo: EchoGuard::new(),
+                observer,
             }),
         }))
     }

@@ -281,11 +281,14 @@ impl Inner {
                     code = %coap_lite::MessageClass::Response(code), elapsed_ms = elapsed.as_millis() as u64,
                     "forward failed: {text}"
                 );
-                return diagnostic(&call.request, code, &text);
+                let packet = diagnostic(&call.request, code, &text);
+                self.observe(&call, kind_name, &body, None, &packet);
+                return packet;
             }
         };
         self.keep_cookies(endpoint, &call.url, &upstream.headers);
         let media = media_type(&upstream.headers);
+        let forwarded = body;
         let packet = match &call.kind {
             Kind::Flight { body, hello } => {
                 let packet = self.flight_answer(&call, &upstream, media.as_deref());
@@ -316,7 +319,31 @@ impl Inner {
                 packet
             }
         };
+        self.observe(&call, kind_name, &forwarded, Some(&upstream), &packet);
         packet
+    }
+
+    fn observe(
+        &self,
+        call: &Call,
+        kind: &'static str,
+        request: &[u8],
+        upstream: Option<&Upstream>,
+        packet: &Packet,
+    ) {
+        let Some(observer) = &self.observer else { return };
+        observer(&crate::Observation {
+            device: call.endpoint.addr,
+            transport: call.endpoint.transport,
+            kind,
+            sni: call.sni.clone(),
+            upstream: call.url.to_string(),
+            request: request.to_vec(),
+            status: upstream.map(|u| u.status.as_u16()),
+            response_type: upstream.and_then(|u| media_type(&u.headers)),
+            response: upstream.map(|u| u.body.clone()).unwrap_or_default(),
+            code: packet.header.code.to_string(),
+        });
     }
 
     /// The device's upstream request ended: `flight_ok` counts an answered

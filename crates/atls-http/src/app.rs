@@ -19,10 +19,41 @@ use crate::server::{plain, AtlsPeer};
 /// Largest body the built-in `/echo` returns.
 const MAX_ECHO: usize = 1024 * 1024;
 
+/// Media type of a PEM certificate chain (RFC 8555 §9.1).
+pub const CONTENT_TYPE_PEM_CHAIN: &str = "application/pem-certificate-chain";
+
 /// `GET /hello` → `hello`; `POST /echo` → the body; `GET /session` → JSON
 /// describing the ATLS session of the request.
 pub fn builtin() -> Router {
-    Router::new()
+    builtin_with_trust_anchors(None)
+}
+
+/// [`builtin`], and with `trust_anchors` (PEM certificates) also `GET
+/// /trust-anchors` → them, as `application/pem-certificate-chain`: the
+/// local domain's trust anchors a client bootstraps from over ATLS when it
+/// cannot yet validate the domain's TLS-intercepting middlebox (draft §3.2).
+/// ATLS authenticates the answer end to end, so the middlebox cannot
+/// substitute its own.
+pub fn builtin_with_trust_anchors(trust_anchors: Option<bytes::Bytes>) -> Router {
+    let router = Router::new();
+    let router = match trust_anchors {
+        Some(pem) => router.route(
+            "/trust-anchors",
+            get(move || {
+                let pem = pem.clone();
+                async move {
+                    let mut r = Response::new(Body::from(pem));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static(CONTENT_TYPE_PEM_CHAIN),
+                    );
+                    r
+                }
+            }),
+        ),
+        None => router,
+    };
+    router
         .route("/hello", get(|| async { "hello" }))
         .route(
             "/echo",
