@@ -353,7 +353,10 @@ async fn figure9(work: &Path, third_party: bool) -> anyhow::Result<Vec<String>> 
                 "https://localhost:{}/",
                 terminator.port()
             ))?),
-            upstream_roots: vec![pki.terminator_ca.clone()],
+            upstream_tls: atls_http::TransportTls {
+                roots: vec![pki.terminator_ca.clone()],
+                ..atls_http::TransportTls::default()
+            },
             ..GatewayConfig::default()
         },
         Arc::new(move |o: &Observation| {
@@ -626,8 +629,11 @@ async fn figure10(work: &Path, third_party: bool) -> anyhow::Result<Vec<String>>
         mode: Mode::Oscore,
         server_name: Some("localhost".into()),
         proxy: Some(proxy.clone()),
-        insecure_transport: insecure,
-        transport_roots: roots,
+        transport: atls_http::TransportTls {
+            insecure,
+            roots,
+            ..atls_http::TransportTls::default()
+        },
         timeout: Duration::from_secs(20),
         ..ClientOptions::default()
     };
@@ -782,7 +788,10 @@ async fn appendix_b(work: &Path, third_party: bool) -> anyhow::Result<Vec<String
                 mode: Mode::Oscore,
                 server_name: Some("localhost".into()),
                 proxy: Some(proxy_url.clone()),
-                transport_roots: roots,
+                transport: atls_http::TransportTls {
+                    roots,
+                    ..atls_http::TransportTls::default()
+                },
                 ..ClientOptions::default()
             },
         )?)

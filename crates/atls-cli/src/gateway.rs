@@ -13,6 +13,9 @@ use atls_gateway::{Gateway, GatewayConfig, Route};
 
 use crate::common;
 
+const DEVICES: &str = "Transport layer towards devices (coaps:// DTLS hop)";
+const UPSTREAM: &str = "Transport layer towards services (HTTPS)";
+
 /// Arguments of `atls gateway`.
 ///
 /// The two layers are configured apart (draft §5.2): `--coaps-*` is the
@@ -35,14 +38,18 @@ pub(crate) struct GatewayArgs {
     #[arg(long, value_name = "ADDR")]
     pub(crate) coaps: Option<SocketAddr>,
     /// PSK of the coaps:// hop (repeatable): IDENTITY:HEXKEY.
-    #[arg(long, value_name = "ID:HEX")]
+    #[arg(long, value_name = "ID:HEX", help_heading = DEVICES)]
     pub(crate) coaps_psk: Vec<String>,
     /// Certificate chain of the coaps:// hop (PEM).
-    #[arg(long, value_name = "FILE", requires = "coaps_key")]
+    #[arg(long, value_name = "FILE", requires = "coaps_key", help_heading = DEVICES)]
     pub(crate) coaps_cert: Option<PathBuf>,
     /// Private key of the coaps:// hop (PEM).
-    #[arg(long, value_name = "FILE", requires = "coaps_cert")]
+    #[arg(long, value_name = "FILE", requires = "coaps_cert", help_heading = DEVICES)]
     pub(crate) coaps_key: Option<PathBuf>,
+    /// Require devices on coaps:// to present a certificate issued by this
+    /// CA (PEM) — or a --coaps-psk key.
+    #[arg(long, value_name = "FILE", help_heading = DEVICES)]
+    pub(crate) coaps_client_ca: Option<PathBuf>,
     /// The service of devices whose ClientHello names no --route (default
     /// http://127.0.0.1:8080, where `atls serve` listens, when no --route
     /// is given either).
@@ -53,16 +60,26 @@ pub(crate) struct GatewayArgs {
     #[arg(long, value_name = "NAME=URL")]
     pub(crate) route: Vec<String>,
     /// Trust anchors for HTTPS to the services (PEM; besides the public roots).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = UPSTREAM)]
     pub(crate) upstream_ca: Option<PathBuf>,
     /// Do not verify the services' HTTPS certificates.
-    #[arg(long)]
+    #[arg(long, help_heading = UPSTREAM)]
     pub(crate) upstream_insecure: bool,
+    /// The gateway's client certificate chain for services that ask for
+    /// one (PEM).
+    #[arg(long, value_name = "FILE", requires = "upstream_key", help_heading = UPSTREAM)]
+    pub(crate) upstream_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "upstream_cert", help_heading = UPSTREAM)]
+    pub(crate) upstream_key: Option<PathBuf>,
+    /// Only this TLS version towards the services (1.2 or 1.3).
+    #[arg(long, value_name = "VERSION", help_heading = UPSTREAM)]
+    pub(crate) upstream_tls_version: Option<String>,
     /// An HTTP forward proxy for every upstream request.
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", help_heading = UPSTREAM)]
     pub(crate) upstream_proxy: Option<String>,
     /// Seconds a service may take to answer (then 5.04 Gateway Timeout).
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, help_heading = UPSTREAM)]
     pub(crate) upstream_timeout: f64,
     /// CoAP Content-Format number of ATLS payloads.
     #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS)]
@@ -149,13 +166,23 @@ pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         idle_timeout: Duration::from_secs(args.idle_timeout),
         upstream_timeout: Duration::from_secs_f64(args.upstream_timeout),
-        upstream_roots: args
-            .upstream_ca
-            .as_deref()
-            .map(common::certificates)
-            .transpose()?
-            .unwrap_or_default(),
-        upstream_insecure: args.upstream_insecure,
+        upstream_tls: atls_http::TransportTls {
+            insecure: args.upstream_insecure,
+            roots: args
+                .upstream_ca
+                .as_deref()
+                .map(common::certificates)
+                .transpose()?
+                .unwrap_or_default(),
+            identity: match (&args.upstream_cert, &args.upstream_key) {
+                (Some(cert), Some(key)) => Some(common::certified_key(cert, key)?),
+                _ => None,
+            },
+            versions: match &args.upstream_tls_version {
+                Some(v) => common::versions(Some(v))?,
+                None => Vec::new(),
+            },
+        },
         upstream_proxy: args.upstream_proxy.clone(),
         ..GatewayConfig::default()
     };
@@ -210,6 +237,11 @@ pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
                 common,
                 identity,
                 psks: common::psks(&args.coaps_psk)?,
+                client_auth_roots: args
+                    .coaps_client_ca
+                    .as_deref()
+                    .map(common::certificates)
+                    .transpose()?,
                 ..ServerConfig::default()
             })
             .context("configuring the coaps:// DTLS hop")?;

@@ -111,7 +111,10 @@ pub(crate) fn acceptor(chain_pem: &str, key_pem: &str) -> anyhow::Result<tokio_r
 /// An HTTP client of the next hop: HTTPS verified with `roots` (and the
 /// public ones), no proxy.
 fn next_hop_client(roots: &[Certificate]) -> anyhow::Result<reqwest::Client> {
-    let tls = atls_http::client::transport_tls_config(false, roots)?;
+    let tls = atls_http::client::transport_tls_config(&atls_http::TransportTls {
+        roots: roots.to_vec(),
+        ..atls_http::TransportTls::default()
+    })?;
     Ok(reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .no_proxy()

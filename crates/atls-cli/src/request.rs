@@ -12,6 +12,11 @@ use http::{HeaderName, HeaderValue, Method, Request};
 
 use crate::common;
 
+/// The end-to-end layer's options in `--help`.
+const ATLS: &str = "ATLS layer (end to end, client to service)";
+/// The hop-by-hop layer's: configured apart (draft §5.2).
+const TRANSPORT: &str = "Transport layer (hop by hop: HTTPS, proxies, the coaps:// DTLS hop)";
+
 /// Arguments of `atls request`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RequestArgs {
@@ -27,49 +32,60 @@ pub(crate) struct RequestArgs {
     #[arg(short = 'H', long = "header")]
     pub(crate) headers: Vec<String>,
     /// Protection of the request.
-    #[arg(long, default_value = "oscore")]
+    #[arg(long, default_value = "oscore", help_heading = ATLS)]
     pub(crate) mode: Mode,
     /// TLS engine for ATLS.
-    #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"])]
+    #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"], help_heading = ATLS)]
     pub(crate) engine: String,
     /// Only this TLS version (1.2 or 1.3); over CoAP also dtls1.2 (DTLS
     /// as the ATLS layer, OpenSSL engine).
-    #[arg(long, value_name = "VERSION")]
+    #[arg(long, value_name = "VERSION", help_heading = ATLS)]
     pub(crate) tls_version: Option<String>,
     /// CA that issued the ATLS server certificate (PEM). Defaults to the
     /// development CA of a local `atls serve`, when there is one.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = ATLS)]
     pub(crate) ca: Option<PathBuf>,
     /// ATLS client certificate chain (PEM).
-    #[arg(long, value_name = "FILE", requires = "key")]
+    #[arg(long, value_name = "FILE", requires = "key", help_heading = ATLS)]
     pub(crate) cert: Option<PathBuf>,
     /// ATLS client private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "cert")]
+    #[arg(long, value_name = "FILE", requires = "cert", help_heading = ATLS)]
     pub(crate) key: Option<PathBuf>,
     /// External PSK: IDENTITY:HEXKEY.
-    #[arg(long, value_name = "ID:HEX")]
+    #[arg(long, value_name = "ID:HEX", help_heading = ATLS)]
     pub(crate) psk: Option<String>,
     /// Name the ATLS server certificate must carry (default: the URL's host).
-    #[arg(long)]
+    #[arg(long, help_heading = ATLS)]
     pub(crate) server_name: Option<String>,
     /// HTTP forward proxy (default: HTTPS_PROXY / HTTP_PROXY).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", help_heading = TRANSPORT)]
     pub(crate) proxy: Option<String>,
     /// Do not verify the transport TLS certificate (a TLS-terminating
     /// middlebox). ATLS is verified regardless.
-    #[arg(long)]
+    #[arg(long, help_heading = TRANSPORT)]
     pub(crate) insecure_transport: bool,
     /// Extra CA for the transport TLS layer (PEM); for coaps:// the CA of
     /// the DTLS server certificate (default: --ca).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = TRANSPORT)]
     pub(crate) transport_ca: Option<PathBuf>,
+    /// Client certificate chain of the transport layer (PEM): for HTTPS
+    /// servers and coaps:// hops that ask for one.
+    #[arg(long, value_name = "FILE", requires = "transport_key", help_heading = TRANSPORT)]
+    pub(crate) transport_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "transport_cert", help_heading = TRANSPORT)]
+    pub(crate) transport_key: Option<PathBuf>,
+    /// Only this TLS version on the HTTPS transport (1.2 or 1.3),
+    /// whatever ATLS negotiates inside.
+    #[arg(long, value_name = "VERSION", help_heading = TRANSPORT)]
+    pub(crate) transport_tls_version: Option<String>,
     /// coaps://: the PSK of the DTLS hop, IDENTITY:HEXKEY (instead of a
     /// certificate).
-    #[arg(long, value_name = "ID:HEX")]
+    #[arg(long, value_name = "ID:HEX", help_heading = TRANSPORT)]
     pub(crate) transport_psk: Option<String>,
     /// coaps://: seconds the DTLS handshake of the hop may take (a wrong
     /// PSK shows as no answer: DTLS drops what it cannot authenticate).
-    #[arg(long, value_name = "SECS", default_value_t = 20.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 20.0, help_heading = TRANSPORT)]
     pub(crate) connect_timeout: f64,
     /// Speak HTTP/2 to an http:// URL without negotiation (h2c).
     #[arg(long)]
@@ -153,13 +169,20 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
         server_name: args.server_name.clone(),
         http2_prior_knowledge: args.http2,
         proxy: args.proxy.clone(),
-        insecure_transport: args.insecure_transport,
-        transport_roots: args
-            .transport_ca
-            .as_deref()
-            .map(common::certificates)
-            .transpose()?
-            .unwrap_or_default(),
+        transport: atls_http::TransportTls {
+            insecure: args.insecure_transport,
+            roots: args
+                .transport_ca
+                .as_deref()
+                .map(common::certificates)
+                .transpose()?
+                .unwrap_or_default(),
+            identity: transport_identity(args)?,
+            versions: match &args.transport_tls_version {
+                Some(v) => common::versions(Some(v))?,
+                None => Vec::new(),
+            },
+        },
         ..ClientOptions::default()
     };
     let client = AtlsClient::new(&base, endpoint, options)?;
@@ -203,7 +226,16 @@ fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
-/// The DTLS hop of `coaps://`: a PSK, or the CA of the server certificate.
+/// The transport layer's client certificate, if given.
+fn transport_identity(args: &RequestArgs) -> anyhow::Result<Option<atls_core::CertifiedKey>> {
+    Ok(match (&args.transport_cert, &args.transport_key) {
+        (Some(c), Some(k)) => Some(common::certified_key(c, k)?),
+        _ => None,
+    })
+}
+
+/// The DTLS hop of `coaps://`: a PSK, or the CA of the server certificate
+/// (and a client certificate when given).
 fn transport_config(args: &RequestArgs) -> anyhow::Result<ClientConfig> {
     let mut common = CommonConfig {
         versions: vec![atls_core::TlsVersion::Dtls12],
@@ -231,6 +263,7 @@ fn transport_config(args: &RequestArgs) -> anyhow::Result<ClientConfig> {
     Ok(ClientConfig {
         common,
         trust_anchors: common::certificates(&ca)?,
+        client_auth: transport_identity(args)?,
         ..ClientConfig::default()
     })
 }

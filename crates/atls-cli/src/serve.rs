@@ -18,6 +18,11 @@ use tower::Layer as _;
 
 use crate::common;
 
+/// The end-to-end layer's options in `--help`.
+const ATLS: &str = "ATLS layer (end to end, client to this server)";
+/// The hop-by-hop layer's: configured apart (draft §5.2).
+const TRANSPORT: &str = "Transport layer (hop by hop: the HTTPS listener, the coaps:// DTLS hop)";
+
 /// Arguments of `atls serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ServeArgs {
@@ -38,7 +43,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, value_name = "ADDR")]
     pub(crate) coaps: Option<SocketAddr>,
     /// PSK of the coaps:// DTLS hop (repeatable): IDENTITY:HEXKEY.
-    #[arg(long, value_name = "ID:HEX")]
+    #[arg(long, value_name = "ID:HEX", help_heading = TRANSPORT)]
     pub(crate) coaps_psk: Vec<String>,
     /// CoAP Content-Format number of ATLS payloads (IANA has assigned none).
     #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS)]
@@ -49,30 +54,41 @@ pub(crate) struct ServeArgs {
     /// HTTPS listener (the transport TLS layer; needs --tls-cert, --tls-key).
     #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
     pub(crate) https: Option<SocketAddr>,
-    /// Transport TLS certificate chain (PEM).
-    #[arg(long, value_name = "FILE")]
+    /// Transport TLS certificate chain (PEM): the HTTPS listener's, and the
+    /// coaps:// hop's.
+    #[arg(long, value_name = "FILE", help_heading = TRANSPORT)]
     pub(crate) tls_cert: Option<PathBuf>,
     /// Transport TLS private key (PEM).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = TRANSPORT)]
     pub(crate) tls_key: Option<PathBuf>,
+    /// Require transport client certificates issued by this CA (PEM) on the
+    /// HTTPS listener and the coaps:// hop (where a --coaps-psk key does
+    /// too). Says nothing of who may open an ATLS session: --client-ca.
+    #[arg(long, value_name = "FILE", help_heading = TRANSPORT)]
+    pub(crate) transport_client_ca: Option<PathBuf>,
+    /// Only this TLS version on the HTTPS listener (1.2 or 1.3), whatever
+    /// ATLS negotiates inside (--tls-version).
+    #[arg(long, value_name = "VERSION", help_heading = TRANSPORT)]
+    pub(crate) transport_tls_version: Option<String>,
     /// ATLS certificate chain (PEM). Without it a development CA and server
     /// certificate are created in --state-dir.
-    #[arg(long, value_name = "FILE", requires = "key")]
+    #[arg(long, value_name = "FILE", requires = "key", help_heading = ATLS)]
     pub(crate) cert: Option<PathBuf>,
     /// ATLS private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "cert")]
+    #[arg(long, value_name = "FILE", requires = "cert", help_heading = ATLS)]
     pub(crate) key: Option<PathBuf>,
     /// Require ATLS client certificates issued by this CA (PEM).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", help_heading = ATLS)]
     pub(crate) client_ca: Option<PathBuf>,
     /// Accept an external PSK (repeatable): IDENTITY:HEXKEY.
-    #[arg(long, value_name = "ID:HEX")]
+    #[arg(long, value_name = "ID:HEX", help_heading = ATLS)]
     pub(crate) psk: Vec<String>,
     /// TLS engine for ATLS.
-    #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"])]
+    #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"], help_heading = ATLS)]
     pub(crate) engine: String,
-    /// Only this TLS version (1.2 or 1.3); both by default.
-    #[arg(long, value_name = "VERSION")]
+    /// Only this ATLS version (1.2 or 1.3); both by default (DTLS 1.2 is
+    /// always served beside them).
+    #[arg(long, value_name = "VERSION", help_heading = ATLS)]
     pub(crate) tls_version: Option<String>,
     /// Serve these PEM certificates at GET /trust-anchors (built-in app): the
     /// local domain's trust anchors, e.g. of its TLS-intercepting
@@ -232,6 +248,11 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
                 common,
                 identity,
                 psks,
+                client_auth_roots: args
+                    .transport_client_ca
+                    .as_deref()
+                    .map(common::certificates)
+                    .transpose()?,
                 ..ServerConfig::default()
             };
             Some(
@@ -324,7 +345,12 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
             bail!("--https needs --tls-cert and --tls-key");
         };
-        let acceptor = tls_acceptor(cert, key)?;
+        let acceptor = tls_acceptor(
+            cert,
+            key,
+            args.transport_client_ca.as_deref(),
+            args.transport_tls_version.as_deref(),
+        )?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
@@ -391,19 +417,48 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     })
 }
 
-fn tls_acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+/// The HTTPS listener's TLS: its certificate, optionally client
+/// certificates from `client_ca`, optionally one version.
+fn tls_acceptor(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+    version: Option<&str>,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use rustls_pki_types::pem::PemObject;
     let chain = rustls_pki_types::CertificateDer::pem_slice_iter(&common::read(cert)?)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("certificates in {}", cert.display()))?;
     let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&common::read(key)?)
         .with_context(|| format!("private key in {}", key.display()))?;
-    let mut config =
-        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .context("transport TLS certificate")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = match version {
+        None => vec![&rustls::version::TLS13, &rustls::version::TLS12],
+        Some("1.3") => vec![&rustls::version::TLS13],
+        Some("1.2") => vec![&rustls::version::TLS12],
+        Some(other) => bail!("--transport-tls-version {other:?}: 1.2 or 1.3"),
+    };
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(&versions)?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in common::certificates(ca)? {
+                roots
+                    .add(rustls_pki_types::CertificateDer::from(c.0))
+                    .context("transport client CA")?;
+            }
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .context("transport client CA")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .context("transport TLS certificate")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }

@@ -189,3 +189,150 @@ fn aiocoap_with_pyopenssl_reaches_atls_serve_through_the_gateway() {
         assert!(log.contains("kind=\"oscore\""), "{log}");
     }
 }
+
+/// Layered TLS (draft §5.2, layered TLS §6): the transport layer of each
+/// hop has its own trust anchors, identities, versions and client-auth
+/// policy, apart from ATLS — on `serve`, `request` and `gateway` alike.
+#[test]
+fn transport_and_atls_layers_are_configured_apart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let transport_ca = atls_pki::DevCa::new("transport CA").expect("CA");
+    let server_cert = transport_ca
+        .issue_server(&["localhost", "127.0.0.1"])
+        .expect("cert");
+    let client_cert = transport_ca.issue_client("gateway-1").expect("client cert");
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("path").to_owned()
+    };
+    let tca = write("tca.pem", transport_ca.certificate_pem());
+    let (tcert, tkey) = (
+        write("t.pem", &server_cert.cert_pem),
+        write("t.key", server_cert.dangerous_key_pem()),
+    );
+    let (ccert, ckey) = (
+        write("c.pem", &client_cert.cert_pem),
+        write("c.key", client_cert.dangerous_key_pem()),
+    );
+    // Transport: TLS 1.2 only, client certificates required. ATLS: TLS 1.3.
+    let server = serve(&[
+        "--https",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &tcert,
+        "--tls-key",
+        &tkey,
+        "--transport-client-ca",
+        &tca,
+        "--transport-tls-version",
+        "1.2",
+        "--tls-version",
+        "1.3",
+    ]);
+    let https = server.https.clone().expect("HTTPS listener");
+    let atls_ca = server.ca.to_str().expect("path");
+    let base = [
+        "--ca",
+        atls_ca,
+        "--server-name",
+        "localhost",
+        "--transport-ca",
+        &tca,
+    ];
+    let with = |extra: &[&str]| {
+        let url = format!("{https}/session");
+        let mut args = vec![url.as_str()];
+        args.extend_from_slice(&base);
+        args.extend_from_slice(extra);
+        request(&args)
+    };
+    let ok = with(&[
+        "--transport-cert",
+        &ccert,
+        "--transport-key",
+        &ckey,
+        "--transport-tls-version",
+        "1.2",
+    ]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(
+        stdout(&ok).contains("\"tls_version\":\"TLSv1.3\""),
+        "ATLS runs TLS 1.3 inside a TLS 1.2 transport: {}",
+        stdout(&ok)
+    );
+    // Without the transport client certificate: the transport refuses (2).
+    let no_cert = with(&[]);
+    assert_eq!(no_cert.status.code(), Some(2), "{}", stderr(&no_cert));
+    // A transport version the listener does not serve: the transport (2).
+    let wrong_version = with(&[
+        "--transport-cert",
+        &ccert,
+        "--transport-key",
+        &ckey,
+        "--transport-tls-version",
+        "1.3",
+    ]);
+    assert_eq!(wrong_version.status.code(), Some(2), "{}", stderr(&wrong_version));
+    // The transport client certificate is no ATLS identity, nor the
+    // transport CA an ATLS trust anchor: ATLS fails (3).
+    let url = format!("{https}/hello");
+    let crossed = request(&[
+        &url,
+        "--ca",
+        &tca,
+        "--transport-ca",
+        &tca,
+        "--transport-cert",
+        &ccert,
+        "--transport-key",
+        &ckey,
+    ]);
+    assert_eq!(crossed.status.code(), Some(3), "{}", stderr(&crossed));
+
+    // The gateway's upstream transport: its own client certificate, CA and
+    // version towards the service; devices know none of it.
+    let upstream = https.replace("127.0.0.1", "localhost");
+    let gateway_ok = gateway(&[
+        "--coap",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--upstream-ca",
+        &tca,
+        "--upstream-cert",
+        &ccert,
+        "--upstream-key",
+        &ckey,
+        "--upstream-tls-version",
+        "1.2",
+    ]);
+    let coap = gateway_ok.coap.clone().expect("coap");
+    let through = request(&[
+        &format!("{coap}/hello"),
+        "--ca",
+        atls_ca,
+        "--server-name",
+        "localhost",
+    ]);
+    assert!(through.status.success(), "{}", stderr(&through));
+    assert_eq!(stdout(&through), "hello");
+    let gateway_without_cert = gateway(&[
+        "--coap",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--upstream-ca",
+        &tca,
+    ]);
+    let coap = gateway_without_cert.coap.clone().expect("coap");
+    let refused = request(&[
+        &format!("{coap}/hello"),
+        "--ca",
+        atls_ca,
+        "--server-name",
+        "localhost",
+    ]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("5.02"), "{}", stderr(&refused));
+}

@@ -42,7 +42,6 @@ use atls_coap::handler::{Answer, CoapHandler};
 use atls_coap::message::{answer, diagnostic, is_atls_path, parse_request, read_uint, uint_option};
 use atls_coap::server::{Endpoint, Transport, CONTENT_FORMAT_MULTIPART_CORE};
 use atls_core::records::{self, FirstFlight};
-use atls_core::Certificate;
 use coap_lite::{CoapOption, MessageClass, Packet, RequestType, ResponseType};
 
 use crate::devices::{Bounds, Devices, NoRoom};
@@ -92,12 +91,11 @@ pub struct GatewayConfig {
     pub upstream_timeout: Duration,
     /// How long connecting to the service may take (then 5.02).
     pub upstream_connect_timeout: Duration,
-    /// Extra trust anchors for HTTPS to the services (besides the public
-    /// roots): the transport layer's, separate from ATLS's (the gateway has
-    /// no ATLS trust anchors at all).
-    pub upstream_roots: Vec<Certificate>,
-    /// Do not verify the services' HTTPS certificates.
-    pub upstream_insecure: bool,
+    /// The transport layer towards the services (HTTPS): its trust anchors
+    /// (besides the public roots), the gateway's client certificate,
+    /// versions — the gateway's own, apart from the devices' DTLS hop and
+    /// from ATLS (of which the gateway has no configuration at all).
+    pub upstream_tls: atls_http::TransportTls,
     /// An HTTP forward proxy for every upstream request.
     pub upstream_proxy: Option<String>,
 }
@@ -119,8 +117,7 @@ impl Default for GatewayConfig {
             idle_timeout: Duration::from_secs(300),
             upstream_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(5),
-            upstream_roots: Vec::new(),
-            upstream_insecure: false,
+            upstream_tls: atls_http::TransportTls::default(),
             upstream_proxy: None,
         }
     }
@@ -262,7 +259,7 @@ impl Gateway {
                 "block size must be a power of two in 16..=1024".into(),
             ));
         }
-        let tls = atls_http::client::transport_tls_config(config.upstream_insecure, &config.upstream_roots)
+        let tls = atls_http::client::transport_tls_config(&config.upstream_tls)
             .map_err(|e| GatewayError::Config(e.to_string()))?;
         let bounds = Bounds {
             max_devices: config.max_devices,

@@ -30,8 +30,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use atls_core::{
-    Certificate, ClientEndpoint, ClientSessionParams, ConnectionId, Error as TlsError, HandshakeInfo,
-    ProtectionKind, Session,
+    Certificate, CertifiedKey, ClientEndpoint, ClientSessionParams, ConnectionId, Error as TlsError,
+    HandshakeInfo, ProtectionKind, Session, TlsVersion,
 };
 use atls_oscore::{cose, http as oscore_http, ContextParams, SecurityContext};
 use bytes::Bytes;
@@ -41,6 +41,24 @@ use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode
 use crate::error::ClientError;
 use crate::limits::DerivedLimits;
 use crate::wire::{self, Mode};
+
+/// The transport TLS layer of an HTTPS client of ATLS, configured apart
+/// from the ATLS layer (draft §5.2; layered TLS §6): its own trust
+/// anchors, identity and versions. Trusting a transport CA never makes an
+/// ATLS server trusted, nor the reverse.
+#[derive(Clone, Debug, Default)]
+pub struct TransportTls {
+    /// Do not verify the server certificate (a TLS-terminating middlebox
+    /// the client cannot validate yet, §5.3). ATLS is verified regardless.
+    pub insecure: bool,
+    /// Trust anchors besides the public roots.
+    pub roots: Vec<Certificate>,
+    /// A client certificate, for servers that ask for one.
+    pub identity: Option<CertifiedKey>,
+    /// Versions offered; empty for TLS 1.2 and 1.3. (DTLS is not a
+    /// transport of HTTP.)
+    pub versions: Vec<TlsVersion>,
+}
 
 /// How an [`AtlsClient`] reaches the server and protects requests.
 #[derive(Clone, Debug)]
@@ -57,11 +75,9 @@ pub struct ClientOptions {
     pub http2_prior_knowledge: bool,
     /// A forward proxy for every request; `None` uses `HTTPS_PROXY`/`HTTP_PROXY`.
     pub proxy: Option<String>,
-    /// Do not verify the transport TLS certificate (a TLS-terminating
-    /// middlebox in the path). ATLS is verified regardless.
-    pub insecure_transport: bool,
-    /// Extra trust anchors for the transport TLS layer (besides the public roots).
-    pub transport_roots: Vec<Certificate>,
+    /// The transport TLS layer (https:// URLs and proxies), configured
+    /// apart from ATLS.
+    pub transport: TransportTls,
     /// Limit for one outer exchange.
     pub timeout: Duration,
     /// Largest inner response body accepted. A larger one is a
@@ -79,8 +95,7 @@ impl Default for ClientOptions {
             offer_cids: true,
             http2_prior_knowledge: false,
             proxy: None,
-            insecure_transport: false,
-            transport_roots: Vec::new(),
+            transport: TransportTls::default(),
             timeout: Duration::from_secs(30),
             max_response: 4 * 1024 * 1024,
             early_data: true,
@@ -225,35 +240,61 @@ impl rustls::client::danger::ServerCertVerifier for NoTransportVerification {
 }
 
 pub(crate) fn transport_tls(options: &ClientOptions) -> Result<rustls::ClientConfig, ClientError> {
-    transport_tls_config(options.insecure_transport, &options.transport_roots)
+    transport_tls_config(&options.transport)
 }
 
-/// The transport TLS configuration of an HTTPS client of ATLS (the outer
-/// layer, independent of ATLS): the public roots plus `roots`, or no
-/// verification at all with `insecure`; ALPN h2 and http/1.1.
-pub fn transport_tls_config(
-    insecure: bool,
-    roots: &[Certificate],
-) -> Result<rustls::ClientConfig, ClientError> {
+/// The rustls configuration of the transport layer `t`: the public roots
+/// plus `t.roots` (or no verification with `t.insecure`), `t.identity` as
+/// the client certificate, `t.versions`; ALPN h2 and http/1.1.
+pub fn transport_tls_config(t: &TransportTls) -> Result<rustls::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut versions: Vec<&'static rustls::SupportedProtocolVersion> = Vec::new();
+    for v in &t.versions {
+        match v {
+            TlsVersion::Tls13 => versions.push(&rustls::version::TLS13),
+            TlsVersion::Tls12 => versions.push(&rustls::version::TLS12),
+            other => {
+                return Err(ClientError::Invalid(format!(
+                    "{} is not a transport of HTTP",
+                    other.name()
+                )))
+            }
+        }
+    }
+    if versions.is_empty() {
+        versions = vec![&rustls::version::TLS13, &rustls::version::TLS12];
+    }
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&versions)
         .map_err(transport)?;
-    let mut config = if insecure {
+    let builder = if t.insecure {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoTransportVerification(provider)))
-            .with_no_client_auth()
     } else {
-        let extra = roots;
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        for cert in extra {
+        for cert in &t.roots {
             roots
                 .add(rustls_pki_types::CertificateDer::from(cert.0.clone()))
                 .map_err(|e| ClientError::Invalid(format!("transport CA: {e}")))?;
         }
-        builder.with_root_certificates(roots).with_no_client_auth()
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match &t.identity {
+        None => builder.with_no_client_auth(),
+        Some(identity) => {
+            let chain = identity
+                .chain
+                .iter()
+                .map(|c| rustls_pki_types::CertificateDer::from(c.0.clone()))
+                .collect();
+            let key = rustls_pki_types::PrivateKeyDer::try_from(identity.key.dangerous_der().to_vec())
+                .map_err(|e| ClientError::Invalid(format!("transport client key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| ClientError::Invalid(format!("transport client certificate: {e}")))?
+        }
     };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)

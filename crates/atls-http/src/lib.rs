@@ -23,7 +23,7 @@ pub mod server;
 pub mod wire;
 
 pub use atls_sessions::TableStats;
-pub use client::{AtlsClient, ClientOptions, Exchange, WireEvent};
+pub use client::{AtlsClient, ClientOptions, Exchange, TransportTls, WireEvent};
 pub use error::{ClientError, InvalidOptions, Layer, WireError};
 pub use limits::DerivedLimits;
 pub use server::{AtlsLayer, AtlsPeer, AtlsServer, AtlsService, PeerSummary, ServerLimits, ServerOptions};
