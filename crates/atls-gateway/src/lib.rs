@@ -510,28 +510,27 @@ impl Inner {
                 device.sni = sni.clone();
                 device.exchanges = 0;
                 device.established = false;
-            } else if device.sni.is_none() && device.route.is_none() && self.config.default_upstream.is_none()
-            {
-                return Err("no handshake of this device passed this gateway");
             }
-            self.admit(device, totals)?;
-            Ok((device.route, device.sni.clone()))
+            // The target is settled before the request is counted in
+            // flight: nothing returns between admission and the exchange.
+            let Some(base) = self.base(device.route).cloned() else {
+                return Err(None);
+            };
+            self.admit(device, totals).map_err(Some)?;
+            Ok((base, device.sni.clone()))
         });
-        let (route, sni) = match admitted {
+        let (base, sni) = match admitted {
             Ok(Some(Ok(found))) => found,
-            Ok(Some(Err(why))) if why.starts_with("no handshake") => {
-                return Step::Now(diagnostic(request, ResponseType::NotFound, why))
+            Ok(Some(Err(None))) => {
+                return Step::Now(diagnostic(
+                    request,
+                    ResponseType::NotFound,
+                    "no service for this device",
+                ))
             }
-            Ok(Some(Err(why))) => return Step::Now(unavailable(request, why, 1)),
+            Ok(Some(Err(Some(why)))) => return Step::Now(unavailable(request, why, 1)),
             Ok(None) => return Step::Now(unavailable(request, "device state was dropped", 1)),
             Err(why) => return Step::Now(no_room(request, why)),
-        };
-        let Some(base) = self.base(route).cloned() else {
-            return Step::Now(diagnostic(
-                request,
-                ResponseType::NotFound,
-                "no service for this device",
-            ));
         };
         Step::Upstream(upstream::Call {
             endpoint: from,
@@ -558,28 +557,31 @@ impl Inner {
                 "the OSCORE message is too large",
             ));
         }
+        // The target is settled before the request is counted in flight:
+        // nothing returns between admission and the upstream exchange.
         let admitted = lock(&self.devices).with(from, now, &self.bounds, true, |device, totals| {
-            self.admit(device, totals)?;
-            Ok((device.route, device.sni.clone()))
+            let url = match &target {
+                Some((_, url)) => url.clone(),
+                None => match self.base(device.route) {
+                    Some(base) => upstream::join(base, "/"),
+                    None => return Err(None),
+                },
+            };
+            self.admit(device, totals).map_err(Some)?;
+            Ok((url, device.sni.clone()))
         });
-        let (route, sni) = match admitted {
+        let (url, sni) = match admitted {
             Ok(Some(Ok(found))) => found,
-            Ok(Some(Err(why))) => return Step::Now(unavailable(request, why, 1)),
+            Ok(Some(Err(None))) => {
+                return Step::Now(diagnostic(
+                    request,
+                    ResponseType::NotFound,
+                    "no service for this device",
+                ))
+            }
+            Ok(Some(Err(Some(why)))) => return Step::Now(unavailable(request, why, 1)),
             Ok(None) => return Step::Now(unavailable(request, "device state was dropped", 1)),
             Err(why) => return Step::Now(no_room(request, why)),
-        };
-        let url = match target {
-            Some((_, url)) => url,
-            None => match self.base(route) {
-                Some(base) => upstream::join(base, "/"),
-                None => {
-                    return Step::Now(diagnostic(
-                        request,
-                        ResponseType::NotFound,
-                        "no service for this device",
-                    ))
-                }
-            },
         };
         Step::Upstream(upstream::Call {
             endpoint: from,

@@ -601,3 +601,48 @@ async fn device_state_is_bounded_and_expires() {
     }
     assert_eq!(codes, ["Changed", "Changed", "ServiceUnavailable"]);
 }
+
+/// Requests the gateway has nowhere to send (an OSCORE request of a device
+/// that never handshook through it, with no default service) are 4.04 and
+/// leave nothing counted: a device sending many of them neither blocks
+/// itself nor the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_requests_are_refused_and_counted_nowhere() {
+    let service = terminator(engines()[0], TlsVersion::Tls13).await;
+    let rig = gateway(GatewayConfig {
+        routes: vec![Route {
+            name: SERVER_NAME.into(),
+            upstream: to(&service.url),
+        }],
+        max_upstream_requests: 4,
+        ..GatewayConfig::default()
+    })
+    .await;
+    let mut raw = Raw::new(rig.udp).await;
+    for _ in 0..12 {
+        let mut oscore = request(RequestType::Post, "/");
+        oscore.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0x00]);
+        oscore.payload = vec![0; 16];
+        assert_eq!(code_of(&raw.send(oscore).await), "NotFound");
+        let stray = raw
+            .send(flight(
+                vec![0x17, 0x03, 0x03, 0x00, 0x01, 0x00],
+                atls_coap::CONTENT_FORMAT_ATLS,
+            ))
+            .await;
+        assert_eq!(
+            code_of(&stray),
+            "NotFound",
+            "a non-ClientHello flight with no route"
+        );
+    }
+    let stats = rig.gateway.stats(Instant::now());
+    assert_eq!(stats.upstream_in_flight, 0, "{stats:?}");
+    let client = device(Wire::Udp, &rig, TlsVersion::Tls13, SERVER_NAME).await;
+    assert_eq!(session_json(&client).await["mode"], "oscore");
+    assert_eq!(
+        service.hits.load(Ordering::Relaxed),
+        3,
+        "only the real device's exchanges"
+    );
+}
