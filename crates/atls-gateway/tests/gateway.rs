@@ -37,6 +37,8 @@ struct Terminator {
     url: String,
     server: Arc<AtlsServer>,
     hits: Arc<AtomicUsize>,
+    /// (peer address, Cookie header) of every outer request.
+    peers: Arc<std::sync::Mutex<Vec<(SocketAddr, String)>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -53,10 +55,23 @@ async fn terminator(engine: &dyn atls_core::Engine, version: TlsVersion) -> Term
         .expect("dtls endpoint");
     let server = AtlsServer::with_dtls(tls, dtls, ServerOptions::default()).expect("server");
     let hits = Arc::new(AtomicUsize::new(0));
+    let peers: Arc<std::sync::Mutex<Vec<(SocketAddr, String)>>> = Arc::default();
     let counter = hits.clone();
+    let seen = peers.clone();
     let service = tower::ServiceBuilder::new()
         .map_request(move |r: http::Request<axum::body::Body>| {
             counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(axum::extract::ConnectInfo(peer)) =
+                r.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>()
+            {
+                let cookie = r
+                    .headers()
+                    .get(http::header::COOKIE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                seen.lock().expect("peers").push((*peer, cookie));
+            }
             r
         })
         .service(AtlsLayer::new(server.clone()).layer(app::builtin()));
@@ -73,6 +88,7 @@ async fn terminator(engine: &dyn atls_core::Engine, version: TlsVersion) -> Term
         url: format!("http://{addr}"),
         server,
         hits,
+        peers,
         task,
     }
 }
@@ -644,5 +660,59 @@ async fn unroutable_requests_are_refused_and_counted_nowhere() {
         service.hits.load(Ordering::Relaxed),
         3,
         "only the real device's exchanges"
+    );
+}
+
+/// One cookie store and one connection pool per device (§5.1.5): no
+/// upstream connection ever carries two devices' requests, and each device
+/// presents only its own session cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_device_has_its_own_cookies_and_upstream_connections() {
+    let service = terminator(engines()[0], TlsVersion::Tls13).await;
+    let rig = gateway(GatewayConfig {
+        default_upstream: Some(to(&service.url)),
+        ..GatewayConfig::default()
+    })
+    .await;
+    // Fallback IDs (no CIDs): the service finds each device's context by
+    // its cookie alone, so a cookie of one device reaching another's
+    // session would show as a wrong answer or a refusal.
+    let mut devices = Vec::new();
+    for _ in 0..4 {
+        let mut opts = options(SERVER_NAME);
+        opts.offer_cids = false;
+        devices.push(
+            AtlsCoapClient::new(rig.udp, atls_client(TlsVersion::Tls13), opts)
+                .await
+                .expect("device"),
+        );
+    }
+    for round in 0..3 {
+        for (i, d) in devices.iter().enumerate() {
+            let body = format!("device {i} round {round}");
+            let echo = d
+                .request(&inner_request(RequestType::Post, "/echo", body.as_bytes()))
+                .await
+                .unwrap_or_else(|e| panic!("device {i}: {e}"));
+            assert_eq!(echo.payload, body.as_bytes());
+        }
+    }
+    let peers = service.peers.lock().expect("peers").clone();
+    let mut cookie_of_connection: std::collections::HashMap<SocketAddr, String> = Default::default();
+    let mut cookies = std::collections::BTreeSet::new();
+    for (peer, cookie) in &peers {
+        if cookie.is_empty() {
+            continue; // the first flight of a device, before its cookie
+        }
+        cookies.insert(cookie.clone());
+        let first = cookie_of_connection
+            .entry(*peer)
+            .or_insert_with(|| cookie.clone());
+        assert_eq!(first, cookie, "connection {peer} carried two devices' requests");
+    }
+    assert_eq!(cookies.len(), 4, "four devices, four cookie stores: {cookies:?}");
+    assert!(
+        cookie_of_connection.len() >= 4,
+        "at least one connection per device"
     );
 }
