@@ -7,6 +7,7 @@
 //! version, type or message ID), so a frame is parsed by giving coap-lite
 //! the same bytes behind a UDP header, and encoded the other way round.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,6 +15,8 @@ use std::time::Instant;
 use coap_lite::{MessageClass, MessageType, Packet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+use atls_sessions::ClientKey;
 
 use crate::handler::{Answer, CoapHandler};
 
@@ -133,16 +136,54 @@ pub fn csm() -> Vec<u8> {
     encode(&p).unwrap_or_default()
 }
 
+/// Connections served at once by [`serve`].
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections served at once from one IP address (IPv6: one /64).
+pub const MAX_CONNECTIONS_PER_IP: usize = 64;
+/// A connection that completes no frame for this long is closed.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Serve `server` (a [`crate::CoapServer`], or any [`CoapHandler`]) on
 /// `listener`: each connection sends its CSM, then requests; answers are
-/// frames in order.
+/// frames in order. At most [`MAX_CONNECTIONS`] connections, and
+/// [`MAX_CONNECTIONS_PER_IP`] per address, are served at once (others are
+/// closed at once); a connection idle for [`IDLE_TIMEOUT`] is closed. A
+/// failed accept (out of file descriptors, say) is retried, never fatal.
 pub async fn serve<H: CoapHandler + ?Sized>(listener: TcpListener, server: Arc<H>) -> std::io::Result<()> {
+    let counts: Arc<std::sync::Mutex<(usize, HashMap<ClientKey, usize>)>> = Arc::default();
     loop {
-        let (stream, from) = listener.accept().await?;
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "CoAP over TCP: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let key = ClientKey::from(from.ip());
+        {
+            let mut c = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let per_ip = c.1.get(&key).copied().unwrap_or(0);
+            if c.0 >= MAX_CONNECTIONS || per_ip >= MAX_CONNECTIONS_PER_IP {
+                tracing::debug!(%from, "CoAP over TCP: too many connections; closed");
+                continue;
+            }
+            c.0 = c.0.saturating_add(1);
+            c.1.insert(key, per_ip.saturating_add(1));
+        }
         let server = server.clone();
+        let counts = counts.clone();
         tokio::spawn(async move {
             if let Err(e) = connection(stream, from, server).await {
                 tracing::debug!(error = %e, %from, "CoAP over TCP connection ended");
+            }
+            let mut c = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            c.0 = c.0.saturating_sub(1);
+            if let Some(n) = c.1.get_mut(&key) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    c.1.remove(&key);
+                }
             }
         });
     }
@@ -205,7 +246,10 @@ async fn connection<H: CoapHandler + ?Sized>(
                 stream.write_all(&encode(&answer).unwrap_or_default()).await?;
             }
         }
-        let n = stream.read(&mut chunk).await?;
+        let n = match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut chunk)).await {
+            Ok(read) => read?,
+            Err(_) => return Ok(()),
+        };
         if n == 0 {
             return Ok(());
         }

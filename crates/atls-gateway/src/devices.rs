@@ -134,6 +134,16 @@ impl Devices {
         }
     }
 
+    /// One upstream request of `endpoint` ended.
+    pub(crate) fn release(&mut self, endpoint: &Endpoint) {
+        if let Some(device) = self.map.get_mut(endpoint) {
+            if device.in_flight > 0 {
+                device.in_flight = device.in_flight.saturating_sub(1);
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+        }
+    }
+
     pub(crate) fn remove(&mut self, endpoint: &Endpoint) {
         if let Some(device) = self.map.remove(endpoint) {
             self.order(device.established).remove(&(device.seen, *endpoint));

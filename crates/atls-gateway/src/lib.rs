@@ -82,6 +82,8 @@ pub struct GatewayConfig {
     pub max_upstream_requests: usize,
     /// Upstream requests in progress at once for one device.
     pub max_requests_per_device: usize,
+    /// Upstream requests in progress at once to one service.
+    pub max_requests_per_service: usize,
     /// A device that has not completed a handshake is forgotten after this
     /// long without a message.
     pub handshake_timeout: Duration,
@@ -113,6 +115,7 @@ impl Default for GatewayConfig {
             max_devices_per_ip: 1024,
             max_upstream_requests: 256,
             max_requests_per_device: 4,
+            max_requests_per_service: 128,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             upstream_timeout: Duration::from_secs(10),
@@ -208,8 +211,28 @@ pub(crate) struct Inner {
     pub(crate) bounds: Bounds,
     pub(crate) tls: rustls::ClientConfig,
     pub(crate) devices: Mutex<Devices>,
+    /// Upstream requests in progress per route (`None`: the default).
+    route_load: Mutex<std::collections::HashMap<Option<usize>, usize>>,
     echo: EchoGuard,
     pub(crate) observer: Option<Observer>,
+}
+
+/// One upstream request in progress: dropped when it ends — answered,
+/// failed, or its task cancelled or panicking — it gives back its slots.
+pub(crate) struct InFlight {
+    inner: Arc<Inner>,
+    endpoint: Endpoint,
+    route: Option<usize>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.inner.devices).release(&self.endpoint);
+        let mut load = lock(&self.inner.route_load);
+        if let Some(n) = load.get_mut(&self.route) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -273,6 +296,7 @@ impl Gateway {
                 bounds,
                 tls,
                 devices: Mutex::new(Devices::default()),
+                route_load: Mutex::default(),
                 echo: EchoGuard::new(),
                 observer,
             }),
@@ -346,22 +370,46 @@ impl Inner {
     /// The route an OSCORE request names with Proxy-Uri, or with
     /// Proxy-Scheme and Uri-Host/Uri-Port (RFC 7252 §6.5): one of the
     /// configured services, never an arbitrary URL (the gateway is not an
-    /// open proxy). `Ok(None)`: the request names no service.
+    /// open proxy). Only the origin is taken from the device: the request
+    /// goes to the path `/` of the service's own base URL (an OSCORE
+    /// request's path is inner, RFC 8613 §4.1.3), and a URL with userinfo,
+    /// a query or a fragment is refused. `Ok(None)`: it names no service.
     fn proxy_target(&self, request: &Packet) -> Result<Option<(Option<usize>, reqwest::Url)>, &'static str> {
-        let first = |o: CoapOption| {
+        let text = |o: CoapOption| -> Result<Option<String>, &'static str> {
             request
                 .get_first_option(o)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .map(|v| String::from_utf8(v.clone()).map_err(|_| "a proxy option is not UTF-8"))
+                .transpose()
         };
-        let named = if let Some(uri) = first(CoapOption::ProxyUri) {
-            reqwest::Url::parse(&uri).map_err(|_| "Proxy-Uri is not a URL")?
-        } else if let Some(scheme) = first(CoapOption::ProxyScheme) {
-            let host = first(CoapOption::UriHost).ok_or("Proxy-Scheme without Uri-Host")?;
-            let port = request
-                .get_first_option(CoapOption::UriPort)
-                .and_then(|v| read_uint(v))
-                .map(|p| format!(":{p}"))
-                .unwrap_or_default();
+        let named = if let Some(uri) = text(CoapOption::ProxyUri)? {
+            let url = reqwest::Url::parse(&uri).map_err(|_| "Proxy-Uri is not a URL")?;
+            if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some()
+            {
+                return Err("Proxy-Uri with userinfo, a query or a fragment");
+            }
+            if !matches!(url.path(), "" | "/") {
+                return Err("an OSCORE request's path is inner: Proxy-Uri names an origin only");
+            }
+            url
+        } else if let Some(scheme) = text(CoapOption::ProxyScheme)? {
+            if !matches!(scheme.as_str(), "http" | "https") {
+                return Err("Proxy-Scheme must be http or https");
+            }
+            let host = text(CoapOption::UriHost)?.ok_or("Proxy-Scheme without Uri-Host")?;
+            let bare = !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+            if !bare {
+                return Err("Uri-Host is not a host name or address");
+            }
+            let port = match request.get_first_option(CoapOption::UriPort) {
+                None => String::new(),
+                Some(v) => match read_uint(v).and_then(|p| u16::try_from(p).ok()) {
+                    Some(p) => format!(":{p}"),
+                    None => return Err("Uri-Port is not a port"),
+                },
+            };
             let host = if host.contains(':') && !host.starts_with('[') {
                 format!("[{host}]")
             } else {
@@ -372,11 +420,7 @@ impl Inner {
         } else {
             return Ok(None);
         };
-        let same_origin = |u: &reqwest::Url| {
-            u.scheme() == named.scheme()
-                && u.host_str().map(str::to_ascii_lowercase) == named.host_str().map(str::to_ascii_lowercase)
-                && u.port_or_known_default() == named.port_or_known_default()
-        };
+        let same_origin = |u: &reqwest::Url| u.origin() == named.origin();
         let route = if let Some(i) = self.config.routes.iter().position(|r| same_origin(&r.upstream)) {
             Some(i)
         } else if self.config.default_upstream.as_ref().is_some_and(same_origin) {
@@ -384,12 +428,13 @@ impl Inner {
         } else {
             return Err("not a service of this gateway");
         };
-        Ok(Some((route, named)))
+        let base = self.base(route).ok_or("not a service of this gateway")?;
+        Ok(Some((route, upstream::join(base, "/"))))
     }
 
     /// Decide what to do with one request from `from`; `whole` is the
     /// largest flight answer sent without Block2.
-    fn process(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Step {
+    fn process(self: &Arc<Self>, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Step {
         if let Some(option) = atls_coap::message::unknown_critical(request) {
             return Step::Now(diagnostic(
                 request,
@@ -415,7 +460,7 @@ impl Inner {
         ))
     }
 
-    fn flight(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Step {
+    fn flight(self: &Arc<Self>, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Step {
         if request.header.code != MessageClass::Request(RequestType::Post) {
             return Step::Now(diagnostic(
                 request,
@@ -516,10 +561,10 @@ impl Inner {
             let Some(base) = self.base(device.route).cloned() else {
                 return Err(None);
             };
-            self.admit(device, totals).map_err(Some)?;
-            Ok((base, device.sni.clone()))
+            self.admit(device, totals, device.route).map_err(Some)?;
+            Ok((base, device.sni.clone(), device.route))
         });
-        let (base, sni) = match admitted {
+        let (base, sni, route) = match admitted {
             Ok(Some(Ok(found))) => found,
             Ok(Some(Err(None))) => {
                 return Step::Now(diagnostic(
@@ -533,6 +578,11 @@ impl Inner {
             Err(why) => return Step::Now(no_room(request, why)),
         };
         Step::Upstream(upstream::Call {
+            _guard: InFlight {
+                inner: self.clone(),
+                endpoint: from,
+                route,
+            },
             endpoint: from,
             request: request.clone(),
             kind: upstream::Kind::Flight { body: flight, hello },
@@ -542,7 +592,13 @@ impl Inner {
         })
     }
 
-    fn oscore(&self, request: &Packet, from: Endpoint, now: Instant) -> Step {
+    fn oscore(self: &Arc<Self>, request: &Packet, from: Endpoint, now: Instant) -> Step {
+        // Forward only what is an OSCORE message (RFC 8613 §6.1): a
+        // well-formed option and a ciphertext at least a tag long.
+        if atls_oscore::message::oscore_option(request).is_err() || request.payload.len() < 8 {
+            tracing::info!(device = %from.addr, "refused: not an OSCORE message");
+            return Step::Now(diagnostic(request, ResponseType::BadOption, "not an OSCORE message"));
+        }
         let target = match self.proxy_target(request) {
             Ok(target) => target,
             Err(why) => {
@@ -560,17 +616,17 @@ impl Inner {
         // The target is settled before the request is counted in flight:
         // nothing returns between admission and the upstream exchange.
         let admitted = lock(&self.devices).with(from, now, &self.bounds, true, |device, totals| {
-            let url = match &target {
-                Some((_, url)) => url.clone(),
+            let (route, url) = match &target {
+                Some((route, url)) => (*route, url.clone()),
                 None => match self.base(device.route) {
-                    Some(base) => upstream::join(base, "/"),
+                    Some(base) => (device.route, upstream::join(base, "/")),
                     None => return Err(None),
                 },
             };
-            self.admit(device, totals).map_err(Some)?;
-            Ok((url, device.sni.clone()))
+            self.admit(device, totals, route).map_err(Some)?;
+            Ok((url, device.sni.clone(), route))
         });
-        let (url, sni) = match admitted {
+        let (url, sni, route) = match admitted {
             Ok(Some(Ok(found))) => found,
             Ok(Some(Err(None))) => {
                 return Step::Now(diagnostic(
@@ -584,6 +640,11 @@ impl Inner {
             Err(why) => return Step::Now(no_room(request, why)),
         };
         Step::Upstream(upstream::Call {
+            _guard: InFlight {
+                inner: self.clone(),
+                endpoint: from,
+                route,
+            },
             endpoint: from,
             request: request.clone(),
             kind: upstream::Kind::Oscore,
@@ -593,14 +654,28 @@ impl Inner {
         })
     }
 
-    /// Count one more upstream request of `device`, within the bounds.
-    fn admit(&self, device: &mut devices::Device, totals: devices::Totals) -> Result<(), &'static str> {
+    /// Count one more upstream request of `device` to `route`, within the
+    /// bounds: per device, per service (so that a hanging service cannot
+    /// take every slot from the others), overall. Released by the
+    /// request's [`InFlight`] guard, whatever ends it.
+    fn admit(
+        &self,
+        device: &mut devices::Device,
+        totals: devices::Totals,
+        route: Option<usize>,
+    ) -> Result<(), &'static str> {
         if device.in_flight >= self.config.max_requests_per_device.max(1) {
             return Err("too many requests of this device in progress");
         }
         if totals.in_flight >= self.config.max_upstream_requests.max(1) {
             return Err("too many upstream requests in progress");
         }
+        let mut load = lock(&self.route_load);
+        let on_route = load.entry(route).or_insert(0);
+        if *on_route >= self.config.max_requests_per_service.max(1) {
+            return Err("too many requests to this service in progress");
+        }
+        *on_route = on_route.saturating_add(1);
         device.in_flight = device.in_flight.saturating_add(1);
         Ok(())
     }

@@ -23,6 +23,8 @@ pub(crate) enum Kind {
 
 /// One upstream exchange to run.
 pub(crate) struct Call {
+    /// Gives back the request's slots when the exchange ends.
+    pub(crate) _guard: crate::InFlight,
     pub(crate) endpoint: Endpoint,
     pub(crate) request: Packet,
     pub(crate) kind: Kind,
@@ -346,12 +348,11 @@ impl Inner {
         });
     }
 
-    /// The device's upstream request ended: `flight_ok` counts an answered
+    /// The device's upstream request was answered: `flight_ok` counts an answered
     /// flight exchange (two make a completed handshake), `oscore_ok` an
     /// answered OSCORE exchange (the device is established).
     fn done(&self, endpoint: Endpoint, flight_ok: bool, oscore_ok: bool) {
         let _ = lock(&self.devices).with(endpoint, Instant::now(), &self.bounds, false, |device, _| {
-            device.in_flight = device.in_flight.saturating_sub(1);
             if flight_ok {
                 device.exchanges = device.exchanges.saturating_add(1);
                 if device.exchanges >= 2 {

@@ -433,6 +433,46 @@ async fn what_is_not_atls_or_oscore_is_refused_and_reaches_no_service() {
     elsewhere.add_option(CoapOption::ProxyUri, b"http://example.invalid/".to_vec());
     elsewhere.payload = vec![0; 16];
     assert_eq!(code_of(&raw.send(elsewhere).await), "ProxyingNotSupported");
+    // Proxy-Uri / Proxy-Scheme name an origin of a configured service and
+    // nothing else: no other port, no path, query or userinfo smuggled in.
+    let port = service.url.rsplit(':').next().expect("port").to_owned();
+    let other_port: u16 = port.parse::<u16>().expect("port").wrapping_add(1);
+    for uri in [
+        format!("{}/internal/admin", service.url),
+        format!("{}/?delete=all", service.url),
+        format!("http://admin:secret@127.0.0.1:{port}/"),
+        format!("http://127.0.0.1:{other_port}/"),
+        format!("https://127.0.0.1:{port}/"),
+        "file:///etc/passwd".to_owned(),
+    ] {
+        let mut smuggled = request(RequestType::Post, "/");
+        smuggled.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0x00]);
+        smuggled.add_option(CoapOption::ProxyUri, uri.clone().into_bytes());
+        smuggled.payload = vec![0; 16];
+        assert_eq!(code_of(&raw.send(smuggled).await), "ProxyingNotSupported", "{uri}");
+    }
+    for (scheme, host) in [
+        ("http://127.0.0.1/x?", "x"),
+        ("http", "127.0.0.1/admin?"),
+        ("http", "user@127.0.0.1"),
+        ("gopher", "127.0.0.1"),
+    ] {
+        let mut smuggled = request(RequestType::Post, "/");
+        smuggled.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0x00]);
+        smuggled.add_option(CoapOption::ProxyScheme, scheme.as_bytes().to_vec());
+        smuggled.add_option(CoapOption::UriHost, host.as_bytes().to_vec());
+        smuggled.add_option(CoapOption::UriPort, atls_coap::server::uint_option(u64::from(port.parse::<u16>().expect("port"))));
+        smuggled.payload = vec![0; 16];
+        assert_eq!(code_of(&raw.send(smuggled).await), "ProxyingNotSupported", "{scheme} {host}");
+    }
+    // An OSCORE option that is not one (reserved flag bits), or no ciphertext.
+    let mut bogus = request(RequestType::Post, "/");
+    bogus.add_option(CoapOption::Oscore, vec![0xe0]);
+    bogus.payload = vec![0; 16];
+    assert_eq!(code_of(&raw.send(bogus).await), "BadOption");
+    let mut empty = request(RequestType::Post, "/");
+    empty.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0x00]);
+    assert_eq!(code_of(&raw.send(empty).await), "BadOption");
     let mut critical = request(RequestType::Post, "/");
     critical.add_option(CoapOption::Unknown(65001), vec![1]);
     assert_eq!(code_of(&raw.send(critical).await), "BadOption");
@@ -715,4 +755,65 @@ async fn each_device_has_its_own_cookies_and_upstream_connections() {
         cookie_of_connection.len() >= 4,
         "at least one connection per device"
     );
+}
+
+/// A hanging service holds at most its own share of the upstream slots:
+/// devices of another service are served while it hangs, and its own
+/// extra devices get 5.03 rather than queueing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_service_cannot_take_every_slot() {
+    let good = terminator(engines()[0], TlsVersion::Tls13).await;
+    let (hanging, _task) = fake_service(None).await;
+    let rig = gateway(GatewayConfig {
+        routes: vec![Route {
+            name: "slow.test".into(),
+            upstream: to(&hanging),
+        }],
+        default_upstream: Some(to(&good.url)),
+        upstream_timeout: Duration::from_secs(3),
+        max_upstream_requests: 8,
+        max_requests_per_service: 4,
+        ..GatewayConfig::default()
+    })
+    .await;
+    let established = device(Wire::Udp, &rig, TlsVersion::Tls13, SERVER_NAME).await;
+    assert_eq!(session_json(&established).await["mode"], "oscore");
+    let hello = client_hello("slow.test");
+    let mut waiting = Vec::new();
+    for _ in 0..8 {
+        let mut raw = Raw::new(rig.udp).await;
+        let hello = hello.clone();
+        waiting.push(tokio::spawn(async move {
+            code_of(&raw.send(flight(hello, atls_coap::CONTENT_FORMAT_ATLS)).await)
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // While the hanging service holds its four slots (and the four more
+    // it asked for are refused), the other service's device is served:
+    // without the per-service share the eight would hold every slot and
+    // this request would get 5.03.
+    let answer = established
+        .request(&inner_request(RequestType::Get, "/hello", b""))
+        .await
+        .expect("the other service is served while one hangs");
+    assert_eq!(answer.payload, b"hello");
+    let mut codes = Vec::new();
+    for w in waiting {
+        codes.push(w.await.expect("task"));
+    }
+    codes.sort();
+    assert_eq!(
+        codes,
+        [
+            "GatewayTimeout",
+            "GatewayTimeout",
+            "GatewayTimeout",
+            "GatewayTimeout",
+            "ServiceUnavailable",
+            "ServiceUnavailable",
+            "ServiceUnavailable",
+            "ServiceUnavailable"
+        ]
+    );
+    assert_eq!(rig.gateway.stats(Instant::now()).upstream_in_flight, 0);
 }
