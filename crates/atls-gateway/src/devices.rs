@@ -34,6 +34,9 @@ pub(crate) struct Device {
     pub(crate) route: Option<usize>,
     /// The SNI of its last ClientHello.
     pub(crate) sni: Option<String>,
+    /// A ClientHello of it chose its route: later flights go there (a
+    /// device forgotten mid-handshake is refused, not sent elsewhere).
+    pub(crate) routed: bool,
     /// Flight exchanges answered since its last ClientHello.
     pub(crate) exchanges: u8,
     /// It completed a handshake (two flight exchanges answered, or an
@@ -63,6 +66,7 @@ impl Device {
             http: None,
             route: None,
             sni: None,
+            routed: false,
             exchanges: 0,
             established: false,
             block1: None,
@@ -78,6 +82,11 @@ impl Device {
             usize::from(self.block1.is_some()),
             self.block2.as_ref().map_or(0, |b| b.body.len()),
         )
+    }
+
+    /// When its Block1 transfer and its Block2 body were last used.
+    fn buffer_times(&self) -> (Option<Instant>, Option<Instant>) {
+        (self.block1.as_ref().map(|(_, at)| *at), self.block2.as_ref().map(|b| b.at))
     }
 }
 
@@ -97,6 +106,12 @@ pub(crate) struct Devices {
     half_open: BTreeSet<(Instant, Endpoint)>,
     established: BTreeSet<(Instant, Endpoint)>,
     per_prefix: HashMap<ClientKey, usize>,
+    /// Block1 transfers in progress per address prefix.
+    prefix_transfers: HashMap<ClientKey, usize>,
+    /// Block1 transfers and Block2 bodies by when they were last used, so
+    /// that abandoned ones are dropped by the sweep.
+    block1_order: BTreeSet<(Instant, Endpoint)>,
+    block2_order: BTreeSet<(Instant, Endpoint)>,
     /// Block1 transfers in progress and bytes held in Block2 bodies.
     pub(crate) transfers: usize,
     pub(crate) block2_bytes: usize,
@@ -111,6 +126,8 @@ pub(crate) struct Bounds {
     pub(crate) max_per_prefix: usize,
     pub(crate) handshake_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    /// How long an unused Block1 transfer or Block2 body is kept.
+    pub(crate) transfer_timeout: Duration,
 }
 
 impl Devices {
@@ -144,12 +161,47 @@ impl Devices {
         }
     }
 
+    fn count_prefix_transfer(&mut self, key: ClientKey, delta: isize) {
+        let n = self.prefix_transfers.entry(key).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            self.prefix_transfers.remove(&key);
+        }
+    }
+
+    /// Book the change of a device's buffers (before → after).
+    fn rebook(&mut self, endpoint: Endpoint, before: ((usize, usize), (Option<Instant>, Option<Instant>)), after: ((usize, usize), (Option<Instant>, Option<Instant>))) {
+        let ((t0, b0), (a1_0, a2_0)) = before;
+        let ((t1, b1), (a1_1, a2_1)) = after;
+        self.transfers = self.transfers.saturating_add(t1).saturating_sub(t0);
+        self.block2_bytes = self.block2_bytes.saturating_add(b1).saturating_sub(b0);
+        if t1 != t0 {
+            let key = ClientKey::from(endpoint.addr.ip());
+            self.count_prefix_transfer(key, if t1 > t0 { 1 } else { -1 });
+        }
+        if a1_0 != a1_1 {
+            if let Some(at) = a1_0 {
+                self.block1_order.remove(&(at, endpoint));
+            }
+            if let Some(at) = a1_1 {
+                self.block1_order.insert((at, endpoint));
+            }
+        }
+        if a2_0 != a2_1 {
+            if let Some(at) = a2_0 {
+                self.block2_order.remove(&(at, endpoint));
+            }
+            if let Some(at) = a2_1 {
+                self.block2_order.insert((at, endpoint));
+            }
+        }
+    }
+
     pub(crate) fn remove(&mut self, endpoint: &Endpoint) {
         if let Some(device) = self.map.remove(endpoint) {
             self.order(device.established).remove(&(device.seen, *endpoint));
-            let (transfers, bytes) = device.buffered();
-            self.transfers = self.transfers.saturating_sub(transfers);
-            self.block2_bytes = self.block2_bytes.saturating_sub(bytes);
+            let before = (device.buffered(), device.buffer_times());
+            self.rebook(*endpoint, before, ((0, 0), (None, None)));
             self.in_flight = self.in_flight.saturating_sub(device.in_flight);
             let key = ClientKey::from(endpoint.addr.ip());
             if let Some(n) = self.per_prefix.get_mut(&key) {
@@ -165,6 +217,34 @@ impl Devices {
     /// timeout, established ones after the idle timeout. A device with an
     /// upstream request in progress is kept until it is answered.
     pub(crate) fn sweep(&mut self, now: Instant, bounds: &Bounds) {
+        // Abandoned Block1 transfers and unfetched Block2 bodies first.
+        for block1 in [true, false] {
+            loop {
+                let order = if block1 { &self.block1_order } else { &self.block2_order };
+                let Some((at, endpoint)) = order.first().copied() else {
+                    break;
+                };
+                if now.saturating_duration_since(at) <= bounds.transfer_timeout {
+                    break;
+                }
+                match self.map.get_mut(&endpoint) {
+                    Some(device) => {
+                        let before = (device.buffered(), device.buffer_times());
+                        if block1 {
+                            device.block1 = None;
+                        } else {
+                            device.block2 = None;
+                        }
+                        let after = (device.buffered(), device.buffer_times());
+                        self.rebook(endpoint, before, after);
+                    }
+                    None => {
+                        let order = if block1 { &mut self.block1_order } else { &mut self.block2_order };
+                        order.remove(&(at, endpoint));
+                    }
+                }
+            }
+        }
         for (established, timeout) in [(false, bounds.handshake_timeout), (true, bounds.idle_timeout)] {
             loop {
                 let order = self.order(established);
@@ -211,10 +291,16 @@ impl Devices {
                 return Err(NoRoom::PerAddress);
             }
             if self.map.len() >= bounds.max_devices.max(1) {
+                // Room is made from half-open devices: first one that never
+                // had a ClientHello forwarded, else the least recently seen.
+                let idle = |e: &Endpoint| self.map.get(e).is_some_and(|d| d.in_flight == 0);
+                let unrouted = |e: &Endpoint| self.map.get(e).is_some_and(|d| !d.routed);
                 let victim = self
                     .half_open
                     .iter()
-                    .find(|(_, e)| self.map.get(e).is_some_and(|d| d.in_flight == 0))
+                    .take(256)
+                    .find(|(_, e)| idle(e) && unrouted(e))
+                    .or_else(|| self.half_open.iter().find(|(_, e)| idle(e)))
                     .map(|(_, e)| *e);
                 match victim {
                     Some(victim) => self.remove(&victim),
@@ -229,26 +315,24 @@ impl Devices {
             return Ok(None);
         };
         let (seen, established) = (device.seen, device.established);
-        let (transfers, bytes) = device.buffered();
+        let before = (device.buffered(), device.buffer_times());
         let in_flight = device.in_flight;
         device.seen = device.seen.max(now);
         let totals = Totals {
             transfers: self.transfers,
+            prefix_transfers: self
+                .prefix_transfers
+                .get(&ClientKey::from(endpoint.addr.ip()))
+                .copied()
+                .unwrap_or(0),
             block2_bytes: self.block2_bytes,
             in_flight: self.in_flight,
         };
         let result = f(device, totals);
-        let (transfers_after, bytes_after) = device.buffered();
+        let after = (device.buffered(), device.buffer_times());
         let (seen_after, established_after, in_flight_after) =
             (device.seen, device.established, device.in_flight);
-        self.transfers = self
-            .transfers
-            .saturating_add(transfers_after)
-            .saturating_sub(transfers);
-        self.block2_bytes = self
-            .block2_bytes
-            .saturating_add(bytes_after)
-            .saturating_sub(bytes);
+        self.rebook(endpoint, before, after);
         self.in_flight = self
             .in_flight
             .saturating_add(in_flight_after)
@@ -266,6 +350,8 @@ impl Devices {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Totals {
     pub(crate) transfers: usize,
+    /// Block1 transfers of the device's address prefix.
+    pub(crate) prefix_transfers: usize,
     pub(crate) block2_bytes: usize,
     pub(crate) in_flight: usize,
 }

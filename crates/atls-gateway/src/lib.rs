@@ -89,6 +89,9 @@ pub struct GatewayConfig {
     pub handshake_timeout: Duration,
     /// An established device is forgotten after this long without a message.
     pub idle_timeout: Duration,
+    /// A Block1 upload or a Block2 answer not continued for this long is
+    /// dropped.
+    pub transfer_timeout: Duration,
     /// How long the service may take to answer (then 5.04).
     pub upstream_timeout: Duration,
     /// How long connecting to the service may take (then 5.02).
@@ -118,6 +121,7 @@ impl Default for GatewayConfig {
             max_requests_per_service: 128,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
+            transfer_timeout: BLOCK2_LIFETIME,
             upstream_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_tls: atls_http::TransportTls::default(),
@@ -183,6 +187,8 @@ pub type Observer = Arc<dyn Fn(&Observation) + Send + Sync>;
 
 /// Block1 uploads in progress at once over all devices.
 const MAX_BLOCK1_TRANSFERS: usize = atls_coap::block::MAX_BLOCK1_TRANSFERS;
+/// Block1 uploads in progress at once from one address prefix.
+const MAX_BLOCK1_PER_PREFIX: usize = 8;
 /// Bytes of answers held for Block2 follow-ups over all devices.
 const MAX_BLOCK2_BYTES: usize = 16 * 1024 * 1024;
 /// A Block2 answer not fetched for this long is dropped.
@@ -289,6 +295,7 @@ impl Gateway {
             max_per_prefix: config.max_devices_per_ip,
             handshake_timeout: config.handshake_timeout,
             idle_timeout: config.idle_timeout,
+            transfer_timeout: config.transfer_timeout,
         };
         Ok(Arc::new(Self {
             inner: Arc::new(Inner {
@@ -553,8 +560,13 @@ impl Inner {
             if hello {
                 device.route = chosen.flatten();
                 device.sni = sni.clone();
+                device.routed = true;
                 device.exchanges = 0;
                 device.established = false;
+            } else if !device.routed {
+                // Its handshake did not pass here (or it was forgotten
+                // since): it must not be sent to some other service.
+                return Err(None);
             }
             // The target is settled before the request is counted in
             // flight: nothing returns between admission and the exchange.
@@ -695,6 +707,10 @@ impl Inner {
         let max = self.config.max_flight;
         lock(&self.devices)
             .with(from, now, &self.bounds, true, |device, totals| {
+                // One host holds at most a few of the table's transfers.
+                if block.num == 0 && device.block1.is_none() && totals.prefix_transfers >= MAX_BLOCK1_PER_PREFIX {
+                    return Err(BlockError::Busy);
+                }
                 block1_step(
                     &mut device.block1,
                     totals.transfers.min(MAX_BLOCK1_TRANSFERS),
@@ -715,7 +731,7 @@ impl Inner {
         let format = self.config.content_format;
         let answer = lock(&self.devices).with(from, now, &self.bounds, false, |device, _| {
             let kept = device.block2.as_ref()?;
-            if now.saturating_duration_since(kept.at) > BLOCK2_LIFETIME {
+            if now.saturating_duration_since(kept.at) > self.config.transfer_timeout {
                 device.block2 = None;
                 return None;
             }

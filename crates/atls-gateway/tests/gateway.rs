@@ -817,3 +817,64 @@ async fn a_hanging_service_cannot_take_every_slot() {
     );
     assert_eq!(rig.gateway.stats(Instant::now()).upstream_in_flight, 0);
 }
+
+/// Blockwise state is bounded per host and dropped when abandoned; a
+/// device forgotten mid-handshake is refused, not sent to another service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_transfers_and_forgotten_devices() {
+    let a = terminator(engines()[0], TlsVersion::Tls13).await;
+    let b = terminator(engines()[0], TlsVersion::Tls13).await;
+    let rig = gateway(GatewayConfig {
+        routes: vec![Route {
+            name: SERVER_NAME.into(),
+            upstream: to(&a.url),
+        }],
+        default_upstream: Some(to(&b.url)),
+        handshake_timeout: Duration::from_millis(500),
+        transfer_timeout: Duration::from_millis(500),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let cf = atls_coap::CONTENT_FORMAT_ATLS;
+    let hello = client_hello(SERVER_NAME);
+    let first_block = |num: u32, more: bool| {
+        let mut p = flight(hello[..64].to_vec(), cf);
+        p.add_option(
+            CoapOption::Block1,
+            atls_coap::block::BlockValue { num, more, szx: 2 }.encode(),
+        );
+        p
+    };
+    // One host starts Block1 uploads on many ports: a few are taken, the
+    // rest refused, and the table's other hosts keep their share.
+    let mut codes = Vec::new();
+    let mut holders = Vec::new();
+    for _ in 0..10 {
+        let mut raw = Raw::new(rig.udp).await;
+        codes.push(code_of(&raw.send(first_block(0, true)).await));
+        holders.push(raw);
+    }
+    assert_eq!(codes.iter().filter(|c| *c == "Continue").count(), 8, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| *c == "ServiceUnavailable").count(), 2, "{codes:?}");
+    assert_eq!(rig.gateway.stats(Instant::now()).block1_transfers, 8);
+    // Abandoned, they are dropped by the sweep, and the host may start again.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    rig.gateway.sweep(Instant::now());
+    assert_eq!(rig.gateway.stats(Instant::now()).block1_transfers, 0);
+    let mut again = Raw::new(rig.udp).await;
+    assert_eq!(code_of(&again.send(first_block(0, true)).await), "Continue");
+
+    // A device whose ClientHello went to A, forgotten mid-handshake, sends
+    // its next flight: refused, and B never sees it.
+    let mut device_raw = Raw::new(rig.udp).await;
+    let answer = device_raw.send(flight(hello.clone(), cf)).await;
+    assert_eq!(code_of(&answer), "Changed");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    rig.gateway.sweep(Instant::now());
+    let b_before = b.hits.load(Ordering::Relaxed);
+    let next = device_raw
+        .send(flight(vec![0x17, 0x03, 0x03, 0x00, 0x01, 0x00], cf))
+        .await;
+    assert_eq!(code_of(&next), "NotFound", "{next:?}");
+    assert_eq!(b.hits.load(Ordering::Relaxed), b_before, "nothing went to the other service");
+}
