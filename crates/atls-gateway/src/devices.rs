@@ -19,8 +19,8 @@ pub(crate) const RECENT_PER_DEVICE: usize = 8;
 pub(crate) const DEDUP_LIFETIME: Duration = Duration::from_secs(247);
 /// Cookies kept per device; more from the service are ignored.
 pub(crate) const MAX_COOKIES: usize = 16;
-/// Largest cookie (`name=value`) kept.
-pub(crate) const MAX_COOKIE_BYTES: usize = 4096;
+/// Bytes of cookies (names and values) kept per device.
+pub(crate) const MAX_COOKIE_BYTES: usize = 8192;
 
 /// One device (a CoAP endpoint: address, port and transport).
 pub(crate) struct Device {
@@ -86,7 +86,10 @@ impl Device {
 
     /// When its Block1 transfer and its Block2 body were last used.
     fn buffer_times(&self) -> (Option<Instant>, Option<Instant>) {
-        (self.block1.as_ref().map(|(_, at)| *at), self.block2.as_ref().map(|b| b.at))
+        (
+            self.block1.as_ref().map(|(_, at)| *at),
+            self.block2.as_ref().map(|b| b.at),
+        )
     }
 }
 
@@ -117,6 +120,8 @@ pub(crate) struct Devices {
     pub(crate) block2_bytes: usize,
     /// Upstream requests in progress over all devices.
     pub(crate) in_flight: usize,
+    /// Devices holding an upstream pool of their own.
+    pooled: usize,
 }
 
 /// Limits the table applies.
@@ -151,6 +156,28 @@ impl Devices {
         }
     }
 
+    /// Drop the pools of the least recently seen established devices until
+    /// at most `max` devices hold one (their next request builds a new one).
+    pub(crate) fn trim_pools(&mut self, max: usize) {
+        if self.pooled <= max {
+            return;
+        }
+        let victims: Vec<Endpoint> = self
+            .established
+            .iter()
+            .filter(|(_, e)| self.map.get(e).is_some_and(|d| d.http.is_some()))
+            .take(self.pooled.saturating_sub(max))
+            .map(|(_, e)| *e)
+            .collect();
+        for e in victims {
+            if let Some(d) = self.map.get_mut(&e) {
+                if d.http.take().is_some() {
+                    self.pooled = self.pooled.saturating_sub(1);
+                }
+            }
+        }
+    }
+
     /// One upstream request of `endpoint` ended.
     pub(crate) fn release(&mut self, endpoint: &Endpoint) {
         if let Some(device) = self.map.get_mut(endpoint) {
@@ -170,7 +197,12 @@ impl Devices {
     }
 
     /// Book the change of a device's buffers (before → after).
-    fn rebook(&mut self, endpoint: Endpoint, before: ((usize, usize), (Option<Instant>, Option<Instant>)), after: ((usize, usize), (Option<Instant>, Option<Instant>))) {
+    fn rebook(
+        &mut self,
+        endpoint: Endpoint,
+        before: ((usize, usize), (Option<Instant>, Option<Instant>)),
+        after: ((usize, usize), (Option<Instant>, Option<Instant>)),
+    ) {
         let ((t0, b0), (a1_0, a2_0)) = before;
         let ((t1, b1), (a1_1, a2_1)) = after;
         self.transfers = self.transfers.saturating_add(t1).saturating_sub(t0);
@@ -202,6 +234,9 @@ impl Devices {
             self.order(device.established).remove(&(device.seen, *endpoint));
             let before = (device.buffered(), device.buffer_times());
             self.rebook(*endpoint, before, ((0, 0), (None, None)));
+            if device.http.is_some() {
+                self.pooled = self.pooled.saturating_sub(1);
+            }
             self.in_flight = self.in_flight.saturating_sub(device.in_flight);
             let key = ClientKey::from(endpoint.addr.ip());
             if let Some(n) = self.per_prefix.get_mut(&key) {
@@ -220,7 +255,11 @@ impl Devices {
         // Abandoned Block1 transfers and unfetched Block2 bodies first.
         for block1 in [true, false] {
             loop {
-                let order = if block1 { &self.block1_order } else { &self.block2_order };
+                let order = if block1 {
+                    &self.block1_order
+                } else {
+                    &self.block2_order
+                };
                 let Some((at, endpoint)) = order.first().copied() else {
                     break;
                 };
@@ -239,7 +278,11 @@ impl Devices {
                         self.rebook(endpoint, before, after);
                     }
                     None => {
-                        let order = if block1 { &mut self.block1_order } else { &mut self.block2_order };
+                        let order = if block1 {
+                            &mut self.block1_order
+                        } else {
+                            &mut self.block2_order
+                        };
                         order.remove(&(at, endpoint));
                     }
                 }
@@ -317,6 +360,7 @@ impl Devices {
         let (seen, established) = (device.seen, device.established);
         let before = (device.buffered(), device.buffer_times());
         let in_flight = device.in_flight;
+        let pooled = device.http.is_some();
         device.seen = device.seen.max(now);
         let totals = Totals {
             transfers: self.transfers,
@@ -332,7 +376,12 @@ impl Devices {
         let after = (device.buffered(), device.buffer_times());
         let (seen_after, established_after, in_flight_after) =
             (device.seen, device.established, device.in_flight);
+        let pooled_after = device.http.is_some();
         self.rebook(endpoint, before, after);
+        self.pooled = self
+            .pooled
+            .saturating_add(usize::from(pooled_after))
+            .saturating_sub(usize::from(pooled));
         self.in_flight = self
             .in_flight
             .saturating_add(in_flight_after)

@@ -84,6 +84,10 @@ pub struct GatewayConfig {
     pub max_requests_per_device: usize,
     /// Upstream requests in progress at once to one service.
     pub max_requests_per_service: usize,
+    /// Established devices that keep an upstream connection pool of their
+    /// own (the least recently seen lose theirs beyond it); devices
+    /// without one open a connection per exchange.
+    pub max_pooled_devices: usize,
     /// A device that has not completed a handshake is forgotten after this
     /// long without a message.
     pub handshake_timeout: Duration,
@@ -115,10 +119,11 @@ impl Default for GatewayConfig {
             max_flight: 64 * 1024,
             max_message: 64 * 1024,
             max_devices: 4096,
-            max_devices_per_ip: 1024,
+            max_devices_per_ip: 256,
             max_upstream_requests: 256,
             max_requests_per_device: 4,
             max_requests_per_service: 128,
+            max_pooled_devices: 512,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
             transfer_timeout: BLOCK2_LIFETIME,
@@ -216,6 +221,8 @@ pub(crate) struct Inner {
     pub(crate) config: GatewayConfig,
     pub(crate) bounds: Bounds,
     pub(crate) tls: rustls::ClientConfig,
+    /// The upstream client of devices without a pool of their own.
+    pub(crate) unpooled: reqwest::Client,
     pub(crate) devices: Mutex<Devices>,
     /// Upstream requests in progress per route (`None`: the default).
     route_load: Mutex<std::collections::HashMap<Option<usize>, usize>>,
@@ -297,11 +304,13 @@ impl Gateway {
             idle_timeout: config.idle_timeout,
             transfer_timeout: config.transfer_timeout,
         };
+        let unpooled = upstream::unpooled_client(&tls, &config).map_err(GatewayError::Config)?;
         Ok(Arc::new(Self {
             inner: Arc::new(Inner {
                 config,
                 bounds,
                 tls,
+                unpooled,
                 devices: Mutex::new(Devices::default()),
                 route_load: Mutex::default(),
                 echo: EchoGuard::new(),
@@ -390,7 +399,10 @@ impl Inner {
         };
         let named = if let Some(uri) = text(CoapOption::ProxyUri)? {
             let url = reqwest::Url::parse(&uri).map_err(|_| "Proxy-Uri is not a URL")?;
-            if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some()
+            if !url.username().is_empty()
+                || url.password().is_some()
+                || url.query().is_some()
+                || url.fragment().is_some()
             {
                 return Err("Proxy-Uri with userinfo, a query or a fragment");
             }
@@ -558,6 +570,12 @@ impl Inner {
         };
         let admitted = lock(&self.devices).with(from, now, &self.bounds, true, |device, totals| {
             if hello {
+                if device.routed && device.route != chosen.flatten() {
+                    // Another service: its cookies and connections are
+                    // not the new one's business.
+                    device.cookies = cookie_store::CookieStore::default();
+                    device.http = None;
+                }
                 device.route = chosen.flatten();
                 device.sni = sni.clone();
                 device.routed = true;
@@ -598,6 +616,7 @@ impl Inner {
             endpoint: from,
             request: request.clone(),
             kind: upstream::Kind::Flight { body: flight, hello },
+            cookies: true,
             url: upstream::join(&base, atls_http::wire::WELL_KNOWN_PATH),
             sni,
             whole,
@@ -609,7 +628,11 @@ impl Inner {
         // well-formed option and a ciphertext at least a tag long.
         if atls_oscore::message::oscore_option(request).is_err() || request.payload.len() < 8 {
             tracing::info!(device = %from.addr, "refused: not an OSCORE message");
-            return Step::Now(diagnostic(request, ResponseType::BadOption, "not an OSCORE message"));
+            return Step::Now(diagnostic(
+                request,
+                ResponseType::BadOption,
+                "not an OSCORE message",
+            ));
         }
         let target = match self.proxy_target(request) {
             Ok(target) => target,
@@ -636,9 +659,9 @@ impl Inner {
                 },
             };
             self.admit(device, totals, route).map_err(Some)?;
-            Ok((url, device.sni.clone(), route))
+            Ok((url, device.sni.clone(), route, route == device.route))
         });
-        let (url, sni, route) = match admitted {
+        let (url, sni, route, cookies) = match admitted {
             Ok(Some(Ok(found))) => found,
             Ok(Some(Err(None))) => {
                 return Step::Now(diagnostic(
@@ -660,6 +683,7 @@ impl Inner {
             endpoint: from,
             request: request.clone(),
             kind: upstream::Kind::Oscore,
+            cookies,
             url,
             sni,
             whole: MAX_DATAGRAM_MESSAGE,
@@ -708,7 +732,10 @@ impl Inner {
         lock(&self.devices)
             .with(from, now, &self.bounds, true, |device, totals| {
                 // One host holds at most a few of the table's transfers.
-                if block.num == 0 && device.block1.is_none() && totals.prefix_transfers >= MAX_BLOCK1_PER_PREFIX {
+                if block.num == 0
+                    && device.block1.is_none()
+                    && totals.prefix_transfers >= MAX_BLOCK1_PER_PREFIX
+                {
                     return Err(BlockError::Busy);
                 }
                 block1_step(

@@ -23,6 +23,8 @@ pub(crate) enum Kind {
 
 /// One upstream exchange to run.
 pub(crate) struct Call {
+    /// Whether the device's cookies ride along (its own service).
+    pub(crate) cookies: bool,
     /// Gives back the request's slots when the exchange ends.
     pub(crate) _guard: crate::InFlight,
     pub(crate) endpoint: Endpoint,
@@ -145,13 +147,37 @@ fn record_types(payload: &[u8]) -> String {
         .join(" ")
 }
 
+/// The client of devices without a pool of their own: it keeps no
+/// connection idle, so no connection ever carries two devices' requests.
+pub(crate) fn unpooled_client(
+    tls: &rustls::ClientConfig,
+    config: &crate::GatewayConfig,
+) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls.clone())
+        .connect_timeout(config.upstream_connect_timeout)
+        .pool_max_idle_per_host(0)
+        // HTTP/1.1: a connection carries one exchange at a time (an HTTP/2
+        // connection would multiplex several devices' requests).
+        .http1_only()
+        .redirect(reqwest::redirect::Policy::none());
+    builder = match &config.upstream_proxy {
+        Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy).map_err(|e| e.to_string())?),
+        None => builder.no_proxy(),
+    };
+    builder.build().map_err(|e| error_text(&e))
+}
+
 impl Inner {
-    fn client(&self) -> Result<reqwest::Client, String> {
+    /// An upstream client: with a pool of its own (an established
+    /// device's), or keeping no connection idle (half-open devices: one
+    /// connection per exchange, never reused by another device).
+    pub(crate) fn client(&self, pooled: bool) -> Result<reqwest::Client, String> {
         let mut builder = reqwest::Client::builder()
             .use_preconfigured_tls(self.tls.clone())
             .connect_timeout(self.config.upstream_connect_timeout)
             .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(2)
+            .pool_max_idle_per_host(usize::from(pooled))
             .redirect(reqwest::redirect::Policy::none());
         builder = match &self.config.upstream_proxy {
             Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy).map_err(|e| e.to_string())?),
@@ -166,23 +192,39 @@ impl Inner {
         let endpoint = call.endpoint;
         // The device's pool and cookies (it may have been forgotten
         // meanwhile: then a fresh pool and no cookies).
+        // The device's pool and cookies (it may have been forgotten
+        // meanwhile: then no pool and no cookies). Cookies go only to the
+        // device's own service: a Proxy-Uri naming another gets none.
         let prepared = lock(&self.devices).with(endpoint, started, &self.bounds, false, |device, _| {
-            if device.http.is_none() {
-                device.http = self.client().ok();
-            }
-            let cookies: Vec<String> = device
-                .cookies
-                .get_request_values(&call.url)
-                .map(|(name, value)| format!("{name}={value}"))
-                .collect();
-            (device.http.clone(), cookies.join("; "))
+            let cookies: Vec<String> = if call.cookies {
+                device
+                    .cookies
+                    .get_request_values(&call.url)
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (device.established, device.http.clone(), cookies.join("; "))
         });
-        let (client, cookie) = match prepared {
-            Ok(Some((Some(client), cookie))) => (client, cookie),
-            _ => match self.client() {
-                Ok(client) => (client, String::new()),
+        let (established, pool, cookie) = match prepared {
+            Ok(Some(found)) => found,
+            _ => (false, None, String::new()),
+        };
+        let client = match pool {
+            Some(client) => client,
+            // An established device gets a pool of its own (built outside
+            // the lock); at most `max_pooled_devices` hold one.
+            None if established => match self.client(true) {
+                Ok(client) => {
+                    let mut devices = lock(&self.devices);
+                    let _ = devices.with(endpoint, started, &self.bounds, false, |device, _| {
+                        device.http.get_or_insert_with(|| client.clone()).clone()
+                    });
+                    devices.trim_pools(self.config.max_pooled_devices);
+                    client
+                }
                 Err(e) => {
-                    self.done(endpoint, false, false);
                     tracing::error!(error = %e, "cannot build an upstream client");
                     return diagnostic(
                         &call.request,
@@ -191,6 +233,7 @@ impl Inner {
                     );
                 }
             },
+            None => self.unpooled.clone(),
         };
         let (content_type, body, limit, kind_name) = match &call.kind {
             Kind::Flight { body, .. } => (
@@ -288,7 +331,9 @@ impl Inner {
                 return packet;
             }
         };
-        self.keep_cookies(endpoint, &call.url, &upstream.headers);
+        if call.cookies {
+            self.keep_cookies(endpoint, &call.url, &upstream.headers);
+        }
         let media = media_type(&upstream.headers);
         let forwarded = body;
         let packet = match &call.kind {
@@ -365,6 +410,10 @@ impl Inner {
         });
     }
 
+    /// Keep the service's cookies for the device, within the bounds: at
+    /// most `MAX_COOKIES` cookies (whatever their names and paths) of at
+    /// most `MAX_COOKIE_BYTES` together; a cookie that would exceed them is
+    /// ignored.
     fn keep_cookies(&self, endpoint: Endpoint, url: &reqwest::Url, headers: &HeaderMap) {
         let _ = lock(&self.devices).with(endpoint, Instant::now(), &self.bounds, false, |device, _| {
             for value in headers.get_all(header::SET_COOKIE) {
@@ -372,14 +421,18 @@ impl Inner {
                 if text.len() > MAX_COOKIE_BYTES {
                     continue;
                 }
-                let name = text.split('=').next().unwrap_or_default().trim();
-                let known = device.cookies.iter_any().any(|c| c.name() == name);
-                if !known && device.cookies.iter_any().count() >= MAX_COOKIES {
-                    continue;
-                }
+                let mut trial = device.cookies.clone();
                 // A cookie the store refuses (wrong domain, bad syntax) is
                 // ignored, as browsers do.
-                let _ = device.cookies.parse(text, url);
+                let _ = trial.parse(text, url);
+                let count = trial.iter_any().count();
+                let bytes: usize = trial
+                    .iter_any()
+                    .map(|c| c.name().len().saturating_add(c.value().len()))
+                    .sum();
+                if count <= MAX_COOKIES && bytes <= MAX_COOKIE_BYTES {
+                    device.cookies = trial;
+                }
             }
         });
     }

@@ -449,7 +449,11 @@ async fn what_is_not_atls_or_oscore_is_refused_and_reaches_no_service() {
         smuggled.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0x00]);
         smuggled.add_option(CoapOption::ProxyUri, uri.clone().into_bytes());
         smuggled.payload = vec![0; 16];
-        assert_eq!(code_of(&raw.send(smuggled).await), "ProxyingNotSupported", "{uri}");
+        assert_eq!(
+            code_of(&raw.send(smuggled).await),
+            "ProxyingNotSupported",
+            "{uri}"
+        );
     }
     for (scheme, host) in [
         ("http://127.0.0.1/x?", "x"),
@@ -461,9 +465,16 @@ async fn what_is_not_atls_or_oscore_is_refused_and_reaches_no_service() {
         smuggled.add_option(CoapOption::Oscore, vec![0x09, 0x01, 0x00]);
         smuggled.add_option(CoapOption::ProxyScheme, scheme.as_bytes().to_vec());
         smuggled.add_option(CoapOption::UriHost, host.as_bytes().to_vec());
-        smuggled.add_option(CoapOption::UriPort, atls_coap::server::uint_option(u64::from(port.parse::<u16>().expect("port"))));
+        smuggled.add_option(
+            CoapOption::UriPort,
+            atls_coap::server::uint_option(u64::from(port.parse::<u16>().expect("port"))),
+        );
         smuggled.payload = vec![0; 16];
-        assert_eq!(code_of(&raw.send(smuggled).await), "ProxyingNotSupported", "{scheme} {host}");
+        assert_eq!(
+            code_of(&raw.send(smuggled).await),
+            "ProxyingNotSupported",
+            "{scheme} {host}"
+        );
     }
     // An OSCORE option that is not one (reserved flag bits), or no ciphertext.
     let mut bogus = request(RequestType::Post, "/");
@@ -855,7 +866,11 @@ async fn abandoned_transfers_and_forgotten_devices() {
         holders.push(raw);
     }
     assert_eq!(codes.iter().filter(|c| *c == "Continue").count(), 8, "{codes:?}");
-    assert_eq!(codes.iter().filter(|c| *c == "ServiceUnavailable").count(), 2, "{codes:?}");
+    assert_eq!(
+        codes.iter().filter(|c| *c == "ServiceUnavailable").count(),
+        2,
+        "{codes:?}"
+    );
     assert_eq!(rig.gateway.stats(Instant::now()).block1_transfers, 8);
     // Abandoned, they are dropped by the sweep, and the host may start again.
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -876,5 +891,74 @@ async fn abandoned_transfers_and_forgotten_devices() {
         .send(flight(vec![0x17, 0x03, 0x03, 0x00, 0x01, 0x00], cf))
         .await;
     assert_eq!(code_of(&next), "NotFound", "{next:?}");
-    assert_eq!(b.hits.load(Ordering::Relaxed), b_before, "nothing went to the other service");
+    assert_eq!(
+        b.hits.load(Ordering::Relaxed),
+        b_before,
+        "nothing went to the other service"
+    );
+}
+
+/// A service's Set-Cookie headers cannot grow a device's state without
+/// bound: at most 16 cookies, whatever their names and paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_cannot_grow_a_devices_cookie_store() {
+    let seen: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let app = axum::Router::new().route(
+        "/.well-known/atls",
+        axum::routing::post(move |headers: http::HeaderMap| {
+            let log = log.clone();
+            async move {
+                let cookie = headers
+                    .get(http::header::COOKIE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                log.lock().expect("log").push(cookie);
+                let mut response = http::Response::builder()
+                    .status(200)
+                    .header(http::header::CONTENT_TYPE, "application/atls");
+                for i in 0..40 {
+                    response = response
+                        .header(
+                            http::header::SET_COOKIE,
+                            format!("n{i}={}; Path=/", "v".repeat(100)),
+                        )
+                        .header(http::header::SET_COOKIE, format!("same=x; Path=/p{i}"));
+                }
+                // An alert record: a well-formed TLS payload.
+                response
+                    .body(axum::body::Body::from(vec![
+                        0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28,
+                    ]))
+                    .expect("response")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let rig = gateway(GatewayConfig {
+        default_upstream: Some(to(&format!("http://{addr}"))),
+        ..GatewayConfig::default()
+    })
+    .await;
+    let mut raw = Raw::new(rig.udp).await;
+    let cf = atls_coap::CONTENT_FORMAT_ATLS;
+    for _ in 0..3 {
+        assert_eq!(
+            code_of(&raw.send(flight(client_hello(SERVER_NAME), cf)).await),
+            "Changed"
+        );
+    }
+    let cookies = seen.lock().expect("log").clone();
+    assert_eq!(cookies.len(), 3);
+    assert_eq!(cookies[0], "", "a new device has no cookies");
+    for later in &cookies[1..] {
+        let n = later.split("; ").filter(|c| !c.is_empty()).count();
+        assert!(n > 0 && n <= 16, "{n} cookies sent: {later}");
+        assert!(later.len() <= 8192 + 64, "{} bytes of cookies", later.len());
+    }
 }
