@@ -48,10 +48,20 @@ pub(crate) struct Seen {
 
 pub(crate) type Log = Arc<Mutex<Vec<Seen>>>;
 
+/// Exchanges a demo middlebox remembers.
+const MAX_LOG: usize = 1000;
+
 fn push(log: &Log, seen: Seen) {
-    log.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push(seen);
+    let mut log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if log.len() < MAX_LOG {
+        log.push(seen);
+    }
+}
+
+/// The demo's middleboxes reach only this machine.
+fn loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A running middlebox; dropping it stops it.
@@ -147,7 +157,7 @@ async fn forward(
         request_body: body.to_vec(),
         ..Seen::default()
     };
-    let response = match builder.body(body).send().await {
+    let mut response = match builder.body(body).send().await {
         Ok(r) => r,
         Err(e) => {
             seen.status = 502;
@@ -157,7 +167,24 @@ async fn forward(
     };
     let status = response.status();
     let headers = response.headers().clone();
-    let bytes = response.bytes().await.unwrap_or_default();
+    let mut collected = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) if collected.len().saturating_add(chunk.len()) <= MAX_BODY => {
+                collected.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            _ => {
+                seen.status = 502;
+                push(log, seen);
+                return reply(
+                    StatusCode::BAD_GATEWAY,
+                    "next hop: the answer failed or is too large",
+                );
+            }
+        }
+    }
+    let bytes = Bytes::from(collected);
     seen.status = status.as_u16();
     seen.response_type = content_type(&headers);
     seen.response_body = bytes.to_vec();
@@ -172,10 +199,11 @@ async fn forward(
     out
 }
 
-/// `path and query` of `uri` under `base`.
+/// `path and query` of `uri` under `base` (its path prefix kept).
 fn under(base: &reqwest::Url, uri: &http::Uri) -> reqwest::Url {
     let mut url = base.clone();
-    url.set_path(uri.path());
+    let prefix = base.path().trim_end_matches('/');
+    url.set_path(&format!("{prefix}{}", uri.path()));
     url.set_query(uri.query());
     url
 }
@@ -264,6 +292,12 @@ async fn proxy_request(
         let Some(authority) = request.uri().authority().cloned() else {
             return reply(StatusCode::BAD_REQUEST, "CONNECT needs host:port");
         };
+        if !loopback(authority.host()) {
+            return reply(
+                StatusCode::FORBIDDEN,
+                "the demo's proxy reaches only this machine",
+            );
+        }
         push(
             &log,
             Seen {
@@ -322,5 +356,11 @@ async fn proxy_request(
     let Ok(url) = reqwest::Url::parse(&request.uri().to_string()) else {
         return reply(StatusCode::BAD_REQUEST, "a proxy request has an absolute URI");
     };
+    if !url.host_str().is_some_and(loopback) {
+        return reply(
+            StatusCode::FORBIDDEN,
+            "the demo's proxy reaches only this machine",
+        );
+    }
     forward(&client, url, request, &log).await
 }

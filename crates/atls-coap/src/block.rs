@@ -120,6 +120,16 @@ impl Block1Assembly {
         Ok((assembly, step))
     }
 
+    /// Bytes received so far.
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// Whether nothing was received yet.
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
     /// The number of the block expected next.
     pub fn next(&self) -> u32 {
         self.next

@@ -759,6 +759,8 @@ impl AtlsCoapClient {
             check_block(b, None, response.payload.len(), 1, max_response)?;
         }
         let mut count = 1usize;
+        // Every block must come from the body the first one did.
+        let first_tag = response.get_first_option(CoapOption::ETag).cloned();
         while let Some(b) = block.filter(|b| b.more) {
             if response.payload.len() > max_response {
                 return Err(CoapClientError::Unexpected(
@@ -786,6 +788,11 @@ impl AtlsCoapClient {
                 ));
             };
             check_block(g, Some(value), part.payload.len(), count, max_response)?;
+            if part.get_first_option(CoapOption::ETag).cloned() != first_tag {
+                return Err(CoapClientError::Unexpected(
+                    "Block2: the answer changed between blocks (ETag)".into(),
+                ));
+            }
             response.payload.extend_from_slice(&part.payload);
             block = Some(g);
         }

@@ -199,6 +199,9 @@ struct Conn {
     handshaking: bool,
     /// client_version and random of the ClientHello that opened it.
     random: [u8; 34],
+    /// Tells this session from a later one of the same address and port:
+    /// an answer given later goes only into the session it answers.
+    generation: u64,
 }
 
 /// The server's DTLS sessions.
@@ -206,7 +209,9 @@ struct Server {
     transport: Arc<dyn ServerEndpoint>,
     coap: Arc<dyn CoapHandler>,
     /// Answers the handler gives later, to be sent in their sessions.
-    later: tokio::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>,
+    later: tokio::sync::mpsc::Sender<(SocketAddr, u64, Vec<u8>)>,
+    /// The generation of the next session.
+    generation: u64,
     config: DtlsServerConfig,
     mtu: usize,
     conns: HashMap<SocketAddr, Conn>,
@@ -406,8 +411,10 @@ impl Server {
                 timer: None,
                 handshaking: true,
                 random,
+                generation: self.generation,
             },
         );
+        self.generation = self.generation.wrapping_add(1);
         self.count(from.ip(), 1, 1);
         // Message IDs are scoped to the DTLS session (RFC 7252 §9.1).
         self.coap.reset_exchanges(from, Transport::Dtls);
@@ -460,11 +467,12 @@ impl Server {
                     }
                     Answer::Later(pending) => {
                         let later = self.later.clone();
+                        let generation = conn.generation;
                         tokio::spawn(async move {
                             if let Some(answer) = pending.await {
                                 // A full queue drops the answer: the
                                 // device's retransmission asks again.
-                                let _ = later.try_send((from, answer));
+                                let _ = later.try_send((from, generation, answer));
                             }
                         });
                     }
@@ -502,8 +510,8 @@ impl Server {
 
     /// An answer the handler gave later, protected in the session of `to`
     /// (none if the session ended meanwhile).
-    fn send_later(&mut self, to: SocketAddr, answer: &[u8], now: Instant) -> Vec<Vec<u8>> {
-        let Some(conn) = self.conns.get_mut(&to) else {
+    fn send_later(&mut self, to: SocketAddr, generation: u64, answer: &[u8], now: Instant) -> Vec<Vec<u8>> {
+        let Some(conn) = self.conns.get_mut(&to).filter(|c| c.generation == generation) else {
             return Vec::new();
         };
         if conn.handshaking || conn.session.send(answer).is_err() {
@@ -601,6 +609,7 @@ pub async fn serve<H: CoapHandler>(
         secret,
         created: Instant::now(),
         no_victim_until: None,
+        generation: 0,
     };
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -634,8 +643,8 @@ pub async fn serve<H: CoapHandler>(
                     let _ = socket.send_to(&datagram, to).await;
                 }
             }
-            Some((to, answer)) = later_rx.recv() => {
-                for datagram in server.send_later(to, &answer, Instant::now()) {
+            Some((to, generation, answer)) = later_rx.recv() => {
+                for datagram in server.send_later(to, generation, &answer, Instant::now()) {
                     if let Err(e) = socket.send_to(&datagram, to).await {
                         tracing::debug!(error = %e, %to, "cannot answer");
                     }
@@ -874,6 +883,7 @@ mod tests {
             secret: [9; 32],
             created: Instant::now(),
             no_victim_until: None,
+            generation: 0,
         }
     }
 

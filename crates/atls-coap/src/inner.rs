@@ -24,13 +24,18 @@ const BLOCK2_LIFETIME: Duration = Duration::from_secs(60);
 
 struct Transfer {
     block1: Option<Block1Assembly>,
-    block2: Option<(MessageClass, Vec<u8>)>,
+    /// The kept response: code, body and its ETag (RFC 7959 §2.4).
+    block2: Option<(MessageClass, Vec<u8>, [u8; 8])>,
     seen: Instant,
 }
 
 impl Transfer {
+    /// Bytes held: the request body arriving and the response kept.
     fn bytes(&self) -> usize {
-        self.block2.as_ref().map_or(0, |(_, b)| b.len())
+        self.block2
+            .as_ref()
+            .map_or(0, |(_, b, _)| b.len())
+            .saturating_add(self.block1.as_ref().map_or(0, Block1Assembly::len))
     }
 }
 
@@ -119,10 +124,10 @@ impl<K: Hash + Eq + Clone> InnerTransfers<K> {
             seen: now,
         });
         if now.saturating_duration_since(t.seen) > BLOCK1_LIFETIME.max(BLOCK2_LIFETIME) {
+            let held = t.bytes();
             t.block1 = None;
-            if let Some((_, b)) = t.block2.take() {
-                self.bytes = self.bytes.saturating_sub(b.len());
-            }
+            t.block2 = None;
+            self.bytes = self.bytes.saturating_sub(held);
         }
         t.seen = now;
         t
@@ -149,6 +154,7 @@ impl<K: Hash + Eq + Clone> InnerTransfers<K> {
             .map(|s| usize::try_from(s).unwrap_or(usize::MAX));
         let max = self.max_body;
         let t = self.entry(key, now);
+        let held = t.bytes();
         let step = if block.num == 0 {
             Block1Assembly::start(block, &inner.payload, size1, max).map(|(assembly, step)| {
                 t.block1 = matches!(step, Block1Step::Continue).then_some(assembly);
@@ -162,7 +168,7 @@ impl<K: Hash + Eq + Clone> InnerTransfers<K> {
                 Some(a) => a.accept(block, &inner.payload),
             }
         };
-        match step {
+        let answer = match step {
             Ok(Block1Step::Continue) => {
                 let mut p = inner_answer(ResponseType::Continue);
                 p.add_option(CoapOption::Block1, value.clone());
@@ -182,7 +188,14 @@ impl<K: Hash + Eq + Clone> InnerTransfers<K> {
                 }
                 Err(inner_answer(block_code(e)))
             }
+        };
+        let now_held = t.bytes();
+        self.bytes = self.bytes.saturating_add(now_held).saturating_sub(held);
+        // Over the byte budget: the least recently used transfers go.
+        while self.bytes > self.max_bytes && !self.map.is_empty() {
+            self.evict_one();
         }
+        answer
     }
 
     fn follow_up(&mut self, key: &K, block: BlockValue, now: Instant) -> Packet {
@@ -191,7 +204,7 @@ impl<K: Hash + Eq + Clone> InnerTransfers<K> {
             return inner_answer(ResponseType::RequestEntityIncomplete);
         };
         t.seen = now;
-        let Some((code, body)) = t.block2.as_ref() else {
+        let Some((code, body, tag)) = t.block2.as_ref() else {
             return inner_answer(ResponseType::RequestEntityIncomplete);
         };
         let Some((slice, value)) = block2_slice(body, block.num, szx) else {
@@ -200,10 +213,11 @@ impl<K: Hash + Eq + Clone> InnerTransfers<K> {
         let mut p = Packet::new();
         p.header.code = *code;
         p.add_option(CoapOption::Block2, value.encode());
+        p.add_option(CoapOption::ETag, tag.to_vec());
         p.payload = slice.to_vec();
         if !value.more {
             // The whole response was fetched.
-            if let Some((_, b)) = t.block2.take() {
+            if let Some((_, b, _)) = t.block2.take() {
                 self.bytes = self.bytes.saturating_sub(b.len());
             }
         }
@@ -243,16 +257,20 @@ impl<K: Hash + Eq + Clone> InnerTransfers<K> {
             return response;
         }
         let body = std::mem::take(&mut response.payload);
+        // The ETag names this body: a client fetching blocks sees when a
+        // later answer replaced it (RFC 7959 §2.4).
+        let tag = crate::block::etag(&body);
         if let Some((slice, value)) = block2_slice(&body, 0, szx) {
             response.payload = slice.to_vec();
             response.add_option(CoapOption::Block2, value.encode());
+            response.add_option(CoapOption::ETag, tag.to_vec());
             response.add_option(CoapOption::Size2, uint_option(body.len() as u64));
         }
         let len = body.len();
         let code = response.header.code;
         // Room for it: older kept responses go first.
         if let Some(t) = self.map.get_mut(key) {
-            if let Some((_, b)) = t.block2.take() {
+            if let Some((_, b, _)) = t.block2.take() {
                 self.bytes = self.bytes.saturating_sub(b.len());
             }
         }
@@ -261,7 +279,7 @@ impl<K: Hash + Eq + Clone> InnerTransfers<K> {
         }
         if len <= self.max_bytes {
             let t = self.entry(key, now);
-            t.block2 = Some((code, body));
+            t.block2 = Some((code, body, tag));
             self.bytes = self.bytes.saturating_add(len);
         }
         response
@@ -301,6 +319,10 @@ mod tests {
         response.payload = vec![7; 200];
         let answer = t.response(&1u8, &last_req, response, now);
         assert_eq!(answer.payload.len(), 64, "the client's block size");
+        let tag = answer
+            .get_first_option(CoapOption::ETag)
+            .cloned()
+            .expect("an ETag");
         assert_eq!(t.held(), (1, 200));
         let mut fetched = answer.payload.clone();
         for num in 1.. {
@@ -315,6 +337,7 @@ mod tests {
                 .encode(),
             );
             let part = t.request(&1u8, &next, now).unwrap_err();
+            assert_eq!(part.get_first_option(CoapOption::ETag), Some(&tag));
             fetched.extend_from_slice(&part.payload);
             let v =
                 BlockValue::decode(part.get_first_option(CoapOption::Block2).expect("block2")).expect("v");
@@ -350,6 +373,7 @@ mod tests {
             let _ = t.request(&key, &post(&[0; 16], Some(b)), now);
         }
         assert!(t.held().0 <= 3);
+        assert_eq!(t.held().1, 16 * t.held().0, "bodies arriving are counted");
         // A body over max_body is 4.13 and leaves nothing behind.
         let mut big = post(&[0; 16], Some(b));
         big.add_option(CoapOption::Size1, uint_option(101));

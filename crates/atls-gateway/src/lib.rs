@@ -257,7 +257,7 @@ pub(crate) enum Step {
     /// Answered by the gateway itself.
     Now(Packet),
     /// Forwarded.
-    Upstream(upstream::Call),
+    Upstream(Box<upstream::Call>),
 }
 
 impl Gateway {
@@ -607,7 +607,7 @@ impl Inner {
             Ok(None) => return Step::Now(unavailable(request, "device state was dropped", 1)),
             Err(why) => return Step::Now(no_room(request, why)),
         };
-        Step::Upstream(upstream::Call {
+        Step::Upstream(Box::new(upstream::Call {
             _guard: InFlight {
                 inner: self.clone(),
                 endpoint: from,
@@ -620,7 +620,7 @@ impl Inner {
             url: upstream::join(&base, atls_http::wire::WELL_KNOWN_PATH),
             sni,
             whole,
-        })
+        }))
     }
 
     fn oscore(self: &Arc<Self>, request: &Packet, from: Endpoint, now: Instant) -> Step {
@@ -674,7 +674,7 @@ impl Inner {
             Ok(None) => return Step::Now(unavailable(request, "device state was dropped", 1)),
             Err(why) => return Step::Now(no_room(request, why)),
         };
-        Step::Upstream(upstream::Call {
+        Step::Upstream(Box::new(upstream::Call {
             _guard: InFlight {
                 inner: self.clone(),
                 endpoint: from,
@@ -687,7 +687,7 @@ impl Inner {
             url,
             sni,
             whole: MAX_DATAGRAM_MESSAGE,
-        })
+        }))
     }
 
     /// Count one more upstream request of `device` to `route`, within the
@@ -854,7 +854,7 @@ impl CoapHandler for Gateway {
             Step::Upstream(call) => {
                 let inner = self.inner.clone();
                 Answer::Later(Box::pin(async move {
-                    let p = inner.run(call).await;
+                    let p = inner.run(*call).await;
                     let bytes = p.to_bytes_unlimited().ok();
                     let _ = lock(&inner.devices).with(
                         endpoint,
@@ -887,7 +887,7 @@ impl CoapHandler for Gateway {
             Step::Now(p) => Answer::Now(Some(p)),
             Step::Upstream(call) => {
                 let inner = self.inner.clone();
-                Answer::Later(Box::pin(async move { Some(inner.run(call).await) }))
+                Answer::Later(Box::pin(async move { Some(inner.run(*call).await) }))
             }
         }
     }
