@@ -52,6 +52,50 @@ pub(crate) fn psks(specs: &[String]) -> anyhow::Result<Vec<Psk>> {
 }
 
 /// The default state directory: `$XDG_DATA_HOME/atls`, else `~/.local/share/atls`.
+/// A listener address: `HOST:PORT` with a name (`localhost:8080`) or an
+/// address (`127.0.0.1:8080`, `[::1]:8080`); a name takes its first address.
+pub(crate) fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|e| format!("{text:?} is not HOST:PORT ({e})"))?
+        .next()
+        .ok_or_else(|| format!("{text:?} names no address"))
+}
+
+/// An upstream URL: `http://` or `https://` with a host.
+pub(crate) fn http_url(text: &str) -> Result<String, String> {
+    match reqwest::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
+            Ok(text.to_owned())
+        }
+        Ok(url) if url.host_str().is_none() || !text.contains("://") => Err(format!(
+            "{text:?} is not a URL: give the scheme too, e.g. http://{text}"
+        )),
+        Ok(url) => Err(format!(
+            "{text:?}: the scheme {} is not http or https",
+            url.scheme()
+        )),
+        Err(_) => Err(format!(
+            "{text:?} is not a URL: give the scheme too, e.g. http://{text}"
+        )),
+    }
+}
+
+/// Create `dir` (and its parents) readable by the owner only (0700), as
+/// docs/SECURITY.md asks of the state directory.
+pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("restricting {} to its owner", dir.display()))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn default_state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("atls");

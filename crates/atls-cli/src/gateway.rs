@@ -24,84 +24,95 @@ const UPSTREAM: &str = "Transport layer towards services (HTTPS)";
 /// never terminates ATLS.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct GatewayArgs {
+    /// Read options from this TOML file: `flag-name = value` for every
+    /// option (`http = "127.0.0.1:8080"`, `psk = ["id:hex"]`, `https = ...`).
+    /// Precedence: the command line, then the environment (ATLS_GATEWAY_<FLAG>),
+    /// then this file, then the defaults.
+    #[arg(long, value_name = "FILE", env = "ATLS_GATEWAY_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
     /// CoAP over UDP listener for devices. Default 127.0.0.1:5683 when no
     /// listener is given.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_GATEWAY_COAP")]
     pub(crate) coap: Option<SocketAddr>,
     /// CoAP over TCP listener (RFC 8323).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_GATEWAY_COAP_TCP")]
     pub(crate) coap_tcp: Option<SocketAddr>,
     /// CoAP over DTLS listener (coaps://): the transport layer towards
     /// devices, with the --coaps-cert certificate (default: a development
     /// certificate in --state-dir/gateway, its CA beside it; devices may
     /// ignore its validation errors, §5.3) and any --coaps-psk keys.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_GATEWAY_COAPS")]
     pub(crate) coaps: Option<SocketAddr>,
     /// PSK of the coaps:// hop (repeatable): IDENTITY:HEXKEY.
-    #[arg(long, value_name = "ID:HEX", help_heading = DEVICES)]
+    #[arg(long, value_name = "ID:HEX", help_heading = DEVICES, env = "ATLS_GATEWAY_COAPS_PSK", hide_env_values = true, value_delimiter = ',')]
     pub(crate) coaps_psk: Vec<String>,
     /// Certificate chain of the coaps:// hop (PEM).
-    #[arg(long, value_name = "FILE", requires = "coaps_key", help_heading = DEVICES)]
+    #[arg(long, value_name = "FILE", requires = "coaps_key", help_heading = DEVICES, env = "ATLS_GATEWAY_COAPS_CERT")]
     pub(crate) coaps_cert: Option<PathBuf>,
     /// Private key of the coaps:// hop (PEM).
-    #[arg(long, value_name = "FILE", requires = "coaps_cert", help_heading = DEVICES)]
+    #[arg(long, value_name = "FILE", requires = "coaps_cert", help_heading = DEVICES, env = "ATLS_GATEWAY_COAPS_KEY")]
     pub(crate) coaps_key: Option<PathBuf>,
     /// Require devices on coaps:// to present a certificate issued by this
     /// CA (PEM) — or a --coaps-psk key.
-    #[arg(long, value_name = "FILE", help_heading = DEVICES)]
+    #[arg(long, value_name = "FILE", help_heading = DEVICES, env = "ATLS_GATEWAY_COAPS_CLIENT_CA")]
     pub(crate) coaps_client_ca: Option<PathBuf>,
     /// The service of devices whose ClientHello names no --route (default
     /// http://127.0.0.1:8080, where `atls serve` listens, when no --route
     /// is given either).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "ATLS_GATEWAY_UPSTREAM")]
     pub(crate) upstream: Option<String>,
     /// A service chosen by the SNI of a device's ClientHello (repeatable):
     /// NAME=URL.
-    #[arg(long, value_name = "NAME=URL")]
+    #[arg(
+        long,
+        value_name = "NAME=URL",
+        env = "ATLS_GATEWAY_ROUTE",
+        value_delimiter = ','
+    )]
     pub(crate) route: Vec<String>,
     /// Trust anchors for HTTPS to the services (PEM; besides the public roots).
-    #[arg(long, value_name = "FILE", help_heading = UPSTREAM)]
+    #[arg(long, value_name = "FILE", help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_CA")]
     pub(crate) upstream_ca: Option<PathBuf>,
     /// Do not verify the services' HTTPS certificates.
-    #[arg(long, help_heading = UPSTREAM)]
+    #[arg(long, help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_INSECURE")]
     pub(crate) upstream_insecure: bool,
     /// The gateway's client certificate chain for services that ask for
     /// one (PEM).
-    #[arg(long, value_name = "FILE", requires = "upstream_key", help_heading = UPSTREAM)]
+    #[arg(long, value_name = "FILE", requires = "upstream_key", help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_CERT")]
     pub(crate) upstream_cert: Option<PathBuf>,
     /// Its private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "upstream_cert", help_heading = UPSTREAM)]
+    #[arg(long, value_name = "FILE", requires = "upstream_cert", help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_KEY")]
     pub(crate) upstream_key: Option<PathBuf>,
     /// Only this TLS version towards the services (1.2 or 1.3).
-    #[arg(long, value_name = "VERSION", help_heading = UPSTREAM)]
+    #[arg(long, value_name = "VERSION", help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_TLS_VERSION")]
     pub(crate) upstream_tls_version: Option<String>,
     /// An HTTP forward proxy for every upstream request.
-    #[arg(long, value_name = "URL", help_heading = UPSTREAM)]
+    #[arg(long, value_name = "URL", help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_PROXY")]
     pub(crate) upstream_proxy: Option<String>,
     /// Seconds a service may take to answer (then 5.04 Gateway Timeout).
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, help_heading = UPSTREAM)]
+    #[arg(long, value_name = "SECS", default_value_t = 10.0, help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_TIMEOUT")]
     pub(crate) upstream_timeout: f64,
     /// CoAP Content-Format number of ATLS payloads.
-    #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS)]
+    #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS, env = "ATLS_GATEWAY_COAP_CONTENT_FORMAT")]
     pub(crate) coap_content_format: u16,
     /// CoAP block size of Block2 answers (16..=1024, a power of two).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "ATLS_GATEWAY_COAP_BLOCK_SIZE")]
     pub(crate) coap_block_size: usize,
     /// Most devices remembered at once.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, env = "ATLS_GATEWAY_MAX_DEVICES")]
     pub(crate) max_devices: usize,
     /// Most devices remembered per IP address (IPv6: per /64).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, env = "ATLS_GATEWAY_MAX_DEVICES_PER_IP")]
     pub(crate) max_devices_per_ip: usize,
     /// Seconds a device that has not completed a handshake is remembered
     /// without a message.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "ATLS_GATEWAY_HANDSHAKE_TIMEOUT")]
     pub(crate) handshake_timeout: u64,
     /// Seconds an established device is remembered without a message.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, env = "ATLS_GATEWAY_IDLE_TIMEOUT")]
     pub(crate) idle_timeout: u64,
     /// Directory for the coaps:// development certificate.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "ATLS_GATEWAY_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
 }
 
@@ -298,7 +309,10 @@ pub(crate) fn run(args: &GatewayArgs) -> anyhow::Result<()> {
         }
         tokio::select! {
             result = running.wait() => result,
-            _ = tokio::signal::ctrl_c() => Ok(()),
+            name = crate::serve::terminated() => {
+                tracing::info!(signal = name, "stopping");
+                Ok(())
+            }
         }
     })
 }

@@ -2,9 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod common;
+mod config;
 mod demo;
 mod demo_coap;
 mod demo_deploy;
@@ -20,9 +21,16 @@ mod serve;
 #[derive(Debug, Parser)]
 #[command(name = "atls", version, about, long_about = None)]
 struct Cli {
+    /// Log format on stderr: text, or json (one object per line) for log
+    /// shippers. Also ATLS_LOG_FORMAT.
+    #[arg(long, global = true, value_name = "FORMAT", env = "ATLS_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Option<Command>,
 }
+
+/// The log format chosen on the command line.
+static LOG_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -40,6 +48,7 @@ enum Command {
     Gateway(Box<gateway::GatewayArgs>),
     /// Make one ATLS-protected HTTP request; the body goes to stdout, the
     /// inner status to stderr.
+    #[command(after_help = request::EXIT_CODES)]
     Request(Box<request::RequestArgs>),
 }
 
@@ -47,15 +56,66 @@ enum Command {
 pub(crate) fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+    if LOG_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    } else {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
+/// Exit code of a usage error (sysexits EX_USAGE), apart from the codes
+/// `atls request` gives each failing layer.
+pub(crate) const EXIT_USAGE: u8 = 64;
+
+/// A write to a closed pipe (`atls demo | head -1`) ends the process
+/// quietly, as for any Unix filter (status 141, 128 + SIGPIPE), instead of
+/// a panic message.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.contains("Broken pipe") || message.contains("failed printing to stdout") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    quiet_broken_pipe();
+    let argv = match config::expand(std::env::args_os().collect(), &Cli::command()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("atls: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    LOG_JSON.store(cli.log_format == "json", std::sync::atomic::Ordering::Relaxed);
     let result = match cli.command.unwrap_or(Command::Demo(demo::DemoArgs::default())) {
         Command::Demo(args) => demo::run(&args),
         Command::Inspect(args) => inspect::run(&args),

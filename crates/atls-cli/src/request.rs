@@ -20,14 +20,36 @@ const TRANSPORT: &str = "Transport layer (hop by hop: HTTPS, proxies, the coaps:
 /// Arguments of `atls request`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RequestArgs {
-    /// The resource: scheme, server and path (http://host:port/path).
+    /// The resource: scheme, server and path (http://host:port/path; a URL
+    /// without a scheme is http://).
     pub(crate) url: String,
     /// Inner method.
     #[arg(short = 'X', long = "request", default_value = "GET")]
     pub(crate) method: String,
-    /// Inner body (implies POST when -X is not given); `@FILE` reads a file.
-    #[arg(short = 'd', long = "data")]
+    /// Inner body (implies POST when -X is not given); `@FILE` reads a
+    /// file, `@-` standard input. Sent as given (no newline stripping).
+    #[arg(short = 'd', long = "data", value_name = "DATA")]
     pub(crate) data: Option<String>,
+    /// The same as -d (curl's name for a body sent as is).
+    #[arg(long = "data-binary", value_name = "DATA", conflicts_with = "data")]
+    pub(crate) data_binary: Option<String>,
+    /// Write the body (and with -i the head) to FILE instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+    /// Include the inner response head (status line, header fields) in the
+    /// output, before the body.
+    #[arg(short = 'i', long = "include")]
+    pub(crate) include: bool,
+    /// No status line on stderr (errors are still shown, as curl -sS).
+    #[arg(short = 's', long = "silent")]
+    pub(crate) silent: bool,
+    /// Fail on an inner 4xx or 5xx: print no body, exit 5. Without it the
+    /// body is printed and the exit code is 0, as curl does.
+    #[arg(short = 'f', long = "fail")]
+    pub(crate) fail: bool,
+    /// Seconds the whole request may take (handshake included); then exit 2.
+    #[arg(long, value_name = "SECS")]
+    pub(crate) max_time: Option<f64>,
     /// Inner header (repeatable): 'Name: value'.
     #[arg(short = 'H', long = "header")]
     pub(crate) headers: Vec<String>,
@@ -83,8 +105,10 @@ pub(crate) struct RequestArgs {
     /// certificate).
     #[arg(long, value_name = "ID:HEX", help_heading = TRANSPORT)]
     pub(crate) transport_psk: Option<String>,
-    /// coaps://: seconds the DTLS handshake of the hop may take (a wrong
-    /// PSK shows as no answer: DTLS drops what it cannot authenticate).
+    /// Seconds connecting may take: the TCP connection (to the server or
+    /// the proxy) of http(s)://, the DTLS handshake of the coaps:// hop (a
+    /// wrong hop PSK shows as no answer: DTLS drops what it cannot
+    /// authenticate).
     #[arg(long, value_name = "SECS", default_value_t = 20.0, help_heading = TRANSPORT)]
     pub(crate) connect_timeout: f64,
     /// Speak HTTP/2 to an http:// URL without negotiation (h2c).
@@ -97,6 +121,16 @@ pub(crate) struct RequestArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) state_dir: Option<PathBuf>,
 }
+
+/// The exit codes of `atls request`, shown by `--help`.
+pub(crate) const EXIT_CODES: &str = "Exit codes:
+  0   the request was answered (any inner status, unless --fail)
+  1   a local or configuration error (a file that cannot be read, a bad key, an invalid URL)
+  2   the transport failed (connection, proxy, transport TLS, the coaps:// hop, --max-time)
+  3   the ATLS handshake failed (or the server refused it)
+  4   protection failed (OSCORE, COSE or records)
+  5   with --fail: the inner response is 4xx or 5xx
+  64  a usage error (an unknown option, a missing value)";
 
 /// Exit codes, one per failing layer.
 fn exit_code(layer: Layer) -> ExitCode {
@@ -145,12 +179,69 @@ fn client_config(args: &RequestArgs) -> anyhow::Result<ClientConfig> {
     Ok(config)
 }
 
+/// The body given with -d or --data-binary.
+fn data(args: &RequestArgs) -> Option<&String> {
+    args.data.as_ref().or(args.data_binary.as_ref())
+}
+
 fn body(args: &RequestArgs) -> anyhow::Result<Bytes> {
-    Ok(match &args.data {
+    Ok(match data(args) {
+        Some(d) if d == "@-" => {
+            let mut buf = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+                .context("reading the body from stdin")?;
+            Bytes::from(buf)
+        }
         Some(d) if d.starts_with('@') => Bytes::from(common::read(std::path::Path::new(&d[1..]))?),
         Some(d) => Bytes::from(d.clone().into_bytes()),
         None => Bytes::new(),
     })
+}
+
+/// Write the head (with -i) and the body to -o FILE or stdout. A closed
+/// stdout (a pipe whose reader left) is not an error.
+fn emit(args: &RequestArgs, head: &str, body: &[u8]) -> Result<(), ExitCode> {
+    use std::io::Write as _;
+    let result = match &args.output {
+        Some(path) => std::fs::File::create(path)
+            .and_then(|mut f| {
+                if args.include {
+                    f.write_all(head.as_bytes())?;
+                }
+                f.write_all(body)
+            })
+            .map_err(|e| format!("writing {}: {e}", path.display())),
+        None => {
+            let mut out = std::io::stdout().lock();
+            let written = (|| {
+                if args.include {
+                    out.write_all(head.as_bytes())?;
+                }
+                out.write_all(body)?;
+                out.flush()
+            })();
+            match written {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(format!("writing stdout: {e}")),
+                _ => Ok(()),
+            }
+        }
+    };
+    result.map_err(|e| {
+        eprintln!("atls: {e}");
+        ExitCode::from(1)
+    })
+}
+
+/// The whole-request deadline of --max-time.
+fn max_time(args: &RequestArgs) -> Result<Option<std::time::Duration>, ExitCode> {
+    args.max_time
+        .map(|s| {
+            std::time::Duration::try_from_secs_f64(s).map_err(|_| {
+                eprintln!("atls: --max-time expects seconds");
+                ExitCode::from(1)
+            })
+        })
+        .transpose()
 }
 
 fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
@@ -169,6 +260,10 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
         server_name: args.server_name.clone(),
         http2_prior_knowledge: args.http2,
         proxy: args.proxy.clone(),
+        connect_timeout: Some(
+            std::time::Duration::try_from_secs_f64(args.connect_timeout)
+                .context("--connect-timeout expects seconds")?,
+        ),
         transport: atls_http::TransportTls {
             insecure: args.insecure_transport,
             roots: args
@@ -188,7 +283,7 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
     let client = AtlsClient::new(&base, endpoint, options)?;
 
     let body = body(args)?;
-    let method = if args.data.is_some() && args.method == "GET" {
+    let method = if data(args).is_some() && args.method == "GET" {
         Method::POST
     } else {
         Method::from_bytes(args.method.as_bytes()).context("invalid method")?
@@ -311,7 +406,7 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
             .with_context(|| format!("resolving {host}"))?
             .next()
             .with_context(|| format!("no address for {host}"))?;
-        let method = match (args.method.as_str(), args.data.is_some()) {
+        let method = match (args.method.as_str(), data(args).is_some()) {
             ("GET", true) | ("POST", _) => RequestType::Post,
             ("GET", false) => RequestType::Get,
             ("PUT", _) => RequestType::Put,
@@ -350,7 +445,11 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
         Err(code) => return code,
     };
     let tcp = args.url.starts_with("coap+tcp://");
-    let result = runtime.block_on(async {
+    let deadline = match max_time(args) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let exchange = async {
         let client = match transport {
             Some(transport) => {
                 atls_coap::AtlsCoapClient::new_dtls(addr, transport, endpoint, options).await?
@@ -360,7 +459,14 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
         };
         let response = client.request(&inner).await?;
         Ok::<_, atls_coap::CoapClientError>((response, client.last_handshake()))
-    });
+    };
+    let result = match runtime.block_on(within(deadline, exchange)) {
+        Some(result) => result,
+        None => {
+            eprintln!("atls: transport: no answer within --max-time");
+            return exit_code(Layer::Transport);
+        }
+    };
     match result {
         Ok((response, trips)) => {
             if args.verbose {
@@ -377,14 +483,25 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
             }
             let code = u8::from(response.header.code);
             let (class, detail) = (code >> 5, code & 0x1F);
-            eprintln!("{class}.{detail:02}");
-            use std::io::Write as _;
-            let mut stdout = std::io::stdout();
-            let _ = stdout.write_all(&response.payload);
-            let _ = stdout.flush();
-            if !matches!(response.header.code, MessageClass::Response(_)) || class >= 4 {
-                eprintln!("atls: application: the inner response is {class}.{detail:02}");
+            let status = format!("{class}.{detail:02}");
+            if args.verbose {
+                eprintln!("< {status}");
+                for (number, values) in response.options() {
+                    for value in values {
+                        eprintln!("< option {number}: {}", hex::encode(value));
+                    }
+                }
+            }
+            if !args.silent {
+                eprintln!("{status}");
+            }
+            let failed = !matches!(response.header.code, MessageClass::Response(_)) || class >= 4;
+            if failed && args.fail {
+                eprintln!("atls: application: the inner response is {status}");
                 return exit_code(Layer::Application);
+            }
+            if let Err(code) = emit(args, &format!("{status}\n\n"), &response.payload) {
+                return code;
             }
             ExitCode::SUCCESS
         }
@@ -401,11 +518,61 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
     }
 }
 
+/// `fut`, within `deadline` if there is one (`None`: it ran out).
+async fn within<F: std::future::Future>(deadline: Option<std::time::Duration>, fut: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+fn print_event(e: &atls_http::WireEvent) {
+    eprintln!(
+        "* {:<9} {:?} {} [{} {} B] -> {} [{} {} B] {:.1} ms",
+        e.kind,
+        e.http_version,
+        e.request_line,
+        e.request_type,
+        e.request_bytes,
+        e.status.as_u16(),
+        e.response_type,
+        e.response_bytes,
+        e.elapsed.as_secs_f64() * 1e3
+    );
+}
+
+/// The inner response head, as `-i` writes it.
+fn head(response: &http::Response<Bytes>) -> String {
+    let status = response.status();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in response.headers() {
+        head.push_str(&format!(
+            "{name}: {}\r\n",
+            String::from_utf8_lossy(value.as_bytes())
+        ));
+    }
+    head.push_str("\r\n");
+    head
+}
+
 /// Run `atls request`; the exit code names the failing layer.
 pub(crate) fn run(args: &RequestArgs) -> ExitCode {
     if args.verbose {
         crate::init_tracing();
     }
+    // A URL without a scheme is http://, as curl takes it.
+    let mut owned;
+    let args = if args.url.contains("://") {
+        args
+    } else {
+        owned = args.clone();
+        owned.url = format!("http://{}", args.url);
+        &owned
+    };
     if ["coap://", "coap+tcp://", "coaps://"]
         .iter()
         .any(|scheme| args.url.starts_with(scheme))
@@ -423,26 +590,43 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
+    let deadline = match max_time(args) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    if args.verbose {
+        eprintln!("> {} {}", request.method(), request.uri());
+        for (name, value) in request.headers() {
+            eprintln!("> {name}: {}", String::from_utf8_lossy(value.as_bytes()));
+        }
+        eprintln!("> ({} B body)", request.body().len());
+    }
     let start = Instant::now();
-    let result = runtime.block_on(client.send_traced(request));
+    let mut events = Vec::new();
+    let outcome = runtime.block_on(within(deadline, client.send_recording(request, &mut events)));
+    let result = match outcome {
+        Some(result) => result,
+        None => {
+            if args.verbose {
+                events.iter().for_each(print_event);
+            }
+            eprintln!("atls: transport: no answer within --max-time");
+            return exit_code(Layer::Transport);
+        }
+    };
     match result {
         Ok(exchange) => {
             if args.verbose {
-                for e in &exchange.events {
-                    eprintln!(
-                        "* {:<9} {:?} {} [{} {} B] -> {} [{} {} B] {:.1} ms",
-                        e.kind,
-                        e.http_version,
-                        e.request_line,
-                        e.request_type,
-                        e.request_bytes,
-                        e.status.as_u16(),
-                        e.response_type,
-                        e.response_bytes,
-                        e.elapsed.as_secs_f64() * 1e3
-                    );
-                }
+                exchange.events.iter().for_each(print_event);
                 let info = &exchange.info;
+                if exchange.early_data {
+                    eprintln!("* the request rode in the handshake, as TLS 1.3 early data (0-RTT)");
+                } else if exchange.events.first().is_some_and(|e| e.kind == "handshake")
+                    && args.mode == Mode::Records
+                    && exchange.events.iter().filter(|e| e.kind != "handshake").count() == 0
+                {
+                    eprintln!("* the request rode in the client's last handshake flight");
+                }
                 eprintln!(
                     "* ATLS {} {} engine={} resumed={} 0-RTT={} mode={} total {:.1} ms",
                     info.version.name(),
@@ -453,20 +637,34 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
                     args.mode,
                     start.elapsed().as_secs_f64() * 1e3
                 );
+                let status = exchange.response.status();
+                eprintln!(
+                    "< {} {}",
+                    status.as_u16(),
+                    status.canonical_reason().unwrap_or("")
+                );
+                for (name, value) in exchange.response.headers() {
+                    eprintln!("< {name}: {}", String::from_utf8_lossy(value.as_bytes()));
+                }
             }
             let status = exchange.response.status();
-            eprintln!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
-            use std::io::Write as _;
-            let mut stdout = std::io::stdout();
-            let _ = stdout.write_all(exchange.response.body());
-            let _ = stdout.flush();
-            if status.is_client_error() || status.is_server_error() {
+            if !args.silent {
+                eprintln!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+            }
+            if (status.is_client_error() || status.is_server_error()) && args.fail {
                 eprintln!("atls: application: the inner response is {status}");
                 return exit_code(Layer::Application);
+            }
+            if let Err(code) = emit(args, &head(&exchange.response), exchange.response.body()) {
+                return code;
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
+            if args.verbose {
+                // The steps that did happen, before the one that failed.
+                events.iter().for_each(print_event);
+            }
             // Every error's message starts with the layer that failed.
             eprintln!("atls: {e}");
             exit_code(e.layer())

@@ -10,10 +10,9 @@ use anyhow::{bail, Context};
 use atls_core::{Certificate, CertifiedKey, CommonConfig, ServerConfig};
 use atls_http::{app, AtlsLayer, AtlsServer, ServerLimits, ServerOptions};
 use axum::body::Body;
-use axum::ServiceExt as _;
 use http::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower::Layer as _;
 
 use crate::common;
@@ -26,118 +25,152 @@ const TRANSPORT: &str = "Transport layer (hop by hop: the HTTPS listener, the co
 /// Arguments of `atls serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct ServeArgs {
+    /// Read options from this TOML file: `flag-name = value` for every
+    /// option (`http = "127.0.0.1:8080"`, `psk = ["id:hex"]`, `https = ...`).
+    /// Precedence: the command line, then the environment (ATLS_SERVE_<FLAG>),
+    /// then this file, then the defaults.
+    #[arg(long, value_name = "FILE", env = "ATLS_SERVE_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
     /// Plain HTTP listener (HTTP/1.1 and h2c). Default 127.0.0.1:8080 when
     /// no listener is given.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_HTTP")]
     pub(crate) http: Option<SocketAddr>,
     /// CoAP over UDP listener (ATLS flights in POST /.well-known/atls, then
     /// OSCORE).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_COAP")]
     pub(crate) coap: Option<SocketAddr>,
     /// CoAP over TCP listener (RFC 8323).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_COAP_TCP")]
     pub(crate) coap_tcp: Option<SocketAddr>,
     /// CoAP over DTLS listener (coaps://, RFC 7252 §9): the DTLS hop uses
     /// --coaps-psk keys and/or the --tls-cert certificate (default: the
     /// ATLS certificate).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_COAPS")]
     pub(crate) coaps: Option<SocketAddr>,
     /// PSK of the coaps:// DTLS hop (repeatable): IDENTITY:HEXKEY.
-    #[arg(long, value_name = "ID:HEX", help_heading = TRANSPORT)]
+    #[arg(long, value_name = "ID:HEX", help_heading = TRANSPORT, env = "ATLS_SERVE_COAPS_PSK", hide_env_values = true, value_delimiter = ',')]
     pub(crate) coaps_psk: Vec<String>,
     /// CoAP Content-Format number of ATLS payloads (IANA has assigned none).
-    #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS)]
+    #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS, env = "ATLS_SERVE_COAP_CONTENT_FORMAT")]
     pub(crate) coap_content_format: u16,
     /// CoAP block size of the server's Block2 answers (16..=1024).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, env = "ATLS_SERVE_COAP_BLOCK_SIZE")]
     pub(crate) coap_block_size: usize,
     /// HTTPS listener (the transport TLS layer; needs --tls-cert, --tls-key).
-    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"])]
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key"], value_parser = common::listen_addr, env = "ATLS_SERVE_HTTPS")]
     pub(crate) https: Option<SocketAddr>,
     /// Transport TLS certificate chain (PEM): the HTTPS listener's, and the
     /// coaps:// hop's.
-    #[arg(long, value_name = "FILE", help_heading = TRANSPORT)]
+    #[arg(long, value_name = "FILE", help_heading = TRANSPORT, env = "ATLS_SERVE_TLS_CERT")]
     pub(crate) tls_cert: Option<PathBuf>,
     /// Transport TLS private key (PEM).
-    #[arg(long, value_name = "FILE", help_heading = TRANSPORT)]
+    #[arg(long, value_name = "FILE", help_heading = TRANSPORT, env = "ATLS_SERVE_TLS_KEY")]
     pub(crate) tls_key: Option<PathBuf>,
     /// Require transport client certificates issued by this CA (PEM) on the
     /// HTTPS listener and the coaps:// hop (where a --coaps-psk key does
     /// too). Says nothing of who may open an ATLS session: --client-ca.
-    #[arg(long, value_name = "FILE", help_heading = TRANSPORT)]
+    #[arg(long, value_name = "FILE", help_heading = TRANSPORT, env = "ATLS_SERVE_TRANSPORT_CLIENT_CA")]
     pub(crate) transport_client_ca: Option<PathBuf>,
     /// Only this TLS version on the HTTPS listener (1.2 or 1.3), whatever
     /// ATLS negotiates inside (--tls-version).
-    #[arg(long, value_name = "VERSION", help_heading = TRANSPORT)]
+    #[arg(long, value_name = "VERSION", help_heading = TRANSPORT, env = "ATLS_SERVE_TRANSPORT_TLS_VERSION")]
     pub(crate) transport_tls_version: Option<String>,
     /// ATLS certificate chain (PEM). Without it a development CA and server
     /// certificate are created in --state-dir.
-    #[arg(long, value_name = "FILE", requires = "key", help_heading = ATLS)]
+    #[arg(long, value_name = "FILE", requires = "key", help_heading = ATLS, env = "ATLS_SERVE_CERT")]
     pub(crate) cert: Option<PathBuf>,
     /// ATLS private key (PEM).
-    #[arg(long, value_name = "FILE", requires = "cert", help_heading = ATLS)]
+    #[arg(long, value_name = "FILE", requires = "cert", help_heading = ATLS, env = "ATLS_SERVE_KEY")]
     pub(crate) key: Option<PathBuf>,
     /// Require ATLS client certificates issued by this CA (PEM).
-    #[arg(long, value_name = "FILE", help_heading = ATLS)]
+    #[arg(long, value_name = "FILE", help_heading = ATLS, env = "ATLS_SERVE_CLIENT_CA")]
     pub(crate) client_ca: Option<PathBuf>,
-    /// Accept an external PSK (repeatable): IDENTITY:HEXKEY.
-    #[arg(long, value_name = "ID:HEX", help_heading = ATLS)]
+    /// Accept an external PSK (repeatable): IDENTITY:HEXKEY. Without --cert
+    /// the server is then PSK-only: no development certificate is made,
+    /// and clients that expect a certificate are refused.
+    #[arg(long, value_name = "ID:HEX", help_heading = ATLS, env = "ATLS_SERVE_PSK", hide_env_values = true, value_delimiter = ',')]
     pub(crate) psk: Vec<String>,
     /// TLS engine for ATLS.
-    #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"], help_heading = ATLS)]
+    #[arg(long, default_value = "openssl", value_parser = ["openssl", "rustls"], help_heading = ATLS, env = "ATLS_SERVE_ENGINE")]
     pub(crate) engine: String,
     /// Only this ATLS version (1.2 or 1.3); both by default (DTLS 1.2 is
     /// always served beside them).
-    #[arg(long, value_name = "VERSION", help_heading = ATLS)]
+    #[arg(long, value_name = "VERSION", help_heading = ATLS, env = "ATLS_SERVE_TLS_VERSION")]
     pub(crate) tls_version: Option<String>,
     /// Serve these PEM certificates at GET /trust-anchors (built-in app): the
     /// local domain's trust anchors, e.g. of its TLS-intercepting
     /// middlebox, for clients to bootstrap over ATLS (draft §3.2).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "ATLS_SERVE_TRUST_ANCHORS")]
     pub(crate) trust_anchors: Option<PathBuf>,
-    /// Send every inner request to this HTTP application (a reverse proxy).
-    #[arg(long, value_name = "URL")]
+    /// Send every inner request to this HTTP application (a reverse proxy;
+    /// an http:// URL). Without it the built-in resources answer: GET
+    /// /hello, POST /echo, GET /session, GET /trust-anchors (with
+    /// --trust-anchors); GET /health is answered outside ATLS either way.
+    #[arg(long, value_name = "URL", value_parser = common::http_url, env = "ATLS_SERVE_UPSTREAM")]
     pub(crate) upstream: Option<String>,
-    /// Directory for the development PKI.
-    #[arg(long, value_name = "DIR")]
+    /// Seconds the --upstream application may take to answer (then 504).
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30.0,
+        env = "ATLS_SERVE_UPSTREAM_TIMEOUT"
+    )]
+    pub(crate) upstream_timeout: f64,
+    /// Seconds requests in flight may take to finish after SIGTERM or
+    /// SIGINT, before the server exits.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10.0,
+        env = "ATLS_SERVE_SHUTDOWN_GRACE"
+    )]
+    pub(crate) shutdown_grace: f64,
+    /// Directory for the development PKI, created 0700 (default:
+    /// $XDG_DATA_HOME/atls, else ~/.local/share/atls).
+    #[arg(long, value_name = "DIR", env = "ATLS_SERVE_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
     /// Most 0-RTT bytes accepted per TLS 1.3 session (0 disables 0-RTT).
-    #[arg(long, default_value_t = 16384)]
+    #[arg(long, default_value_t = 16384, env = "ATLS_SERVE_MAX_EARLY_DATA")]
     pub(crate) max_early_data: u32,
     /// Most sessions held at once.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, env = "ATLS_SERVE_MAX_SESSIONS")]
     pub(crate) max_sessions: usize,
     /// Most handshakes in progress at once (beyond: 503 with Retry-After).
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 1_000, env = "ATLS_SERVE_MAX_HALF_OPEN")]
     pub(crate) max_half_open: usize,
     /// Most handshakes in progress from one client address (IPv4 address or
     /// IPv6 /64); 0 for no per-client cap.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, env = "ATLS_SERVE_MAX_HALF_OPEN_PER_CLIENT")]
     pub(crate) max_half_open_per_client: usize,
     /// Seconds a handshake may take.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, env = "ATLS_SERVE_HANDSHAKE_TIMEOUT")]
     pub(crate) handshake_timeout: u64,
     /// Seconds an unused session is kept.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, env = "ATLS_SERVE_IDLE_TIMEOUT")]
     pub(crate) idle_timeout: u64,
     /// With --max-sessions established sessions, a completed handshake takes
     /// the place of the least recently used one if it has been unused this
     /// many seconds; "never" refuses newcomers instead.
-    #[arg(long, default_value = "30", value_name = "SECS|never")]
+    #[arg(
+        long,
+        default_value = "30",
+        value_name = "SECS|never",
+        env = "ATLS_SERVE_EVICT_IDLE_AFTER"
+    )]
     pub(crate) evict_idle_after: String,
     /// Largest inner request body, in bytes (every mode).
-    #[arg(long, default_value_t = 1024 * 1024)]
+    #[arg(long, default_value_t = 1024 * 1024, env = "ATLS_SERVE_MAX_REQUEST")]
     pub(crate) max_request: usize,
     /// Largest inner response body, in bytes (every mode).
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, default_value_t = 4 * 1024 * 1024, env = "ATLS_SERVE_MAX_RESPONSE")]
     pub(crate) max_response: usize,
     /// Name of the session cookie.
-    #[arg(long, default_value = atls_http::wire::COOKIE_NAME)]
+    #[arg(long, default_value = atls_http::wire::COOKIE_NAME, env = "ATLS_SERVE_COOKIE_NAME")]
     pub(crate) cookie_name: String,
     /// Count handshakes per client by the last address in this header (set
     /// by a trusted reverse proxy, e.g. x-forwarded-for) instead of the
     /// connection's peer address.
-    #[arg(long, value_name = "HEADER")]
+    #[arg(long, value_name = "HEADER", env = "ATLS_SERVE_CLIENT_ADDRESS_HEADER")]
     pub(crate) client_address_header: Option<String>,
 }
 
@@ -152,7 +185,7 @@ pub(crate) fn dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
     let cert_path = dir.join("server-cert.pem");
     let key_path = dir.join("server-key.pem");
     if !(ca_path.exists() && cert_path.exists() && key_path.exists()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        common::create_private_dir(dir)?;
         let ca = atls_pki::DevCa::new("atls development CA").context("creating the development CA")?;
         let server = ca
             .issue_server(&["localhost", "127.0.0.1", "::1", "atls.test"])
@@ -169,7 +202,7 @@ pub(crate) fn dev_pki(dir: &Path) -> anyhow::Result<DevPki> {
     })
 }
 
-type App = BoxCloneService<Request<Body>, Response<Body>, std::convert::Infallible>;
+type App = BoxCloneSyncService<Request<Body>, Response<Body>, std::convert::Infallible>;
 
 /// A configured server, its listeners bound, serving. Dropping it stops them.
 pub(crate) struct Running {
@@ -180,18 +213,139 @@ pub(crate) struct Running {
     pub(crate) coaps: Option<SocketAddr>,
     pub(crate) ca_path: Option<PathBuf>,
     pub(crate) server: Arc<AtlsServer>,
+    /// Listeners stopped at once on shutdown (CoAP: each exchange is one
+    /// message).
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    /// Listeners that drain on shutdown (HTTP, HTTPS).
+    draining: tokio::task::JoinSet<anyhow::Result<()>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+async fn next_end(set: &mut tokio::task::JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
+    match set.join_next().await {
+        Some(Ok(result)) => result,
+        Some(Err(e)) => Err(e.into()),
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when `stop` turns true.
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Running {
     /// Serve until a listener fails.
-    pub(crate) async fn wait(mut self) -> anyhow::Result<()> {
-        match self.tasks.join_next().await {
-            Some(Ok(result)) => result,
-            Some(Err(e)) => Err(e.into()),
-            None => Ok(()),
+    pub(crate) async fn wait(&mut self) -> anyhow::Result<()> {
+        tokio::select! {
+            result = next_end(&mut self.tasks) => result,
+            result = next_end(&mut self.draining) => result,
         }
     }
+
+    /// Stop accepting, let requests in flight finish for up to `grace`,
+    /// then stop everything. Returns whether every request finished.
+    pub(crate) async fn shutdown(mut self, grace: Duration) -> bool {
+        let _ = self.stop.send(true);
+        self.tasks.abort_all();
+        let drained = tokio::time::timeout(grace, async {
+            while self.draining.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+        self.draining.abort_all();
+        drained
+    }
+}
+
+/// `GET /health`: liveness, outside ATLS, without secrets.
+async fn health(server: Arc<AtlsServer>) -> Response<Body> {
+    let stats = server.stats();
+    let body = serde_json::json!({
+        "status": "ok",
+        "engine": server.engine_name(),
+        "sessions": { "established": stats.established, "half_open": stats.half_open },
+    });
+    let mut r = Response::new(Body::from(body.to_string()));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// One `info` event per outer request (target `atls::access`): what the
+/// server saw outside ATLS — peer, method, outer path, content type, sizes,
+/// status, time, the protection the content type says, and the session
+/// cookie's first 8 hex digits (enough to follow a session, not to use it).
+async fn access_log(
+    axum::extract::State(cookie_name): axum::extract::State<Arc<str>>,
+    request: Request<Body>,
+    next: axum::middleware::Next,
+) -> Response<Body> {
+    let start = std::time::Instant::now();
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_else(|| "-".into());
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let mode = match content_type.split(';').next().unwrap_or_default().trim() {
+        atls_http::wire::CONTENT_TYPE_ATLS => "atls",
+        atls_http::wire::CONTENT_TYPE_OSCORE => "oscore",
+        "application/cose" => "cose",
+        _ => "-",
+    };
+    let request_bytes = http_body::Body::size_hint(request.body()).exact();
+    let session = match atls_http::wire::session_cookie(request.headers(), &cookie_name) {
+        atls_http::wire::CookieLookup::Session(id) => id.to_hex().chars().take(8).collect::<String>(),
+        _ => "-".into(),
+    };
+    let response = next.run(request).await;
+    let response_bytes = http_body::Body::size_hint(response.body()).exact();
+    tracing::info!(
+        target: "atls::access",
+        peer,
+        method = %method,
+        path,
+        content_type,
+        mode,
+        session,
+        status = response.status().as_u16(),
+        request_bytes,
+        response_bytes,
+        duration_us = start.elapsed().as_micros() as u64,
+        "request"
+    );
+    response
+}
+
+/// The ATLS service with `GET /health` beside it, and the access log.
+fn with_health<S>(server: Arc<AtlsServer>, atls: S) -> axum::Router
+where
+    S: tower::Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let cookie_name: Arc<str> = Arc::from(server.cookie_name());
+    axum::Router::new()
+        .route("/health", axum::routing::get(move || health(server.clone())))
+        .fallback_service(atls)
+        .layer(axum::middleware::from_fn_with_state(cookie_name, access_log))
 }
 
 /// Build the server and bind its listeners.
@@ -296,10 +450,14 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     // a CoAP-to-HTTP gateway): told apart by the first record.
     let server = AtlsServer::with_dtls(endpoint, dtls_endpoint.clone(), options)?;
     let inner: App = match &args.upstream {
-        Some(url) => BoxCloneService::new(
+        Some(url) => BoxCloneSyncService::new(
             app::Upstream::new(url)
                 .map_err(anyhow::Error::msg)?
-                .with_limit(args.max_request.max(args.max_response)),
+                .with_limit(args.max_request.max(args.max_response))
+                .with_timeout(
+                    Duration::try_from_secs_f64(args.upstream_timeout)
+                        .context("--upstream-timeout expects seconds")?,
+                ),
         ),
         None => {
             let anchors = match &args.trust_anchors {
@@ -313,11 +471,13 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
                 }
                 None => None,
             };
-            BoxCloneService::new(app::builtin_with_trust_anchors(anchors))
+            BoxCloneSyncService::new(app::builtin_with_trust_anchors(anchors))
         }
     };
 
     let mut tasks = tokio::task::JoinSet::new();
+    let mut draining = tokio::task::JoinSet::new();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let http_addr = match (args.http, args.https) {
         (None, None) if args.coap.is_none() && args.coap_tcp.is_none() && args.coaps.is_none() => {
             Some(SocketAddr::from(([127, 0, 0, 1], 8080)))
@@ -330,12 +490,17 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         http_bound = Some(listener.local_addr()?);
-        let service = AtlsLayer::new(server.clone()).layer(inner.clone());
-        tasks.spawn(async move {
+        let service = with_health(
+            server.clone(),
+            AtlsLayer::new(server.clone()).layer(inner.clone()),
+        );
+        let stop = stop_rx.clone();
+        draining.spawn(async move {
             axum::serve(
                 listener,
                 service.into_make_service_with_connect_info::<SocketAddr>(),
             )
+            .with_graceful_shutdown(stopped(stop))
             .await
             .context("HTTP listener")
         });
@@ -355,10 +520,13 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         https_bound = Some(listener.local_addr()?);
-        let service = AtlsLayer::new(server.clone())
-            .secure_cookies(true)
-            .layer(inner.clone());
-        tasks.spawn(serve_https(listener, acceptor, service));
+        let service = with_health(
+            server.clone(),
+            AtlsLayer::new(server.clone())
+                .secure_cookies(true)
+                .layer(inner.clone()),
+        );
+        draining.spawn(serve_https(listener, acceptor, service, stop_rx.clone()));
     }
     let coap_config = atls_coap::CoapConfig {
         content_format: args.coap_content_format,
@@ -414,6 +582,8 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         ca_path,
         server,
         tasks,
+        draining,
+        stop,
     })
 }
 
@@ -463,10 +633,13 @@ fn tls_acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
+/// The HTTPS listener. On `stop` it accepts no more connections and
+/// returns once the connections it has finished their requests.
 async fn serve_https<S>(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     service: S,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()>
 where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = std::convert::Infallible>
@@ -475,8 +648,14 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stopping = std::pin::pin!(stopped(stop));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut stopping => break,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -486,6 +665,7 @@ where
         };
         let acceptor = acceptor.clone();
         let service = service.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
             else {
@@ -497,11 +677,16 @@ where
                 request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
                 async move { service.call(request).await }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder
                 .serve_connection(TokioIo::new(tls), hyper_service)
-                .await;
+                .into_owned();
+            let _ = watcher.watch(connection).await;
         });
     }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Run `atls serve` until interrupted.
@@ -512,6 +697,9 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
         let running = start(args).await?;
         if let Some(ca) = &running.ca_path {
             println!("development CA (give it to clients with --ca): {}", ca.display());
+        }
+        if args.cert.is_none() && !args.psk.is_empty() {
+            println!("PSK only: no ATLS certificate (give --cert and --key to serve certificate clients too)");
         }
         if let Some(addr) = running.http {
             println!(
@@ -543,9 +731,41 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
                 running.server.engine_name()
             );
         }
+        let mut running = running;
+        let signal = terminated();
         tokio::select! {
-            result = running.wait() => result,
-            _ = tokio::signal::ctrl_c() => Ok(()),
+            result = running.wait() => return result,
+            name = signal => tracing::info!(signal = name, "stopping: no new connections; draining requests in flight"),
         }
+        let grace = Duration::try_from_secs_f64(args.shutdown_grace).unwrap_or(Duration::from_secs(10));
+        if running.shutdown(grace).await {
+            tracing::info!("stopped");
+        } else {
+            tracing::warn!(grace_secs = grace.as_secs_f64(), "stopped with requests still in flight after the grace period");
+        }
+        Ok(())
     })
+}
+
+/// Resolves with the name of the first of SIGINT and SIGTERM.
+pub(crate) async fn terminated() -> &'static str {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return "SIGINT";
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
 }

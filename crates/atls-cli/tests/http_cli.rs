@@ -78,7 +78,7 @@ fn failures_name_their_layer_in_message_and_exit_code() {
     let server = serve(&[]);
     let ca = server.ca.to_str().expect("path");
 
-    let missing = request(&[&format!("http://{}/missing", server.http), "--ca", ca]);
+    let missing = request(&[&format!("http://{}/missing", server.http), "--ca", ca, "--fail"]);
     assert_eq!(missing.status.code(), Some(5), "{}", stderr(&missing));
     assert!(stderr(&missing).contains("application"), "{}", stderr(&missing));
 
@@ -689,6 +689,7 @@ fn coap_listener_and_coap_requests() {
             ca,
             "--server-name",
             "localhost",
+            "-f",
         ]);
         assert_eq!(missing.status.code(), Some(5), "{}", stderr(&missing));
         let records = request(&[

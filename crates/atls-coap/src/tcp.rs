@@ -142,6 +142,8 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_CONNECTIONS_PER_IP: usize = 64;
 /// A connection that completes no frame for this long is closed.
 pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+/// A write the peer does not take within this long closes the connection.
+pub const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serve `server` (a [`crate::CoapServer`], or any [`CoapHandler`]) on
 /// `listener`: each connection sends its CSM, then requests; answers are
@@ -150,42 +152,90 @@ pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300
 /// closed at once); a connection idle for [`IDLE_TIMEOUT`] is closed. A
 /// failed accept (out of file descriptors, say) is retried, never fatal.
 pub async fn serve<H: CoapHandler + ?Sized>(listener: TcpListener, server: Arc<H>) -> std::io::Result<()> {
-    let counts: Arc<std::sync::Mutex<(usize, HashMap<ClientKey, usize>)>> = Arc::default();
+    let counts: Arc<std::sync::Mutex<Slots>> = Arc::default();
+    let mut last_warning: Option<Instant> = None;
     loop {
         let (stream, from) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!(error = %e, "CoAP over TCP: accept failed");
+                // Out of file descriptors, say: said at most once a minute.
+                if last_warning.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+                    tracing::warn!(error = %e, "CoAP over TCP: accept failed");
+                    last_warning = Some(Instant::now());
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let key = ClientKey::from(from.ip());
-        {
-            let mut c = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let per_ip = c.1.get(&key).copied().unwrap_or(0);
-            if c.0 >= MAX_CONNECTIONS || per_ip >= MAX_CONNECTIONS_PER_IP {
-                tracing::debug!(%from, "CoAP over TCP: too many connections; closed");
-                continue;
-            }
-            c.0 = c.0.saturating_add(1);
-            c.1.insert(key, per_ip.saturating_add(1));
-        }
+        let Some(slot) = Slot::take(&counts, ClientKey::from(from.ip())) else {
+            tracing::debug!(%from, "CoAP over TCP: too many connections; closed");
+            continue;
+        };
         let server = server.clone();
-        let counts = counts.clone();
         tokio::spawn(async move {
+            // The slot is given back however the task ends, panics included.
+            let _slot = slot;
             if let Err(e) = connection(stream, from, server).await {
                 tracing::debug!(error = %e, %from, "CoAP over TCP connection ended");
             }
-            let mut c = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            c.0 = c.0.saturating_sub(1);
-            if let Some(n) = c.1.get_mut(&key) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    c.1.remove(&key);
-                }
-            }
         });
+    }
+}
+
+/// Connections in use, overall and per IP key.
+#[derive(Default)]
+struct Slots {
+    all: usize,
+    per_ip: HashMap<ClientKey, usize>,
+}
+
+/// One connection's place in [`Slots`], given back on drop.
+struct Slot {
+    slots: Arc<std::sync::Mutex<Slots>>,
+    key: ClientKey,
+}
+
+impl Slot {
+    fn take(slots: &Arc<std::sync::Mutex<Slots>>, key: ClientKey) -> Option<Self> {
+        let mut c = slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let per_ip = c.per_ip.get(&key).copied().unwrap_or(0);
+        if c.all >= MAX_CONNECTIONS || per_ip >= MAX_CONNECTIONS_PER_IP {
+            return None;
+        }
+        c.all = c.all.saturating_add(1);
+        c.per_ip.insert(key, per_ip.saturating_add(1));
+        Some(Self {
+            slots: slots.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut c = self
+            .slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.all = c.all.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_ip.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Write `bytes`, within [`WRITE_TIMEOUT`]: a peer that never reads cannot
+/// hold the connection's task.
+async fn send(stream: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(bytes)).await {
+        Ok(written) => written,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the peer does not read",
+        )),
     }
 }
 
@@ -194,9 +244,12 @@ async fn connection<H: CoapHandler + ?Sized>(
     from: SocketAddr,
     server: Arc<H>,
 ) -> std::io::Result<()> {
-    stream.write_all(&csm()).await?;
+    send(&mut stream, &csm()).await?;
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 16 * 1024];
+    // A frame must complete within IDLE_TIMEOUT of the last one (a byte now
+    // and then does not keep a connection).
+    let mut deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
     loop {
         // Handle every whole frame buffered.
         while let Some(len) = frame_len(&buf) {
@@ -204,19 +257,20 @@ async fn connection<H: CoapHandler + ?Sized>(
                 // RFC 8323 §5.6: Abort, then close.
                 let mut abort = Packet::new();
                 abort.header.code = MessageClass::from(ABORT);
-                stream.write_all(&encode(&abort).unwrap_or_default()).await?;
+                send(&mut stream, &encode(&abort).unwrap_or_default()).await?;
                 return Ok(());
             }
             if buf.len() < len {
                 break;
             }
             let frame: Vec<u8> = buf.drain(..len).collect();
+            deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
             let (code, mut request) = match decode(&frame) {
                 Ok(decoded) => decoded,
                 Err(_) => {
                     let mut abort = Packet::new();
                     abort.header.code = MessageClass::from(ABORT);
-                    stream.write_all(&encode(&abort).unwrap_or_default()).await?;
+                    send(&mut stream, &encode(&abort).unwrap_or_default()).await?;
                     return Ok(());
                 }
             };
@@ -226,7 +280,7 @@ async fn connection<H: CoapHandler + ?Sized>(
                     let mut pong = Packet::new();
                     pong.header.code = MessageClass::from(PONG);
                     pong.set_token(request.get_token().to_vec());
-                    stream.write_all(&encode(&pong).unwrap_or_default()).await?;
+                    send(&mut stream, &encode(&pong).unwrap_or_default()).await?;
                     continue;
                 }
                 0xE4 | ABORT => return Ok(()),
@@ -243,10 +297,11 @@ async fn connection<H: CoapHandler + ?Sized>(
                 Answer::Later(pending) => pending.await,
             };
             if let Some(answer) = answer {
-                stream.write_all(&encode(&answer).unwrap_or_default()).await?;
+                send(&mut stream, &encode(&answer).unwrap_or_default()).await?;
             }
+            deadline = tokio::time::Instant::now() + IDLE_TIMEOUT;
         }
-        let n = match tokio::time::timeout(IDLE_TIMEOUT, stream.read(&mut chunk)).await {
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
             Ok(read) => read?,
             Err(_) => return Ok(()),
         };

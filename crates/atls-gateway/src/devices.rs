@@ -51,6 +51,9 @@ pub(crate) struct Device {
     pub(crate) recent: VecDeque<(u16, Instant, Option<Vec<u8>>)>,
     pub(crate) in_flight: usize,
     pub(crate) seen: Instant,
+    /// Bumped when a new DTLS session of the device scopes message IDs
+    /// afresh: an answer of an older session is not remembered for it.
+    pub(crate) epoch: u64,
 }
 
 pub(crate) struct Block2Body {
@@ -74,6 +77,7 @@ impl Device {
             recent: VecDeque::new(),
             in_flight: 0,
             seen: now,
+            epoch: 0,
         }
     }
 
@@ -252,59 +256,60 @@ impl Devices {
     /// timeout, established ones after the idle timeout. A device with an
     /// upstream request in progress is kept until it is answered.
     pub(crate) fn sweep(&mut self, now: Instant, bounds: &Bounds) {
-        // Abandoned Block1 transfers and unfetched Block2 bodies first.
+        // Abandoned Block1 transfers and unfetched Block2 bodies first. Each
+        // entry is taken off its order before it is acted on, so a stale
+        // one cannot hold the loop.
         for block1 in [true, false] {
             loop {
                 let order = if block1 {
-                    &self.block1_order
+                    &mut self.block1_order
                 } else {
-                    &self.block2_order
+                    &mut self.block2_order
                 };
-                let Some((at, endpoint)) = order.first().copied() else {
+                match order.first() {
+                    Some((at, _)) if now.saturating_duration_since(*at) > bounds.transfer_timeout => {}
+                    _ => break,
+                }
+                let Some((at, endpoint)) = order.pop_first() else {
                     break;
                 };
-                if now.saturating_duration_since(at) <= bounds.transfer_timeout {
-                    break;
+                let Some(device) = self.map.get_mut(&endpoint) else {
+                    continue;
+                };
+                let before = (device.buffered(), device.buffer_times());
+                let current = if block1 { before.1 .0 } else { before.1 .1 };
+                if current != Some(at) {
+                    continue; // stale: the buffer moved on
                 }
-                match self.map.get_mut(&endpoint) {
-                    Some(device) => {
-                        let before = (device.buffered(), device.buffer_times());
-                        if block1 {
-                            device.block1 = None;
-                        } else {
-                            device.block2 = None;
-                        }
-                        let after = (device.buffered(), device.buffer_times());
-                        self.rebook(endpoint, before, after);
-                    }
-                    None => {
-                        let order = if block1 {
-                            &mut self.block1_order
-                        } else {
-                            &mut self.block2_order
-                        };
-                        order.remove(&(at, endpoint));
-                    }
+                if block1 {
+                    device.block1 = None;
+                } else {
+                    device.block2 = None;
                 }
+                let after = (device.buffered(), device.buffer_times());
+                self.rebook(endpoint, before, after);
             }
         }
         for (established, timeout) in [(false, bounds.handshake_timeout), (true, bounds.idle_timeout)] {
             loop {
                 let order = self.order(established);
-                let Some((seen, endpoint)) = order.first().copied() else {
+                match order.first() {
+                    Some((seen, _)) if now.saturating_duration_since(*seen) > timeout => {}
+                    _ => break,
+                }
+                let Some((seen, endpoint)) = order.pop_first() else {
                     break;
                 };
-                if now.saturating_duration_since(seen) <= timeout {
-                    break;
+                let Some(device) = self.map.get_mut(&endpoint) else {
+                    continue;
+                };
+                if device.seen != seen || device.established != established {
+                    continue; // stale
                 }
-                if self.map.get(&endpoint).is_some_and(|d| d.in_flight > 0) {
+                if device.in_flight > 0 {
                     // Busy: look again once it is answered (it is touched then).
-                    let order = self.order(established);
-                    order.remove(&(seen, endpoint));
-                    order.insert((now, endpoint));
-                    if let Some(d) = self.map.get_mut(&endpoint) {
-                        d.seen = now;
-                    }
+                    device.seen = now;
+                    self.order(established).insert((now, endpoint));
                     continue;
                 }
                 self.remove(&endpoint);

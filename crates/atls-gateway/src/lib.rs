@@ -84,6 +84,9 @@ pub struct GatewayConfig {
     pub max_requests_per_device: usize,
     /// Upstream requests in progress at once to one service.
     pub max_requests_per_service: usize,
+    /// Upstream requests in progress at once from one IP address (IPv6:
+    /// one /64), over all its devices.
+    pub max_requests_per_ip: usize,
     /// Established devices that keep an upstream connection pool of their
     /// own (the least recently seen lose theirs beyond it); devices
     /// without one open a connection per exchange.
@@ -123,6 +126,7 @@ impl Default for GatewayConfig {
             max_upstream_requests: 256,
             max_requests_per_device: 4,
             max_requests_per_service: 128,
+            max_requests_per_ip: 64,
             max_pooled_devices: 512,
             handshake_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(300),
@@ -224,10 +228,18 @@ pub(crate) struct Inner {
     /// The upstream client of devices without a pool of their own.
     pub(crate) unpooled: reqwest::Client,
     pub(crate) devices: Mutex<Devices>,
-    /// Upstream requests in progress per route (`None`: the default).
-    route_load: Mutex<std::collections::HashMap<Option<usize>, usize>>,
+    /// Upstream requests in progress per route and per address prefix.
+    route_load: Mutex<Loads>,
     echo: EchoGuard,
     pub(crate) observer: Option<Observer>,
+}
+
+/// Upstream requests in progress per route (`None`: the default) and per
+/// device address prefix.
+#[derive(Default)]
+pub(crate) struct Loads {
+    route: std::collections::HashMap<Option<usize>, usize>,
+    prefix: std::collections::HashMap<atls_sessions::ClientKey, usize>,
 }
 
 /// One upstream request in progress: dropped when it ends — answered,
@@ -242,8 +254,15 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         lock(&self.inner.devices).release(&self.endpoint);
         let mut load = lock(&self.inner.route_load);
-        if let Some(n) = load.get_mut(&self.route) {
+        if let Some(n) = load.route.get_mut(&self.route) {
             *n = n.saturating_sub(1);
+        }
+        let prefix = atls_sessions::ClientKey::from(self.endpoint.addr.ip());
+        if let Some(n) = load.prefix.get_mut(&prefix) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                load.prefix.remove(&prefix);
+            }
         }
     }
 }
@@ -390,7 +409,9 @@ impl Inner {
     /// goes to the path `/` of the service's own base URL (an OSCORE
     /// request's path is inner, RFC 8613 §4.1.3), and a URL with userinfo,
     /// a query or a fragment is refused. `Ok(None)`: it names no service.
-    fn proxy_target(&self, request: &Packet) -> Result<Option<(Option<usize>, reqwest::Url)>, &'static str> {
+    /// The routes of that origin, in order (several routes may share one
+    /// origin under different paths; the device's own is preferred).
+    fn proxy_target(&self, request: &Packet) -> Result<Option<Vec<Option<usize>>>, &'static str> {
         let text = |o: CoapOption| -> Result<Option<String>, &'static str> {
             request
                 .get_first_option(o)
@@ -440,15 +461,21 @@ impl Inner {
             return Ok(None);
         };
         let same_origin = |u: &reqwest::Url| u.origin() == named.origin();
-        let route = if let Some(i) = self.config.routes.iter().position(|r| same_origin(&r.upstream)) {
-            Some(i)
-        } else if self.config.default_upstream.as_ref().is_some_and(same_origin) {
-            None
-        } else {
+        let mut routes: Vec<Option<usize>> = self
+            .config
+            .routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| same_origin(&r.upstream))
+            .map(|(i, _)| Some(i))
+            .collect();
+        if self.config.default_upstream.as_ref().is_some_and(same_origin) {
+            routes.push(None);
+        }
+        if routes.is_empty() {
             return Err("not a service of this gateway");
-        };
-        let base = self.base(route).ok_or("not a service of this gateway")?;
-        Ok(Some((route, upstream::join(base, "/"))))
+        }
+        Ok(Some(routes))
     }
 
     /// Decide what to do with one request from `from`; `whole` is the
@@ -571,11 +598,12 @@ impl Inner {
         let admitted = lock(&self.devices).with(from, now, &self.bounds, true, |device, totals| {
             if hello {
                 if device.routed && device.route != chosen.flatten() {
-                    // Another service: its cookies and connections are
-                    // not the new one's business.
+                    // Another service: its cookies are not the new one's
+                    // business.
                     device.cookies = cookie_store::CookieStore::default();
-                    device.http = None;
                 }
+                // A new handshake: half-open again, so no pool of its own.
+                device.http = None;
                 device.route = chosen.flatten();
                 device.sni = sni.clone();
                 device.routed = true;
@@ -591,10 +619,10 @@ impl Inner {
             let Some(base) = self.base(device.route).cloned() else {
                 return Err(None);
             };
-            self.admit(device, totals, device.route).map_err(Some)?;
-            Ok((base, device.sni.clone(), device.route))
+            self.admit(device, totals, device.route, from).map_err(Some)?;
+            Ok((base, device.sni.clone(), device.route, device.epoch))
         });
-        let (base, sni, route) = match admitted {
+        let (base, sni, route, epoch) = match admitted {
             Ok(Some(Ok(found))) => found,
             Ok(Some(Err(None))) => {
                 return Step::Now(diagnostic(
@@ -613,6 +641,7 @@ impl Inner {
                 endpoint: from,
                 route,
             },
+            epoch,
             endpoint: from,
             request: request.clone(),
             kind: upstream::Kind::Flight { body: flight, hello },
@@ -651,17 +680,30 @@ impl Inner {
         // The target is settled before the request is counted in flight:
         // nothing returns between admission and the upstream exchange.
         let admitted = lock(&self.devices).with(from, now, &self.bounds, true, |device, totals| {
-            let (route, url) = match &target {
-                Some((route, url)) => (*route, url.clone()),
-                None => match self.base(device.route) {
-                    Some(base) => (device.route, upstream::join(base, "/")),
-                    None => return Err(None),
-                },
+            let route = match &target {
+                // The device's own route when it has that origin, else the
+                // first of that origin.
+                Some(routes) if device.routed && routes.contains(&device.route) => device.route,
+                Some(routes) => routes.first().copied().flatten(),
+                // No ClientHello of it passed here (or it was forgotten):
+                // it must not be sent to some other service.
+                None if !device.routed => return Err(None),
+                None => device.route,
             };
-            self.admit(device, totals, route).map_err(Some)?;
-            Ok((url, device.sni.clone(), route, route == device.route))
+            let Some(base) = self.base(route) else {
+                return Err(None);
+            };
+            let url = upstream::join(base, "/");
+            self.admit(device, totals, route, from).map_err(Some)?;
+            Ok((
+                url,
+                device.sni.clone(),
+                route,
+                route == device.route,
+                device.epoch,
+            ))
         });
-        let (url, sni, route, cookies) = match admitted {
+        let (url, sni, route, cookies, epoch) = match admitted {
             Ok(Some(Ok(found))) => found,
             Ok(Some(Err(None))) => {
                 return Step::Now(diagnostic(
@@ -680,6 +722,7 @@ impl Inner {
                 endpoint: from,
                 route,
             },
+            epoch,
             endpoint: from,
             request: request.clone(),
             kind: upstream::Kind::Oscore,
@@ -699,6 +742,7 @@ impl Inner {
         device: &mut devices::Device,
         totals: devices::Totals,
         route: Option<usize>,
+        from: Endpoint,
     ) -> Result<(), &'static str> {
         if device.in_flight >= self.config.max_requests_per_device.max(1) {
             return Err("too many requests of this device in progress");
@@ -706,12 +750,16 @@ impl Inner {
         if totals.in_flight >= self.config.max_upstream_requests.max(1) {
             return Err("too many upstream requests in progress");
         }
+        let prefix = atls_sessions::ClientKey::from(from.addr.ip());
         let mut load = lock(&self.route_load);
-        let on_route = load.entry(route).or_insert(0);
-        if *on_route >= self.config.max_requests_per_service.max(1) {
+        if load.route.get(&route).copied().unwrap_or(0) >= self.config.max_requests_per_service.max(1) {
             return Err("too many requests to this service in progress");
         }
-        *on_route = on_route.saturating_add(1);
+        if load.prefix.get(&prefix).copied().unwrap_or(0) >= self.config.max_requests_per_ip.max(1) {
+            return Err("too many requests from this address in progress");
+        }
+        *load.route.entry(route).or_insert(0) += 1;
+        *load.prefix.entry(prefix).or_insert(0) += 1;
         device.in_flight = device.in_flight.saturating_add(1);
         Ok(())
     }
@@ -853,6 +901,7 @@ impl CoapHandler for Gateway {
             }
             Step::Upstream(call) => {
                 let inner = self.inner.clone();
+                let epoch = call.epoch;
                 Answer::Later(Box::pin(async move {
                     let p = inner.run(*call).await;
                     let bytes = p.to_bytes_unlimited().ok();
@@ -861,9 +910,16 @@ impl CoapHandler for Gateway {
                         Instant::now(),
                         &inner.bounds,
                         false,
-                        |device, _| match &bytes {
-                            Some(b) => devices::remember(device, mid, b),
-                            None => devices::forget(device, mid),
+                        |device, _| {
+                            // An answer of an older DTLS session of the
+                            // device is not remembered for the new one.
+                            if device.epoch != epoch {
+                                return;
+                            }
+                            match &bytes {
+                                Some(b) => devices::remember(device, mid, b),
+                                None => devices::forget(device, mid),
+                            }
                         },
                     );
                     bytes
@@ -906,6 +962,7 @@ impl CoapHandler for Gateway {
                 device.recent.clear();
                 device.block1 = None;
                 device.block2 = None;
+                device.epoch = device.epoch.wrapping_add(1);
             },
         );
     }

@@ -23,6 +23,8 @@ pub(crate) enum Kind {
 
 /// One upstream exchange to run.
 pub(crate) struct Call {
+    /// The device's epoch when the request arrived.
+    pub(crate) epoch: u64,
     /// Whether the device's cookies ride along (its own service).
     pub(crate) cookies: bool,
     /// Gives back the request's slots when the exchange ends.
@@ -205,7 +207,8 @@ impl Inner {
             } else {
                 Vec::new()
             };
-            (device.established, device.http.clone(), cookies.join("; "))
+            let pool = device.http.clone().filter(|_| device.established);
+            (device.established, pool, cookies.join("; "))
         });
         let (established, pool, cookie) = match prepared {
             Ok(Some(found)) => found,
@@ -218,11 +221,16 @@ impl Inner {
             None if established => match self.client(true) {
                 Ok(client) => {
                     let mut devices = lock(&self.devices);
-                    let _ = devices.with(endpoint, started, &self.bounds, false, |device, _| {
+                    // Another request of the device may have stored one
+                    // meanwhile: use that one.
+                    let stored = devices.with(endpoint, started, &self.bounds, false, |device, _| {
                         device.http.get_or_insert_with(|| client.clone()).clone()
                     });
                     devices.trim_pools(self.config.max_pooled_devices);
-                    client
+                    match stored {
+                        Ok(Some(stored)) => stored,
+                        _ => client,
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot build an upstream client");
@@ -418,18 +426,26 @@ impl Inner {
         let _ = lock(&self.devices).with(endpoint, Instant::now(), &self.bounds, false, |device, _| {
             for value in headers.get_all(header::SET_COOKIE) {
                 let Ok(text) = value.to_str() else { continue };
-                if text.len() > MAX_COOKIE_BYTES {
+                // RFC 6265 §6.1: at least 4096 bytes per cookie; no more here.
+                if text.len() > 4096 {
                     continue;
                 }
                 let mut trial = device.cookies.clone();
                 // A cookie the store refuses (wrong domain, bad syntax) is
                 // ignored, as browsers do.
                 let _ = trial.parse(text, url);
+                // Expired cookies go; the rest are counted whole, their
+                // attributes included (the store keeps them).
+                let Ok(live) = cookie_store::CookieStore::from_cookies(
+                    trial
+                        .iter_unexpired()
+                        .cloned()
+                        .map(Ok::<_, std::convert::Infallible>),
+                    false,
+                );
+                trial = live;
                 let count = trial.iter_any().count();
-                let bytes: usize = trial
-                    .iter_any()
-                    .map(|c| c.name().len().saturating_add(c.value().len()))
-                    .sum();
+                let bytes: usize = trial.iter_any().map(|c| c.to_string().len()).sum();
                 if count <= MAX_COOKIES && bytes <= MAX_COOKIE_BYTES {
                     device.cookies = trial;
                 }
@@ -496,6 +512,10 @@ impl Inner {
             &self.bounds,
             false,
             |device, totals| {
+                if device.epoch != call.epoch {
+                    // The device started a new DTLS session meanwhile.
+                    return false;
+                }
                 let held = device.block2.as_ref().map_or(0, |b| b.body.len());
                 if totals
                     .block2_bytes

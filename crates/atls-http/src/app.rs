@@ -103,6 +103,7 @@ pub struct Upstream {
     client: reqwest::Client,
     base: reqwest::Url,
     limit: usize,
+    timeout: std::time::Duration,
 }
 
 impl Upstream {
@@ -126,7 +127,15 @@ impl Upstream {
             client,
             base,
             limit: 4 * 1024 * 1024,
+            timeout: std::time::Duration::from_secs(30),
         })
+    }
+
+    /// How long the upstream may take to answer (head and body); then the
+    /// client gets `504 Gateway Timeout` (30 s by default).
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Bound request and response bodies by `limit` bytes (4 MiB by
@@ -174,30 +183,43 @@ impl Upstream {
                 }
             }
         }
-        let response = match builder.body(body).send().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "upstream request failed");
-                return plain(StatusCode::BAD_GATEWAY, "upstream unreachable");
+        let timeout = self.timeout;
+        let limit = self.limit;
+        let exchange = async move {
+            let response = match builder.body(body).send().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream request failed");
+                    return Err(plain(StatusCode::BAD_GATEWAY, "upstream unreachable"));
+                }
+            };
+            let status = response.status();
+            let headers = response.headers().clone();
+            let mut response = response;
+            let mut body = Vec::new();
+            loop {
+                match response.chunk().await {
+                    Ok(Some(chunk)) if body.len() + chunk.len() > limit => {
+                        return Err(plain(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("the upstream response exceeds {limit} bytes"),
+                        ));
+                    }
+                    Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                    Ok(None) => break,
+                    Err(_) => return Err(plain(StatusCode::BAD_GATEWAY, "upstream response failed")),
+                }
+            }
+            Ok((status, headers, body))
+        };
+        let (status, headers, body) = match tokio::time::timeout(timeout, exchange).await {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(reply)) => return reply,
+            Err(_) => {
+                tracing::warn!(upstream = %self.base, timeout_ms = timeout.as_millis() as u64, "upstream did not answer in time");
+                return plain(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time");
             }
         };
-        let status = response.status();
-        let headers = response.headers().clone();
-        let mut response = response;
-        let mut body = Vec::new();
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) if body.len() + chunk.len() > self.limit => {
-                    return plain(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("the upstream response exceeds {} bytes", self.limit),
-                    );
-                }
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-                Ok(None) => break,
-                Err(_) => return plain(StatusCode::BAD_GATEWAY, "upstream response failed"),
-            }
-        }
         let mut out = Response::new(Body::from(body));
         *out.status_mut() = status;
         for (name, value) in &headers {

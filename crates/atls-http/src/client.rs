@@ -80,6 +80,8 @@ pub struct ClientOptions {
     pub transport: TransportTls,
     /// Limit for one outer exchange.
     pub timeout: Duration,
+    /// Limit for connecting to the server or proxy (default: `timeout`).
+    pub connect_timeout: Option<Duration>,
     /// Largest inner response body accepted. A larger one is a
     /// [`ClientError::ResponseTooLarge`]; the session stays usable.
     pub max_response: usize,
@@ -97,6 +99,7 @@ impl Default for ClientOptions {
             proxy: None,
             transport: TransportTls::default(),
             timeout: Duration::from_secs(30),
+            connect_timeout: None,
             max_response: 4 * 1024 * 1024,
             early_data: true,
         }
@@ -420,7 +423,7 @@ impl AtlsClient {
         let mut builder = reqwest::Client::builder()
             .use_preconfigured_tls(transport_tls(&options)?)
             .timeout(options.timeout)
-            .connect_timeout(options.timeout)
+            .connect_timeout(options.connect_timeout.unwrap_or(options.timeout))
             .redirect(reqwest::redirect::Policy::none());
         if options.http2_prior_knowledge {
             builder = builder.http2_prior_knowledge();
@@ -570,56 +573,62 @@ impl AtlsClient {
         let streamed = status == StatusCode::OK && wire::is_media_type(&headers, wire::CONTENT_TYPE_ATLS);
         let mut body = Vec::new();
         let mut received = 0usize;
-        match sink.filter(|_| streamed) {
-            Some(sink) => {
-                let mut pending = Vec::new();
-                while let Some(chunk) = response.chunk().await.map_err(transport)? {
-                    received = received.saturating_add(chunk.len());
-                    if received > self.limits.records_stream {
-                        return Err(too_large);
-                    }
-                    pending.extend_from_slice(&chunk);
-                    let mut start = 0usize;
-                    loop {
-                        let rest = pending.get(start..).unwrap_or_default();
-                        let piece = atls_core::records::complete_records_within(
-                            sink.tls.framing(),
-                            rest,
-                            self.limits.tls.max_flight_len,
-                            atls_core::records::MAX_RECORDS_PER_FLIGHT,
-                        )
-                        .map_err(|e| ClientError::Handshake(TlsError::MalformedFlight(e)))?;
-                        if piece == 0 {
-                            break;
+        // The exchange is recorded even when reading or feeding its answer
+        // fails (`-v` shows the steps that happened).
+        let read: Result<(), ClientError> = async {
+            match sink.filter(|_| streamed) {
+                Some(sink) => {
+                    let mut pending = Vec::new();
+                    while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                        received = received.saturating_add(chunk.len());
+                        if received > self.limits.records_stream {
+                            return Err(too_large);
                         }
-                        sink.tls
-                            .push_flight(rest.get(..piece).unwrap_or_default(), Instant::now())?;
-                        start += piece;
-                        sink.take();
+                        pending.extend_from_slice(&chunk);
+                        let mut start = 0usize;
+                        loop {
+                            let rest = pending.get(start..).unwrap_or_default();
+                            let piece = atls_core::records::complete_records_within(
+                                sink.tls.framing(),
+                                rest,
+                                self.limits.tls.max_flight_len,
+                                atls_core::records::MAX_RECORDS_PER_FLIGHT,
+                            )
+                            .map_err(|e| ClientError::Handshake(TlsError::MalformedFlight(e)))?;
+                            if piece == 0 {
+                                break;
+                            }
+                            sink.tls
+                                .push_flight(rest.get(..piece).unwrap_or_default(), Instant::now())?;
+                            start += piece;
+                            sink.take();
+                        }
+                        pending.drain(..start);
                     }
-                    pending.drain(..start);
+                    if !pending.is_empty() {
+                        return Err(ClientError::Handshake(TlsError::MalformedFlight(
+                            atls_core::FlightError::Truncated {
+                                offset: received - pending.len(),
+                            },
+                        )));
+                    }
                 }
-                if !pending.is_empty() {
-                    return Err(ClientError::Handshake(TlsError::MalformedFlight(
-                        atls_core::FlightError::Truncated {
-                            offset: received - pending.len(),
-                        },
-                    )));
-                }
-            }
-            None => {
-                if response.content_length().is_some_and(|l| l > limit as u64) {
-                    return Err(too_large);
-                }
-                while let Some(chunk) = response.chunk().await.map_err(transport)? {
-                    if body.len() + chunk.len() > limit {
+                None => {
+                    if response.content_length().is_some_and(|l| l > limit as u64) {
                         return Err(too_large);
                     }
-                    body.extend_from_slice(&chunk);
+                    while let Some(chunk) = response.chunk().await.map_err(transport)? {
+                        if body.len() + chunk.len() > limit {
+                            return Err(too_large);
+                        }
+                        body.extend_from_slice(&chunk);
+                    }
+                    received = body.len();
                 }
-                received = body.len();
             }
+            Ok(())
         }
+        .await;
         events.push(WireEvent {
             kind,
             request_line: format!("{method} {path}"),
@@ -631,6 +640,7 @@ impl AtlsClient {
             elapsed: start.elapsed(),
             http_version,
         });
+        read?;
         Ok(Outer {
             status,
             headers,
@@ -839,30 +849,42 @@ impl AtlsClient {
     /// Like [`AtlsClient::send`], also reporting what crossed the wire.
     pub async fn send_traced(&self, request: Request<Bytes>) -> Result<Exchange, ClientError> {
         let mut events = Vec::new();
+        self.send_recording(request, &mut events).await
+    }
+
+    /// [`send_traced`](Self::send_traced), recording each outer exchange in
+    /// `events` as it happens: on success they move into the returned
+    /// [`Exchange`], on failure they stay in `events` (for `-v` output of
+    /// the steps that did happen).
+    pub async fn send_recording(
+        &self,
+        request: Request<Bytes>,
+        events: &mut Vec<WireEvent>,
+    ) -> Result<Exchange, ClientError> {
         // A forgotten session is redone once, for idempotent requests only.
         for attempt in 0..2 {
-            let (session, answered) = self.session(&request, &mut events).await?;
+            let (session, answered) = self.session(&request, events).await?;
             if let Some((bytes, early)) = answered {
                 // A new record-mode session answered the request during its
                 // handshake (an answer over the limit leaves the session in step).
                 let response = self.parse_records_response(&bytes?)?;
                 return Ok(Exchange {
                     response,
-                    events,
+                    events: std::mem::take(events),
                     info: session.info.clone(),
                     early_data: early,
                 });
             }
             let attempt_result = match self.options.mode {
-                Mode::Records => self.send_records(&session, &request, &mut events).await,
-                Mode::Oscore => self.send_oscore(&session, &request, &mut events).await,
-                Mode::Cose => self.send_cose(&session, &request, &mut events).await,
+                Mode::Records => self.send_records(&session, &request, events).await,
+                Mode::Oscore => self.send_oscore(&session, &request, events).await,
+                Mode::Cose => self.send_cose(&session, &request, events).await,
             };
             match attempt_result {
                 Ok(Attempt::Done(response)) => {
                     return Ok(Exchange {
                         response,
-                        events,
+                        events: std::mem::take(events),
                         info: session.info.clone(),
                         early_data: false,
                     })

@@ -827,7 +827,7 @@ where
         let admission = match server.table.admit(client, body, now) {
             Ok(a) => a,
             Err(refusal) => {
-                tracing::debug!(reason = refusal.reason(), "ATLS handshake refused");
+                tracing::info!(client = ?client, reason = refusal.reason(), "ATLS handshake refused");
                 return refusal_reply(&refusal);
             }
         };
@@ -850,7 +850,7 @@ where
         let progress = match session.push_flight(body, now) {
             Ok(p) => p,
             Err(failure) => {
-                tracing::debug!(error = %failure.error, "ATLS first flight refused");
+                tracing::info!(client = ?client, error = %failure.error, "ATLS handshake failed");
                 return failure_reply(&failure.error, failure.alert);
             }
         };
@@ -939,8 +939,25 @@ where
         }
         if inbound.established {
             if let Err(refusal) = server.table.establish(&found.id, now) {
-                tracing::debug!(session = ?found.id, reason = refusal.reason(), "completed handshake refused");
+                tracing::info!(session = ?found.id, reason = refusal.reason(), "completed ATLS handshake refused");
                 return refusal_reply(&refusal);
+            }
+            if let Some(peer) = peer_of(&lock(&found.entry), Mode::Oscore, false) {
+                let kind = match &peer.peer {
+                    PeerSummary::Anonymous => "anonymous",
+                    PeerSummary::Certificate { .. } => "certificate",
+                    PeerSummary::Psk { .. } => "psk",
+                };
+                tracing::info!(
+                    session = ?found.id,
+                    version = peer.tls_version,
+                    suite = %peer.cipher_suite,
+                    engine = peer.engine,
+                    peer = kind,
+                    resumed = peer.resumed,
+                    cids = peer.cids_negotiated,
+                    "ATLS handshake complete"
+                );
             }
         }
         // From here on the output is always sent: dropping records the

@@ -1,0 +1,100 @@
+//! `--config FILE` for `atls serve` and `atls gateway`: a TOML file with one
+//! `flag-name = value` entry per option (a string, a number, a boolean for
+//! a flag, or an array for a repeatable option).
+//!
+//! Precedence, highest first: the command line, the environment
+//! (`ATLS_SERVE_<FLAG>`, `ATLS_GATEWAY_<FLAG>`), the file, the defaults. The
+//! file's entries become command-line options placed before the user's, for
+//! options that neither the command line nor the environment set; clap then
+//! parses and checks them as it checks everything else.
+
+use std::ffi::OsString;
+
+/// The commands that read a configuration file, and their environment
+/// prefixes.
+const COMMANDS: &[(&str, &str)] = &[("serve", "ATLS_SERVE_"), ("gateway", "ATLS_GATEWAY_")];
+
+/// `argv` with the entries of the configuration file (if one is named)
+/// inserted after the subcommand.
+pub(crate) fn expand(argv: Vec<OsString>, command: &clap::Command) -> Result<Vec<OsString>, String> {
+    let text: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let Some((at, name, prefix)) = text
+        .iter()
+        .enumerate()
+        .skip(1)
+        .find_map(|(i, a)| COMMANDS.iter().find(|(c, _)| c == a).map(|(c, p)| (i, *c, *p)))
+    else {
+        return Ok(argv);
+    };
+    let user = text.get(at.saturating_add(1)..).unwrap_or_default();
+    let named = user
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| user.get(i.saturating_add(1)).cloned())
+        .or_else(|| {
+            user.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(str::to_owned))
+        })
+        .or_else(|| std::env::var(format!("{prefix}CONFIG")).ok());
+    let Some(path) = named else {
+        return Ok(argv);
+    };
+    let content = std::fs::read_to_string(&path).map_err(|e| format!("reading {path}: {e}"))?;
+    let table: toml::Table = content.parse().map_err(|e| format!("{path}: {e}"))?;
+    let Some(sub) = command.find_subcommand(name) else {
+        return Ok(argv);
+    };
+    let known: Vec<String> = sub
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .collect();
+    let mut tokens: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        if key == "config" || !known.contains(key) {
+            return Err(format!("{path}: `{key}` is not an option of atls {name}"));
+        }
+        let flag = format!("--{key}");
+        let given = user
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+        let env = format!("{prefix}{}", key.to_ascii_uppercase().replace('-', "_"));
+        if given || std::env::var_os(&env).is_some() {
+            continue;
+        }
+        let scalar = |v: &toml::Value| -> Result<Option<String>, String> {
+            match v {
+                toml::Value::String(s) => Ok(Some(s.clone())),
+                toml::Value::Integer(n) => Ok(Some(n.to_string())),
+                toml::Value::Float(f) => Ok(Some(f.to_string())),
+                toml::Value::Boolean(_) => Ok(None),
+                _ => Err(format!(
+                    "{path}: `{key}` must be a string, a number, a boolean or an array of them"
+                )),
+            }
+        };
+        match value {
+            toml::Value::Boolean(true) => tokens.push(flag.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    let Some(v) = scalar(item)? else {
+                        return Err(format!("{path}: `{key}` holds a boolean in its array"));
+                    };
+                    tokens.push(flag.clone().into());
+                    tokens.push(v.into());
+                }
+            }
+            other => {
+                if let Some(v) = scalar(other)? {
+                    tokens.push(flag.into());
+                    tokens.push(v.into());
+                }
+            }
+        }
+    }
+    let mut out = argv;
+    let tail = out.split_off(at.saturating_add(1));
+    out.extend(tokens);
+    out.extend(tail);
+    Ok(out)
+}

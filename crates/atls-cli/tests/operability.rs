@@ -1,0 +1,485 @@
+//! `atls request` with curl's habits, `atls serve` as operators run it
+//! (health, graceful shutdown, upstream timeouts, listener names, a
+//! private state directory), and the exit-code table.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+/// An HTTP/1.1 application that answers every request after `delay` with
+/// `body`.
+fn slow_app(delay: Duration, body: &'static str) -> (u16, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let handle = std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf);
+                std::thread::sleep(delay);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    (port, handle)
+}
+
+fn get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn request_has_curls_habits() {
+    let server = serve(&[]);
+    let ca = server.ca.to_str().expect("path");
+    let base = format!("http://{}", server.http);
+    let dir = tempfile::tempdir().expect("dir");
+
+    // -o FILE: the body in the file, nothing on stdout.
+    let file = dir.path().join("out.txt");
+    let out = request(&[
+        &format!("{base}/hello"),
+        "--ca",
+        ca,
+        "-o",
+        file.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert_eq!(std::fs::read_to_string(&file).expect("file"), "hello");
+
+    // -i: the inner response head before the body; -s: no status line.
+    let out = request(&[&format!("{base}/hello"), "--ca", ca, "-i", "-s"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("HTTP/1.1 200 OK\r\n"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).ends_with("\r\n\r\nhello"), "{}", stdout(&out));
+    assert_eq!(stderr(&out), "", "-s prints no status line");
+
+    // An inner 404: without -f the body and exit 0, as curl; with -f exit 5
+    // and no body.
+    let missing = format!("{base}/no-such-resource");
+    let out = request(&[&missing, "--ca", ca]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).starts_with("404"), "{}", stderr(&out));
+    let out = request(&[&missing, "--ca", ca, "-f"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "");
+    assert!(
+        stderr(&out).contains("the inner response is 404"),
+        "{}",
+        stderr(&out)
+    );
+
+    // -d @- reads stdin; --data-binary @FILE reads a file, sent as is.
+    let mut child = Command::new(ATLS)
+        .args(["request", &format!("{base}/echo"), "--ca", ca, "-d", "@-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("atls request");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"from stdin\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "from stdin\n");
+    let body = dir.path().join("body.bin");
+    std::fs::write(&body, b"line one\nline two\n\x00\x01").expect("write");
+    let at = format!("@{}", body.display());
+    let out = request(&[&format!("{base}/echo"), "--ca", ca, "--data-binary", &at]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, b"line one\nline two\n\x00\x01");
+
+    // A URL without a scheme is http://.
+    let out = request(&[&format!("{}/hello", server.http), "--ca", ca]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello");
+
+    // -v: the inner heads as > and < lines, and the steps on the wire.
+    let out = request(&[&format!("{base}/hello"), "--ca", ca, "-v"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("> GET /hello"), "{err}");
+    assert!(err.contains("< 200 OK"), "{err}");
+    assert!(err.contains("* handshake"), "{err}");
+
+    // -v when a later step fails: the steps that happened are still shown
+    // (a wrong CA fails the handshake after the server's first flight).
+    let wrong_ca = dir.path().join("other-ca.pem");
+    std::fs::write(
+        &wrong_ca,
+        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
+    )
+    .expect("write");
+    let out = request(&[
+        &format!("{base}/hello"),
+        "--ca",
+        wrong_ca.to_str().expect("path"),
+        "-v",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("* handshake"),
+        "the first flight's exchange is shown: {err}"
+    );
+    assert!(err.contains("atls: "), "{err}");
+}
+
+#[test]
+fn exit_codes_do_not_collide() {
+    // A usage error is 64, not 2 (a transport failure).
+    let out = request(&["http://127.0.0.1:1/", "--no-such-option"]);
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    // A local error (a CA file that is not there) is 1.
+    let out = request(&["http://127.0.0.1:1/", "--ca", "/nonexistent/ca.pem"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    // The transport: nothing listens (2).
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, atls_pki::DevCa::new("a CA").expect("CA").certificate_pem()).expect("write");
+    let port = free_port();
+    let out = request(&[
+        &format!("http://127.0.0.1:{port}/"),
+        "--ca",
+        ca.to_str().expect("path"),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    // --max-time against a server that accepts and never answers (2).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let _holder = std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().take(2).collect();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(held);
+    });
+    let out = request(&[
+        &format!("http://{addr}/"),
+        "--ca",
+        ca.to_str().expect("path"),
+        "--max-time",
+        "0.5",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--max-time"), "{}", stderr(&out));
+    // The table is in --help.
+    let help = request(&["--help"]);
+    assert!(help.status.success());
+    assert!(stdout(&help).contains("64  a usage error"), "{}", stdout(&help));
+}
+
+#[test]
+fn serve_health_upstream_timeout_and_graceful_shutdown() {
+    let (slow_port, _app) = slow_app(Duration::from_millis(1500), "slow answer");
+    let upstream = format!("http://127.0.0.1:{slow_port}");
+    let server = serve(&["--upstream", &upstream, "--upstream-timeout", "5"]);
+    let ca = server.ca.to_str().expect("path");
+    // /health answers outside ATLS, with no secrets.
+    let health = get(&server.http, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    // The state directory is the owner's alone.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(server.state.path())
+            .expect("state dir")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "state dir mode {mode:o}");
+    }
+    // A request in flight when SIGTERM arrives is answered; then the
+    // server exits 0.
+    let url = format!("http://{}/slow", server.http);
+    let ca_owned = ca.to_owned();
+    let in_flight = std::thread::spawn(move || request(&[&url, "--ca", &ca_owned]));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut server = server;
+    let pid = server.process.0.id();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let answered = in_flight.join().expect("request thread");
+    assert!(answered.status.success(), "{}", stderr(&answered));
+    assert_eq!(stdout(&answered), "slow answer");
+    let status = server.process.0.wait().expect("serve exits");
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+
+    // An upstream slower than --upstream-timeout: 504, said in words.
+    let (slower, _app2) = slow_app(Duration::from_secs(3), "too late");
+    let server = serve(&[
+        "--upstream",
+        &format!("http://127.0.0.1:{slower}"),
+        "--upstream-timeout",
+        "0.5",
+    ]);
+    let out = request(&[
+        &format!("http://{}/x", server.http),
+        "--ca",
+        server.ca.to_str().expect("path"),
+        "-f",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("504"), "{}", stderr(&out));
+}
+
+#[test]
+fn serve_takes_names_and_says_what_a_url_needs() {
+    let server = serve(&["--coap", "localhost:0"]);
+    assert!(server.coap.is_some(), "a listener given by name");
+    let out = Command::new(ATLS)
+        .args(["serve", "--upstream", "127.0.0.1:3000"])
+        .output()
+        .expect("atls serve");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("http://127.0.0.1:3000"), "{}", stderr(&out));
+    let help = Command::new(ATLS)
+        .args(["serve", "--help"])
+        .output()
+        .expect("help");
+    let text = stdout(&help);
+    for needle in ["GET /hello", "GET /health", "[default: 30]", "0700", "PSK-only"] {
+        assert!(text.contains(needle), "serve --help lacks {needle:?}:\n{text}");
+    }
+    // PSK without a certificate: said at start-up.
+    let state = tempfile::tempdir().expect("dir");
+    let mut child = Command::new(ATLS)
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--psk",
+            "d:00112233445566778899aabbccddeeff",
+            "--state-dir",
+        ])
+        .arg(state.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("serve");
+    let mut first = String::new();
+    let mut out = child.stdout.take().expect("stdout");
+    let mut buf = [0u8; 512];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !first.contains("PSK only") && std::time::Instant::now() < deadline {
+        let n = out.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        first.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(first.contains("PSK only"), "{first}");
+}
+
+#[test]
+fn a_closed_pipe_ends_the_demo_quietly() {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{ATLS}' demo --memory-only | head -1"))
+        .output()
+        .expect("sh");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
+/// `--log-format json`: one JSON object per line, with an access-log event
+/// per outer request and the handshake's outcome at info; no ANSI colour.
+#[test]
+fn serve_logs_requests_and_handshakes_as_json() {
+    let state = tempfile::tempdir().expect("dir");
+    let log = state.path().join("serve.log");
+    let mut child = Command::new(ATLS)
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--state-dir",
+        ])
+        .arg(state.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve");
+    let mut stdout_pipe = child.stdout.take().expect("stdout");
+    let mut text = String::new();
+    let mut buf = [0u8; 512];
+    while !text.contains("ATLS over HTTP on http://") {
+        let n = stdout_pipe.read(&mut buf).expect("read");
+        assert!(n > 0, "serve ended: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let addr = text
+        .split("ATLS over HTTP on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("address")
+        .to_owned();
+    let ca = state.path().join("ca.pem");
+    let out = request(&[
+        &format!("http://{addr}/hello"),
+        "--ca",
+        ca.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A complete ClientHello the TLS stack refuses (its body is garbage).
+    let hello = [
+        0x16u8, 0x03, 0x01, 0x00, 0x08, 0x01, 0x00, 0x00, 0x04, 0xde, 0xad, 0xbe, 0xef,
+    ];
+    let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+    write!(
+        s,
+        "POST /.well-known/atls HTTP/1.1\r\nHost: x\r\nContent-Type: application/atls\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        hello.len()
+    )
+    .expect("write");
+    s.write_all(&hello).expect("write");
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let logged = std::fs::read_to_string(&log).expect("log");
+    assert!(!logged.contains('\u{1b}'), "no ANSI escapes: {logged}");
+    let events: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> = events.iter().filter(|e| e["target"] == "atls::access").collect();
+    assert!(access.len() >= 3, "{logged}");
+    let first = &access[0]["fields"];
+    assert_eq!(first["method"], "POST", "{first}");
+    assert_eq!(first["path"], "/.well-known/atls", "{first}");
+    assert_eq!(first["mode"], "atls", "{first}");
+    assert_eq!(first["status"], 200, "{first}");
+    assert!(access.iter().any(|e| e["fields"]["mode"] == "oscore"), "{logged}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "ATLS handshake complete"
+                && e["fields"]["version"] == "TLSv1.3"),
+        "{logged}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "ATLS handshake failed"),
+        "a refused handshake is logged at info with its reason: {logged}"
+    );
+}
+
+/// Start `atls serve` with `args` and `env`, return the address of its HTTP
+/// listener, and stop it.
+fn serve_address(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut child = Command::new(ATLS);
+    child.args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+    for (k, v) in env {
+        child.env(k, v);
+    }
+    let mut child = child.spawn().expect("serve");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut text = String::new();
+    let mut buf = [0u8; 512];
+    while !text.contains("ATLS over HTTP on http://") {
+        let n = out.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    text.split("ATLS over HTTP on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no HTTP listener: {text}"))
+        .to_owned()
+}
+
+/// Every option from a TOML file or the environment, with the command line
+/// first, then the environment, then the file.
+#[test]
+fn serve_reads_a_toml_file_and_the_environment() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let config = dir.path().join("atls.toml");
+    std::fs::write(
+        &config,
+        format!("http = \"127.0.0.1:{p1}\"\ncookie-name = \"fromfile\"\nmax-sessions = 50\npsk = [\"a:00112233445566778899aabbccddeeff\"]\n"),
+    )
+    .expect("write");
+    let state = dir.path().join("state");
+    let base = [
+        "serve",
+        "--config",
+        config.to_str().expect("path"),
+        "--state-dir",
+        state.to_str().expect("path"),
+    ];
+    assert_eq!(serve_address(&base, &[]), format!("127.0.0.1:{p1}"), "the file");
+    let from_env = format!("127.0.0.1:{p2}");
+    assert_eq!(
+        serve_address(&base, &[("ATLS_SERVE_HTTP", &from_env)]),
+        from_env,
+        "the environment beats the file"
+    );
+    let mut with_cli = base.to_vec();
+    let from_cli = format!("127.0.0.1:{p3}");
+    with_cli.extend(["--http", &from_cli]);
+    assert_eq!(
+        serve_address(&with_cli, &[("ATLS_SERVE_HTTP", &from_env)]),
+        from_cli,
+        "the command line beats both"
+    );
+    // The file named by the environment.
+    assert_eq!(
+        serve_address(
+            &["serve", "--state-dir", state.to_str().expect("path")],
+            &[("ATLS_SERVE_CONFIG", config.to_str().expect("path"))]
+        ),
+        format!("127.0.0.1:{p1}")
+    );
+    // A key that is no option is a local error naming it.
+    std::fs::write(&config, "htp = \"127.0.0.1:1\"\n").expect("write");
+    let out = Command::new(ATLS)
+        .args(["serve", "--config", config.to_str().expect("path")])
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`htp` is not an option of atls serve"),
+        "{}",
+        stderr(&out)
+    );
+}
