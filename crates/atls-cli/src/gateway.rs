@@ -111,6 +111,10 @@ pub(crate) struct GatewayArgs {
     /// Seconds an established device is remembered without a message.
     #[arg(long, default_value_t = 300, env = "ATLS_GATEWAY_IDLE_TIMEOUT")]
     pub(crate) idle_timeout: u64,
+    /// Prometheus metrics listener (forwarded exchanges by kind and CoAP
+    /// code, refusals by reason, devices).
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_GATEWAY_METRICS")]
+    pub(crate) metrics: Option<SocketAddr>,
     /// Directory for the coaps:// development certificate.
     #[arg(long, value_name = "DIR", env = "ATLS_GATEWAY_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
@@ -198,6 +202,9 @@ pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
         ..GatewayConfig::default()
     };
     let gateway = Gateway::new(config)?;
+    if let Some(addr) = args.metrics {
+        crate::serve::install_metrics(addr)?;
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let coap_addr = match args.coap {
         None if args.coap_tcp.is_none() && args.coaps.is_none() => {
@@ -273,7 +280,10 @@ pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            g.sweep(std::time::Instant::now());
+            let stats = g.stats(std::time::Instant::now());
+            metrics::gauge!("atls_gateway_devices", "state" => "half_open").set(stats.half_open as f64);
+            metrics::gauge!("atls_gateway_devices", "state" => "established").set(stats.established as f64);
+            metrics::gauge!("atls_gateway_upstream_in_flight").set(stats.upstream_in_flight as f64);
         }
     });
     Ok(Running {

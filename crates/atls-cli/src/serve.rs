@@ -116,6 +116,10 @@ pub(crate) struct ServeArgs {
         env = "ATLS_SERVE_UPSTREAM_TIMEOUT"
     )]
     pub(crate) upstream_timeout: f64,
+    /// Prometheus metrics listener (a separate port: handshakes by outcome,
+    /// requests by mode and status, latency, sessions).
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_METRICS")]
+    pub(crate) metrics: Option<SocketAddr>,
     /// Seconds requests in flight may take to finish after SIGTERM or
     /// SIGINT, before the server exits.
     #[arg(
@@ -283,7 +287,7 @@ async fn health(server: Arc<AtlsServer>) -> Response<Body> {
 /// status, time, the protection the content type says, and the session
 /// cookie's first 8 hex digits (enough to follow a session, not to use it).
 async fn access_log(
-    axum::extract::State(cookie_name): axum::extract::State<Arc<str>>,
+    axum::extract::State((cookie_name, server)): axum::extract::State<(Arc<str>, Arc<AtlsServer>)>,
     request: Request<Body>,
     next: axum::middleware::Next,
 ) -> Response<Body> {
@@ -314,6 +318,11 @@ async fn access_log(
     };
     let response = next.run(request).await;
     let response_bytes = http_body::Body::size_hint(response.body()).exact();
+    let status = response.status().as_u16();
+    metrics::counter!("atls_requests_total", "mode" => mode, "status" => status.to_string()).increment(1);
+    metrics::histogram!("atls_request_duration_seconds", "mode" => mode)
+        .record(start.elapsed().as_secs_f64());
+    record_sessions(&server);
     tracing::info!(
         target: "atls::access",
         peer,
@@ -342,10 +351,32 @@ where
     S::Future: Send + 'static,
 {
     let cookie_name: Arc<str> = Arc::from(server.cookie_name());
+    let state = (cookie_name, server.clone());
     axum::Router::new()
         .route("/health", axum::routing::get(move || health(server.clone())))
         .fallback_service(atls)
-        .layer(axum::middleware::from_fn_with_state(cookie_name, access_log))
+        .layer(axum::middleware::from_fn_with_state(state, access_log))
+}
+
+/// The session table's counts as gauges.
+fn record_sessions(server: &AtlsServer) {
+    let stats = server.stats();
+    metrics::gauge!("atls_sessions", "state" => "established").set(stats.established as f64);
+    metrics::gauge!("atls_sessions", "state" => "half_open").set(stats.half_open as f64);
+}
+
+/// Serve Prometheus metrics on `addr` (the exporter answers any path, e.g.
+/// GET /metrics).
+pub(crate) fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(&[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ])
+        .context("histogram buckets")?
+        .install()
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    Ok(())
 }
 
 /// Build the server and bind its listeners.
@@ -475,6 +506,9 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         }
     };
 
+    if let Some(addr) = args.metrics {
+        install_metrics(addr)?;
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let mut draining = tokio::task::JoinSet::new();
     let (stop, stop_rx) = tokio::sync::watch::channel(false);

@@ -15,6 +15,7 @@ const SECRET: &str = "inner plaintext the gateway must never see";
 fn devices_reach_atls_serve_through_the_gateway_on_every_transport() {
     let server = serve(&[]);
     let upstream = format!("http://{}", server.http);
+    let metrics = format!("127.0.0.1:{}", free_port());
     let gateway = gateway(&[
         "--coap",
         "127.0.0.1:0",
@@ -26,6 +27,8 @@ fn devices_reach_atls_serve_through_the_gateway_on_every_transport() {
         HOP_PSK,
         "--upstream",
         &upstream,
+        "--metrics",
+        &metrics,
     ]);
     let ca = server.ca.to_str().expect("path");
     let coap = gateway.coap.clone().expect("coap listener");
@@ -95,6 +98,16 @@ fn devices_reach_atls_serve_through_the_gateway_on_every_transport() {
     assert!(log.contains("transport=Dtls"), "{log}");
     assert!(log.contains("transport=Tcp"), "{log}");
     assert!(!log.contains(SECRET), "the gateway saw the plaintext: {log}");
+
+    // Its metrics: what it forwarded, by kind and CoAP code.
+    let mut scrape = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(&metrics) {
+        use std::io::{Read as _, Write as _};
+        let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = s.read_to_string(&mut scrape);
+    }
+    assert!(scrape.contains("atls_gateway_forwarded_total{kind=\"flight\""), "{scrape}");
+    assert!(scrape.contains("atls_gateway_forwarded_total{kind=\"oscore\""), "{scrape}");
 }
 
 #[test]

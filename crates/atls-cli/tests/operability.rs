@@ -483,3 +483,48 @@ fn serve_reads_a_toml_file_and_the_environment() {
         stderr(&out)
     );
 }
+
+/// `--metrics ADDR`: a Prometheus scrape on its own port shows the
+/// handshake counter moving with each new session, requests by mode and
+/// status, and the sessions gauge; the gateway's shows what it forwarded.
+#[test]
+fn metrics_show_handshakes_and_requests() {
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let server = serve(&["--metrics", &metrics]);
+    let ca = server.ca.to_str().expect("path");
+    let scrape = || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(&metrics) {
+                let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                if out.starts_with("HTTP/1.1 200") {
+                    return out;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "no metrics listener");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let counter = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with("atls_handshakes_total{") && l.contains("outcome=\"complete\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(counter(&scrape()), 0);
+    for expected in 1..=2u64 {
+        let out = request(&[&format!("http://{}/hello", server.http), "--ca", ca]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = scrape();
+        assert_eq!(counter(&text), expected, "{text}");
+        assert!(
+            text.contains("atls_requests_total{mode=\"oscore\",status=\"200\"}"),
+            "{text}"
+        );
+        assert!(text.contains("atls_request_duration_seconds_bucket"), "{text}");
+        assert!(text.contains("atls_sessions{state=\"established\"}"), "{text}");
+    }
+}

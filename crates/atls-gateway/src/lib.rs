@@ -499,6 +499,7 @@ impl Inner {
             bytes = request.payload.len(),
             "refused: neither an ATLS flight nor an OSCORE message"
         );
+        metrics::counter!("atls_gateway_refused_total", "reason" => "not_atls").increment(1);
         Step::Now(diagnostic(
             request,
             ResponseType::Forbidden,
@@ -585,6 +586,7 @@ impl Inner {
                 Some(route) => Some(route),
                 None => {
                     tracing::info!(device = %from.addr, sni = sni.as_deref().unwrap_or("-"), "refused: no service for this server name");
+                    metrics::counter!("atls_gateway_refused_total", "reason" => "no_route").increment(1);
                     return Step::Now(diagnostic(
                         request,
                         ResponseType::NotFound,
@@ -657,6 +659,7 @@ impl Inner {
         // well-formed option and a ciphertext at least a tag long.
         if atls_oscore::message::oscore_option(request).is_err() || request.payload.len() < 8 {
             tracing::info!(device = %from.addr, "refused: not an OSCORE message");
+            metrics::counter!("atls_gateway_refused_total", "reason" => "not_oscore").increment(1);
             return Step::Now(diagnostic(
                 request,
                 ResponseType::BadOption,
@@ -667,6 +670,7 @@ impl Inner {
             Ok(target) => target,
             Err(why) => {
                 tracing::info!(device = %from.addr, why, "refused: OSCORE request for another service");
+                metrics::counter!("atls_gateway_refused_total", "reason" => "not_a_service").increment(1);
                 return Step::Now(diagnostic(request, ResponseType::ProxyingNotSupported, why));
             }
         };

@@ -386,6 +386,7 @@ impl Inner {
         upstream: Option<&Upstream>,
         packet: &Packet,
     ) {
+        metrics::counter!("atls_gateway_forwarded_total", "kind" => kind, "code" => packet.header.code.to_string()).increment(1);
         let Some(observer) = &self.observer else { return };
         observer(&crate::Observation {
             device: call.endpoint.addr,

@@ -828,6 +828,7 @@ where
             Ok(a) => a,
             Err(refusal) => {
                 tracing::info!(client = ?client, reason = refusal.reason(), "ATLS handshake refused");
+                metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => refusal.reason()).increment(1);
                 return refusal_reply(&refusal);
             }
         };
@@ -851,6 +852,8 @@ where
             Ok(p) => p,
             Err(failure) => {
                 tracing::info!(client = ?client, error = %failure.error, "ATLS handshake failed");
+                metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls")
+                    .increment(1);
                 return failure_reply(&failure.error, failure.alert);
             }
         };
@@ -940,6 +943,7 @@ where
         if inbound.established {
             if let Err(refusal) = server.table.establish(&found.id, now) {
                 tracing::info!(session = ?found.id, reason = refusal.reason(), "completed ATLS handshake refused");
+                metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => refusal.reason()).increment(1);
                 return refusal_reply(&refusal);
             }
             if let Some(peer) = peer_of(&lock(&found.entry), Mode::Oscore, false) {
@@ -958,6 +962,13 @@ where
                     cids = peer.cids_negotiated,
                     "ATLS handshake complete"
                 );
+                metrics::counter!(
+                    "atls_handshakes_total",
+                    "outcome" => "complete",
+                    "version" => peer.tls_version,
+                    "engine" => peer.engine
+                )
+                .increment(1);
             }
         }
         // From here on the output is always sent: dropping records the
@@ -1012,6 +1023,9 @@ where
             self.server.table.remove(&found.id);
         }
         tracing::debug!(session = ?found.id, established, "ATLS records refused");
+        if !established {
+            metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls").increment(1);
+        }
         match stop {
             Stop::Flight(failure) => failure_reply(&failure.error, failure.alert),
             Stop::Malformed => plain(
