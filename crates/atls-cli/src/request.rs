@@ -152,7 +152,15 @@ fn client_config(args: &RequestArgs) -> anyhow::Result<ClientConfig> {
         }
     };
     if ca.is_none() && args.psk.is_none() {
-        anyhow::bail!("ATLS needs a trust anchor: --ca FILE (or --psk ID:HEX)");
+        let looked = args
+            .state_dir
+            .clone()
+            .unwrap_or_else(common::default_state_dir)
+            .join("ca.pem");
+        anyhow::bail!(
+            "ATLS needs a trust anchor: --ca FILE (or --psk ID:HEX); there is no development CA of a local `atls serve` at {}",
+            looked.display()
+        );
     }
     let config = ClientConfig {
         common: CommonConfig {
@@ -244,7 +252,50 @@ fn max_time(args: &RequestArgs) -> Result<Option<std::time::Duration>, ExitCode>
         .transpose()
 }
 
+/// A hint that names the likely cause of a failure in words a user knows.
+fn hint(args: &RequestArgs, message: &str) -> Option<String> {
+    let m = message.to_ascii_lowercase();
+    let proxy = args.proxy.clone().or_else(|| {
+        [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+        ]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|p| !p.is_empty()))
+    });
+    if let Some(proxy) = proxy.filter(|_| m.contains("(connect)") || m.contains("connection refused")) {
+        return Some(format!("the proxy {proxy} cannot be reached (is it running?)"));
+    }
+    if m.contains("does not name") || m.contains("hostname mismatch") {
+        return Some("--server-name NAME says which name the server's certificate must carry".into());
+    }
+    if m.contains("not issued by a trusted ca")
+        || m.contains("self-signed certificate")
+        || m.contains("unable to get local issuer")
+        || m.contains("certificate signature failure")
+        || m.contains("signature does not verify")
+        || m.contains("unknownissuer")
+    {
+        return Some(
+            "give --ca the CA that issued the server's ATLS certificate (`atls serve` prints the development CA it created)".into(),
+        );
+    }
+    if args.psk.is_some() && (m.contains("alert") || m.contains("decrypt")) {
+        return Some("with --psk, a wrong key (or identity) is the likely cause".into());
+    }
+    None
+}
+
 fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
+    if let Some(proxy) = &args.proxy {
+        reqwest::Url::parse(proxy)
+            .ok()
+            .filter(|u| u.host_str().is_some())
+            .with_context(|| format!("--proxy {proxy:?} is not a URL (e.g. http://proxy.example:3128)"))?;
+    }
     let engine = common::engine(&args.engine)?;
     let config = client_config(args)?;
     let endpoint = engine.client(&config).context("configuring the ATLS client")?;
@@ -506,7 +557,11 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("atls: {e}");
+            let message = e.to_string();
+            eprintln!("atls: {message}");
+            if let Some(hint) = hint(args, &message) {
+                eprintln!("atls: hint: {hint}");
+            }
             exit_code(match e {
                 atls_coap::CoapClientError::Handshake(_) | atls_coap::CoapClientError::Refused { .. } => {
                     Layer::Handshake
@@ -666,7 +721,11 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
                 events.iter().for_each(print_event);
             }
             // Every error's message starts with the layer that failed.
-            eprintln!("atls: {e}");
+            let message = e.to_string();
+            eprintln!("atls: {message}");
+            if let Some(hint) = hint(args, &message) {
+                eprintln!("atls: hint: {hint}");
+            }
             exit_code(e.layer())
         }
     }

@@ -106,8 +106,14 @@ fn devices_reach_atls_serve_through_the_gateway_on_every_transport() {
         let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let _ = s.read_to_string(&mut scrape);
     }
-    assert!(scrape.contains("atls_gateway_forwarded_total{kind=\"flight\""), "{scrape}");
-    assert!(scrape.contains("atls_gateway_forwarded_total{kind=\"oscore\""), "{scrape}");
+    assert!(
+        scrape.contains("atls_gateway_forwarded_total{kind=\"flight\""),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("atls_gateway_forwarded_total{kind=\"oscore\""),
+        "{scrape}"
+    );
 }
 
 #[test]

@@ -528,3 +528,62 @@ fn metrics_show_handshakes_and_requests() {
         assert!(text.contains("atls_sessions{state=\"established\"}"), "{text}");
     }
 }
+
+/// Errors name the cause in words a user knows, with a hint where one helps.
+#[test]
+fn errors_name_the_cause() {
+    let server = serve(&[]);
+    let ca = server.ca.to_str().expect("path");
+    let url = format!("http://{}/hello", server.http);
+    let run = |args: &[&str]| {
+        let mut all = vec![url.as_str()];
+        all.extend_from_slice(args);
+        let out = request(&all);
+        (out.status.code(), stderr(&out))
+    };
+    let (code, err) = run(&["--ca", ca, "--proxy", "http://127.0.0.1:1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("the proxy http://127.0.0.1:1 cannot be reached"),
+        "{err}"
+    );
+    let (code, err) = run(&["--ca", ca, "--proxy", "not a url"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--proxy \"not a url\" is not a URL"), "{err}");
+    let dir = tempfile::tempdir().expect("dir");
+    let other = dir.path().join("other.pem");
+    std::fs::write(
+        &other,
+        atls_pki::DevCa::new("other").expect("CA").certificate_pem(),
+    )
+    .expect("write");
+    for engine in ["openssl", "rustls"] {
+        let (code, err) = run(&["--ca", other.to_str().expect("path"), "--engine", engine]);
+        assert_eq!(code, Some(3), "{engine}: {err}");
+        assert!(
+            err.contains("hint: give --ca the CA that issued"),
+            "{engine}: {err}"
+        );
+    }
+    let (code, err) = run(&["--ca", ca, "--engine", "rustls", "--server-name", "wrong.example"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(
+        err.contains("the certificate does not name wrong.example (it names localhost"),
+        "{err}"
+    );
+    assert!(err.contains("hint: --server-name"), "{err}");
+    let (code, err) = run(&["--state-dir", dir.path().to_str().expect("path")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{}", dir.path().join("ca.pem").display())),
+        "says where it looked: {err}"
+    );
+    let psk = serve(&["--psk", "d:00112233445566778899aabbccddeeff"]);
+    let out = request(&[
+        &format!("http://{}/hello", psk.http),
+        "--psk",
+        "d:ffffffffffffffffffffffffffffffff",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("a wrong key"), "{}", stderr(&out));
+}

@@ -48,6 +48,15 @@ impl std::fmt::Display for Layer {
     }
 }
 
+/// `": message"`, or nothing for an empty message (no dangling colon).
+fn colon(message: &str) -> String {
+    if message.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": {}", message.trim())
+    }
+}
+
 /// Why an [`crate::AtlsClient`] request failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -56,7 +65,7 @@ pub enum ClientError {
     #[error("transport: {0}")]
     Transport(String),
     /// The outer HTTP server answered a status ATLS does not expect.
-    #[error("transport: the server answered {status}: {message}")]
+    #[error("transport: the server answered {status}{}", colon(message))]
     UnexpectedStatus {
         /// The outer status.
         status: StatusCode,
@@ -78,7 +87,10 @@ pub enum ClientError {
     #[error("protection: {0}")]
     Protection(#[from] OscoreError),
     /// The server could not verify our protected request.
-    #[error("protection: the server refused the protected request ({status}): {message}")]
+    #[error(
+        "protection: the server refused the protected request ({status}){}",
+        colon(message)
+    )]
     ProtectionRefused {
         /// The outer status.
         status: StatusCode,
@@ -101,7 +113,7 @@ pub enum ClientError {
         status: StatusCode,
     },
     /// The server refused the request body as larger than its limit (413).
-    #[error("the server refused the request as too large ({status}): {message}")]
+    #[error("the server refused the request as too large ({status}){}", colon(message))]
     RequestTooLarge {
         /// The outer status.
         status: StatusCode,

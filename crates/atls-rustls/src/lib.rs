@@ -268,10 +268,39 @@ impl fmt::Debug for RustlsSession {
     }
 }
 
+/// A certificate error in words: the names a certificate carries, not
+/// rustls's debug form.
+fn certificate_error(reason: &rustls::CertificateError) -> String {
+    use rustls::CertificateError as E;
+    fn name(debug: &str) -> String {
+        let inner = debug
+            .split_once('(')
+            .map_or(debug, |(_, rest)| rest.strip_suffix(')').unwrap_or(rest));
+        inner.trim_matches('"').to_owned()
+    }
+    match reason {
+        E::NotValidForNameContext { expected, presented } => format!(
+            "the certificate does not name {} (it names {})",
+            name(&format!("{expected:?}")),
+            presented.iter().map(|p| name(p)).collect::<Vec<_>>().join(", ")
+        ),
+        E::NotValidForName => "the certificate does not name the server".into(),
+        E::UnknownIssuer => "the certificate is not issued by a trusted CA".into(),
+        E::BadSignature => "the certificate's signature does not verify".into(),
+        E::Expired | E::ExpiredContext { .. } => "the certificate has expired".into(),
+        E::NotValidYet | E::NotValidYetContext { .. } => "the certificate is not valid yet".into(),
+        E::Revoked => "the certificate is revoked".into(),
+        E::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            "a CA certificate was presented as the server's own certificate".into()
+        }
+        other => format!("{other:?}"),
+    }
+}
+
 fn map_error(e: &rustls::Error) -> Error {
     match e {
         rustls::Error::AlertReceived(alert) => Error::AlertReceived(Alert(u8::from(*alert))),
-        rustls::Error::InvalidCertificate(reason) => Error::Verification(format!("{reason:?}")),
+        rustls::Error::InvalidCertificate(reason) => Error::Verification(certificate_error(reason)),
         rustls::Error::NoCertificatesPresented => {
             Error::Verification("the peer presented no certificate".into())
         }
