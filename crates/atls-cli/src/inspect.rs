@@ -9,6 +9,12 @@ use atls_core::Framing;
 use serde_json::{json, Value};
 
 /// Arguments of `atls inspect`.
+///
+/// To capture flights: `atls request --dump-flights DIR URL` writes the body
+/// of each outer exchange to DIR (`01-handshake-request.bin`,
+/// `01-handshake-response.bin`, ...); `atls inspect DIR/01-handshake-request.bin`
+/// then shows what a middlebox saw. A hex dump (from a proxy's log, say)
+/// goes with `--hex`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct InspectArgs {
     /// File with the payload (an HTTP body or CoAP payload); `-` reads stdin.
@@ -51,10 +57,20 @@ pub(crate) fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let inspection = inspect(&payload);
     if args.json {
         println!("{}", to_json(&inspection, payload.len()));
-        return Ok(());
+    } else {
+        let framing = match inspection.framing {
+            Some(Framing::Tls) => "TLS records",
+            Some(Framing::Dtls) => "DTLS records",
+            None => "not TLS or DTLS records",
+        };
+        println!("{} bytes, {framing}", payload.len());
+        print!("{inspection}");
     }
-    println!("{} bytes, {:?} framing", payload.len(), inspection.framing);
-    print!("{inspection}");
+    // Input that is not ATLS at all (no record could be read) fails, so
+    // scripts can tell.
+    if inspection.framing.is_none() || inspection.records.is_empty() {
+        bail!("the input is not an ATLS payload (TLS or DTLS records)");
+    }
     Ok(())
 }
 

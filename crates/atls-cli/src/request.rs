@@ -47,6 +47,10 @@ pub(crate) struct RequestArgs {
     /// body is printed and the exit code is 0, as curl does.
     #[arg(short = 'f', long = "fail")]
     pub(crate) fail: bool,
+    /// Write the body of each outer exchange to DIR, for `atls inspect`:
+    /// NN-KIND-request.bin and NN-KIND-response.bin (http(s):// URLs).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dump_flights: Option<PathBuf>,
     /// Seconds the whole request may take (handshake included); then exit 2.
     #[arg(long, value_name = "SECS")]
     pub(crate) max_time: Option<f64>,
@@ -311,6 +315,7 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
         server_name: args.server_name.clone(),
         http2_prior_knowledge: args.http2,
         proxy: args.proxy.clone(),
+        capture_bodies: args.dump_flights.is_some(),
         connect_timeout: Some(
             std::time::Duration::try_from_secs_f64(args.connect_timeout)
                 .context("--connect-timeout expects seconds")?,
@@ -581,6 +586,26 @@ async fn within<F: std::future::Future>(deadline: Option<std::time::Duration>, f
     }
 }
 
+/// `--dump-flights DIR`: each exchange's bodies, numbered in order.
+fn dump(args: &RequestArgs, events: &[atls_http::WireEvent]) {
+    let Some(dir) = &args.dump_flights else { return };
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("atls: --dump-flights {}: {e}", dir.display());
+        return;
+    }
+    for (i, e) in events.iter().enumerate() {
+        let Some((request, response)) = &e.bodies else {
+            continue;
+        };
+        for (side, bytes) in [("request", request), ("response", response)] {
+            let path = dir.join(format!("{:02}-{}-{side}.bin", i + 1, e.kind));
+            if let Err(err) = std::fs::write(&path, bytes) {
+                eprintln!("atls: writing {}: {err}", path.display());
+            }
+        }
+    }
+}
+
 fn print_event(e: &atls_http::WireEvent) {
     eprintln!(
         "* {:<9} {:?} {} [{} {} B] -> {} [{} {} B] {:.1} ms",
@@ -671,6 +696,7 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
     };
     match result {
         Ok(exchange) => {
+            dump(args, &exchange.events);
             if args.verbose {
                 exchange.events.iter().for_each(print_event);
                 let info = &exchange.info;
@@ -716,6 +742,7 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            dump(args, &events);
             if args.verbose {
                 // The steps that did happen, before the one that failed.
                 events.iter().for_each(print_event);

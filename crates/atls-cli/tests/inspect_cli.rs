@@ -2,6 +2,8 @@
 //! flights, as text and as JSON; record types and versions it does not
 //! know are shown, not refused (draft §5.1.4).
 
+mod support;
+
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -88,10 +90,7 @@ fn inspect_shows_a_client_hello_as_json_tls_and_dtls() {
         // The same as hex text, in the human-readable form.
         let (ok, text) = inspect(&["--hex"], hex::encode(&hello).as_bytes());
         assert!(ok);
-        assert!(
-            text.contains("ClientHello sni=Some(\"service.example\")"),
-            "{text}"
-        );
+        assert!(text.contains("ClientHello, SNI service.example"), "{text}");
     }
 }
 
@@ -124,4 +123,43 @@ fn unknown_record_types_and_versions_are_shown_not_refused() {
         json["error"].as_str().is_some_and(|e| e.contains("truncated")),
         "{out}"
     );
+}
+
+/// The text form reads like the demo's lines (no debug formatting); input
+/// that is not ATLS fails; flights captured by `atls request
+/// --dump-flights` inspect as they crossed the wire.
+#[test]
+fn readable_output_non_atls_input_and_captured_flights() {
+    let hello = first_flight(TlsVersion::Tls13);
+    let (ok, text) = inspect(&[], &hello);
+    assert!(ok, "{text}");
+    assert!(text.contains("TLS records"), "{text}");
+    assert!(
+        !text.contains("Some(") && !text.contains("None"),
+        "no debug formatting: {text}"
+    );
+    let (ok, text) = inspect(&[], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(!ok, "plain HTTP is not an ATLS payload: {text}");
+
+    let server = support::serve(&[]);
+    let dir = tempfile::tempdir().expect("dir");
+    let out = support::request(&[
+        &format!("http://{}/hello", server.http),
+        "--ca",
+        server.ca.to_str().expect("path"),
+        "--server-name",
+        "localhost",
+        "--dump-flights",
+        dir.path().to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", support::stderr(&out));
+    let first = std::fs::read(dir.path().join("01-handshake-request.bin")).expect("the first flight");
+    let (ok, text) = inspect(&[], &first);
+    assert!(ok, "{text}");
+    assert!(text.contains("ClientHello, SNI localhost"), "{text}");
+    let answer = std::fs::read(dir.path().join("01-handshake-response.bin")).expect("the answer");
+    let (ok, text) = inspect(&[], &answer);
+    assert!(ok, "{text}");
+    assert!(text.contains("ServerHello"), "{text}");
+    assert!(dir.path().join("03-oscore-request.bin").exists());
 }

@@ -475,6 +475,17 @@ pub fn handshake_type_name(msg_type: u8) -> &'static str {
     }
 }
 
+/// A connection ID as CBOR diagnostic bytes (`h'c1'`), or `not offered`.
+fn cid_text(cid: Option<&ConnectionId>) -> String {
+    match cid {
+        Some(c) => {
+            let hex: String = c.as_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            format!("h'{hex}'")
+        }
+        None => "not offered".into(),
+    }
+}
+
 impl fmt::Display for Inspection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for r in &self.records {
@@ -498,15 +509,19 @@ impl fmt::Display for Inspection {
         for h in &self.handshake {
             match h {
                 HandshakeSummary::ClientHello(ch) => {
-                    writeln!(f, "  ClientHello sni={:?}", ch.server_name)?;
+                    match &ch.server_name {
+                        Some(name) => writeln!(f, "  ClientHello, SNI {name}")?,
+                        None => writeln!(f, "  ClientHello, no SNI")?,
+                    }
                     let versions: Vec<_> = ch.versions.iter().map(|v| version_name(*v)).collect();
                     writeln!(f, "    versions: {}", versions.join(", "))?;
                     let suites: Vec<_> = ch.cipher_suites.iter().map(|s| s.to_string()).collect();
                     writeln!(f, "    cipher suites: {}", suites.join(", "))?;
                     writeln!(
                         f,
-                        "    oscore_connection_id: {:?}  cose_ext: {:?}",
-                        ch.oscore_cid, ch.cose_cid
+                        "    oscore_connection_id: {}  cose_ext: {}",
+                        cid_text(ch.oscore_cid.as_ref()),
+                        cid_text(ch.cose_cid.as_ref())
                     )?;
                 }
                 HandshakeSummary::ServerHello(sh) => {
@@ -518,16 +533,18 @@ impl fmt::Display for Inspection {
                     )?;
                     writeln!(
                         f,
-                        "    oscore_connection_id: {:?}  cose_ext: {:?}",
-                        sh.oscore_cid, sh.cose_cid
+                        "    oscore_connection_id: {}  cose_ext: {}",
+                        cid_text(sh.oscore_cid.as_ref()),
+                        cid_text(sh.cose_cid.as_ref())
                     )?;
                 }
                 HandshakeSummary::Other { msg_type, length } => {
                     writeln!(f, "  {} ({length} bytes)", handshake_type_name(*msg_type))?;
                 }
-                HandshakeSummary::Undecodable { msg_type, reason } => {
-                    writeln!(f, "  undecodable handshake message {msg_type:?}: {reason}")?;
-                }
+                HandshakeSummary::Undecodable { msg_type, reason } => match msg_type {
+                    Some(t) => writeln!(f, "  undecodable {}: {reason}", handshake_type_name(*t))?,
+                    None => writeln!(f, "  undecodable handshake message: {reason}")?,
+                },
             }
         }
         if let Some(e) = &self.error {

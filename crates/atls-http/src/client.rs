@@ -87,6 +87,8 @@ pub struct ClientOptions {
     pub max_response: usize,
     /// Send the first record-mode request of a resumed TLS 1.3 session as 0-RTT data.
     pub early_data: bool,
+    /// Keep each outer exchange's bodies in its [`WireEvent`].
+    pub capture_bodies: bool,
 }
 
 impl Default for ClientOptions {
@@ -102,6 +104,7 @@ impl Default for ClientOptions {
             connect_timeout: None,
             max_response: 4 * 1024 * 1024,
             early_data: true,
+            capture_bodies: false,
         }
     }
 }
@@ -146,6 +149,10 @@ pub struct WireEvent {
     pub elapsed: Duration,
     /// The outer HTTP version.
     pub http_version: http::Version,
+    /// The outer request and response bodies, when
+    /// [`ClientOptions::capture_bodies`] is set (for `atls request
+    /// --dump-flights`); empty otherwise.
+    pub bodies: Option<(Bytes, Bytes)>,
 }
 
 /// A response and the outer exchanges it took.
@@ -529,6 +536,8 @@ impl AtlsClient {
         let url = self.url(path);
         let request_type = content_type(&headers);
         let request_bytes = body.len();
+        let captured_request = self.options.capture_bodies.then(|| Bytes::from(body.clone()));
+        let mut captured_response: Vec<u8> = Vec::new();
         let mut builder = self
             .http
             .request(method.clone(), url.clone())
@@ -585,6 +594,9 @@ impl AtlsClient {
                             return Err(too_large);
                         }
                         pending.extend_from_slice(&chunk);
+                        if captured_request.is_some() {
+                            captured_response.extend_from_slice(&chunk);
+                        }
                         let mut start = 0usize;
                         loop {
                             let rest = pending.get(start..).unwrap_or_default();
@@ -639,6 +651,14 @@ impl AtlsClient {
             response_bytes: received,
             elapsed: start.elapsed(),
             http_version,
+            bodies: captured_request.map(|request| {
+                let response = if captured_response.is_empty() {
+                    Bytes::from(body.clone())
+                } else {
+                    Bytes::from(captured_response)
+                };
+                (request, response)
+            }),
         });
         read?;
         Ok(Outer {
