@@ -4,6 +4,12 @@
 # system libssl), and Python with aiocoap, the independent OSCORE peer of the
 # interop tests. Idempotent: installs only what is missing.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# `setup.sh --build-only` (what scripts/demo.sh runs): only what building
+# needs; `atls demo` on its defaults uses no third-party middlebox.
+build_only=false
+if [ "${1:-}" = "--build-only" ]; then build_only=true; fi
 
 need=()
 command -v cc >/dev/null 2>&1 || need+=(gcc libc6-dev)
@@ -12,6 +18,7 @@ pkg-config --exists openssl 2>/dev/null || need+=(libssl-dev)
 # The openssl command makes keys in every PEM form for the key-format test.
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 
+if ! $build_only; then
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 
@@ -23,6 +30,7 @@ command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ] || need+=(tiny
 command -v mitmdump >/dev/null 2>&1 || need+=(mitmproxy)
 # libcoap's coap-client, an independent CoAP peer of the CoAP tests.
 [ -x /usr/bin/coap-client-notls ] || need+=(libcoap3-bin)
+fi
 
 if ((${#need[@]})); then
   echo "setup: installing ${need[*]}" >&2
@@ -36,6 +44,16 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install Rust (rustup) first" >&2
   exit 1
+fi
+# The workspace's rust-version.
+required=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+have=$(rustc --version | awk '{print $2}')
+if [ -n "$required" ] && [ "$(printf '%s\n%s\n' "$required" "$have" | sort -V | head -1)" != "$required" ]; then
+  echo "setup: Rust $have is older than the required $required (rustup update)" >&2
+  exit 1
+fi
+if $build_only; then
+  exit 0
 fi
 
 pip_install() {
