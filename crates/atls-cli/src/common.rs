@@ -96,6 +96,26 @@ pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A configuration error with the file it comes from named: a key that
+/// does not belong to its certificate says which two files.
+pub(crate) fn explain(
+    e: atls_core::Error,
+    what: &str,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+) -> anyhow::Error {
+    let text = e.to_string();
+    let mismatch = text.contains("key values mismatch") || text.contains("KeyMismatch");
+    match (mismatch, cert, key) {
+        (true, Some(cert), Some(key)) => anyhow::anyhow!(
+            "{what}: the private key in {} does not belong to the certificate in {}",
+            key.display(),
+            cert.display()
+        ),
+        _ => anyhow::Error::new(e).context(what.to_owned()),
+    }
+}
+
 pub(crate) fn default_state_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("atls");

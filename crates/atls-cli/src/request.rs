@@ -302,7 +302,14 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
     }
     let engine = common::engine(&args.engine)?;
     let config = client_config(args)?;
-    let endpoint = engine.client(&config).context("configuring the ATLS client")?;
+    let endpoint = engine.client(&config).map_err(|e| {
+        common::explain(
+            e,
+            "configuring the ATLS client",
+            args.cert.as_deref(),
+            args.key.as_deref(),
+        )
+    })?;
 
     let url = reqwest_url(&args.url)?;
     let base = format!(
@@ -436,9 +443,14 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
             anyhow::bail!("DTLS as the ATLS layer needs the OpenSSL engine");
         }
         let engine = common::engine(&args.engine)?;
-        let endpoint = engine
-            .client(&client_config(args)?)
-            .context("configuring the ATLS client")?;
+        let endpoint = engine.client(&client_config(args)?).map_err(|e| {
+            common::explain(
+                e,
+                "configuring the ATLS client",
+                args.cert.as_deref(),
+                args.key.as_deref(),
+            )
+        })?;
         let uri: http::Uri = args
             .url
             .parse()

@@ -401,7 +401,14 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         psks: common::psks(&args.psk)?,
         max_early_data: args.max_early_data,
     };
-    let endpoint = engine.server(&config).context("configuring the ATLS server")?;
+    let endpoint = engine.server(&config).map_err(|e| {
+        common::explain(
+            e,
+            "configuring the ATLS server",
+            args.cert.as_deref(),
+            args.key.as_deref(),
+        )
+    })?;
     // DTLS 1.2 as the ATLS layer over CoAP (OpenSSL has it): the same
     // credentials, told apart from TLS by the first record.
     let dtls_endpoint = {

@@ -578,6 +578,29 @@ fn errors_name_the_cause() {
         err.contains(&format!("{}", dir.path().join("ca.pem").display())),
         "says where it looked: {err}"
     );
+    // A key that does not belong to its certificate: both files named.
+    let foreign = dir.path().join("foreign-key.pem");
+    let other_ca = atls_pki::DevCa::new("foreign").expect("CA");
+    let other_leaf = other_ca.issue_server(&["localhost"]).expect("leaf");
+    std::fs::write(&foreign, other_leaf.dangerous_key_pem()).expect("write");
+    let cert = server.state.path().join("server-cert.pem");
+    let out = Command::new(ATLS)
+        .args(["serve", "--http", "127.0.0.1:0", "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&foreign)
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "the private key in {} does not belong to the certificate in {}",
+            foreign.display(),
+            cert.display()
+        )),
+        "{err}"
+    );
     let psk = serve(&["--psk", "d:00112233445566778899aabbccddeeff"]);
     let out = request(&[
         &format!("http://{}/hello", psk.http),
