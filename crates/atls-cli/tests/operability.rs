@@ -609,4 +609,64 @@ fn errors_name_the_cause() {
     ]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(stderr(&out).contains("a wrong key"), "{}", stderr(&out));
+    // With the right key: a full handshake, not a resumption.
+    let out = request(&[
+        &format!("http://{}/hello", psk.http),
+        "--psk",
+        "d:00112233445566778899aabbccddeeff",
+        "-v",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("resumed=false"), "{}", stderr(&out));
+}
+
+/// `atls gateway` as operators run it: options from a TOML file, SIGTERM
+/// ends it with 0.
+#[test]
+fn gateway_reads_a_toml_file_and_stops_on_sigterm() {
+    let server = serve(&[]);
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("gateway.toml");
+    let port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "upstream = \"http://{}\"\ncoap-tcp = \"127.0.0.1:{port}\"\nmax-devices = 64\n",
+            server.http
+        ),
+    )
+    .expect("write");
+    let mut child = Command::new(ATLS)
+        .args(["gateway", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("gateway");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut text = String::new();
+    let mut buf = [0u8; 512];
+    while !text.contains("coap+tcp://") {
+        let n = out.read(&mut buf).unwrap_or(0);
+        assert!(n > 0, "gateway ended: {text}");
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        text.contains(&format!("ATLS gateway on coap+tcp://127.0.0.1:{port}")),
+        "{text}"
+    );
+    let through = request(&[
+        &format!("coap+tcp://127.0.0.1:{port}/hello"),
+        "--ca",
+        server.ca.to_str().expect("path"),
+        "--server-name",
+        "localhost",
+    ]);
+    assert!(through.status.success(), "{}", stderr(&through));
+    assert_eq!(stdout(&through), "hello");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("exit");
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
