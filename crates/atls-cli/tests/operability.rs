@@ -565,13 +565,15 @@ fn errors_name_the_cause() {
             "{engine}: {err}"
         );
     }
-    let (code, err) = run(&["--ca", ca, "--engine", "rustls", "--server-name", "wrong.example"]);
-    assert_eq!(code, Some(3), "{err}");
-    assert!(
-        err.contains("the certificate does not name wrong.example (it names localhost"),
-        "{err}"
-    );
-    assert!(err.contains("hint: --server-name"), "{err}");
+    for engine in ["openssl", "rustls"] {
+        let (code, err) = run(&["--ca", ca, "--engine", engine, "--server-name", "wrong.example"]);
+        assert_eq!(code, Some(3), "{engine}: {err}");
+        assert!(
+            err.contains("the certificate does not name wrong.example (it names localhost"),
+            "{engine}: {err}"
+        );
+        assert!(err.contains("hint: --server-name"), "{engine}: {err}");
+    }
     let (code, err) = run(&["--state-dir", dir.path().to_str().expect("path")]);
     assert_eq!(code, Some(1), "{err}");
     assert!(

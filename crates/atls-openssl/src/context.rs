@@ -45,6 +45,31 @@ pub(crate) struct AtlsState {
     pub(crate) server_name: Option<String>,
     /// DTLS server: the cookie of this session's HelloVerifyRequest.
     pub(crate) cookie: Option<Vec<u8>>,
+    /// Client: the names the server's certificate carries, kept when it
+    /// does not name the server (for an error that says which it names).
+    pub(crate) presented_names: std::sync::Mutex<Option<Vec<String>>>,
+}
+
+/// The DNS names and IP addresses of a certificate's subjectAltName.
+fn certificate_names(cert: &openssl::x509::X509Ref) -> Vec<String> {
+    cert.subject_alt_names()
+        .map(|sans| {
+            sans.iter()
+                .filter_map(|n| {
+                    n.dnsname().map(str::to_owned).or_else(|| {
+                        n.ipaddress().and_then(|ip| {
+                            <[u8; 4]>::try_from(ip)
+                                .map(|a| std::net::Ipv4Addr::from(a).to_string())
+                                .or_else(|_| {
+                                    <[u8; 16]>::try_from(ip).map(|a| std::net::Ipv6Addr::from(a).to_string())
+                                })
+                                .ok()
+                        })
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub(crate) fn state_index() -> Index<Ssl, AtlsState> {
@@ -314,7 +339,22 @@ impl Engine for OpenSslEngine {
         if config.trust_anchors.is_empty() && config.psk.is_none() {
             return Err(Error::Config("a client needs trust anchors or a PSK".into()));
         }
-        builder.set_verify(SslVerifyMode::PEER);
+        builder.set_verify_callback(SslVerifyMode::PEER, |ok, ctx| {
+            // X509_V_ERR_HOSTNAME_MISMATCH (62) on the server's own
+            // certificate: keep the names it carries for the error.
+            if !ok && ctx.error().as_raw() == 62 && ctx.error_depth() == 0 {
+                let names = ctx.current_cert().map(certificate_names).unwrap_or_default();
+                let ssl = openssl::x509::X509StoreContext::ssl_idx()
+                    .ok()
+                    .and_then(|idx| ctx.ex_data(idx));
+                if let Some(state) = ssl.and_then(|ssl| ssl.ex_data(state_index())) {
+                    if let Ok(mut kept) = state.presented_names.lock() {
+                        *kept = Some(names);
+                    }
+                }
+            }
+            ok
+        });
         builder.set_cert_store(trust_store(&config.trust_anchors)?);
         if config.trust_anchors.is_empty() && config.common.versions.iter().any(|v| *v != TlsVersion::Tls13) {
             // PSK only: offer no (D)TLS 1.2 suite that a server would answer
@@ -513,6 +553,7 @@ impl ClientEndpoint for OpenSslClient {
                 },
                 psk_identity: None,
                 cookie: None,
+                presented_names: std::sync::Mutex::new(None),
                 server_name: params.server_name.clone(),
             },
         );
@@ -546,6 +587,7 @@ impl ServerEndpoint for OpenSslServer {
                 psk_identity: None,
                 cookie: params.dtls_cookie.clone(),
                 server_name: None,
+                presented_names: std::sync::Mutex::new(None),
             },
         );
         let early = self.config.max_early_data > 0 && self.config.common.resumption;

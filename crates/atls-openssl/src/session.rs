@@ -109,6 +109,19 @@ fn map_error(ssl: &SslRef, e: &openssl::ssl::Error) -> Error {
         }
         let verify = ssl.verify_result();
         if verify != X509VerifyResult::OK {
+            let presented = ssl
+                .ex_data(crate::context::state_index())
+                .and_then(|s| s.presented_names.lock().ok().and_then(|n| n.clone()));
+            if let (62, Some(names)) = (verify.as_raw(), presented) {
+                let wanted = ssl
+                    .ex_data(crate::context::state_index())
+                    .and_then(|s| s.server_name.clone())
+                    .unwrap_or_else(|| "the server name".into());
+                return Error::Verification(format!(
+                    "the certificate does not name {wanted} (it names {})",
+                    names.join(", ")
+                ));
+            }
             return Error::Verification(verify.error_string().to_owned());
         }
         let reasons: Vec<_> = stack.errors().iter().filter_map(|e| e.reason()).collect();
