@@ -148,3 +148,28 @@ impl ClientError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_body_leaves_no_dangling_colon() {
+        let empty = ClientError::UnexpectedStatus {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: String::new(),
+        };
+        assert_eq!(
+            empty.to_string(),
+            "transport: the server answered 500 Internal Server Error"
+        );
+        let said = ClientError::UnexpectedStatus {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: " boom \n".into(),
+        };
+        assert_eq!(
+            said.to_string(),
+            "transport: the server answered 500 Internal Server Error: boom"
+        );
+    }
+}
