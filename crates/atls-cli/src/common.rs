@@ -86,6 +86,11 @@ pub(crate) fn http_url(text: &str) -> Result<String, String> {
 /// Create `dir` (and its parents) readable by the owner only (0700), as
 /// docs/SECURITY.md asks of the state directory.
 pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    // A directory that is already there (e.g. /tmp) keeps its mode: only
+    // one this call creates is restricted.
+    if dir.exists() {
+        return Ok(());
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     #[cfg(unix)]
     {

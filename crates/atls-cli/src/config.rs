@@ -18,14 +18,30 @@ const COMMANDS: &[(&str, &str)] = &[("serve", "ATLS_SERVE_"), ("gateway", "ATLS_
 /// inserted after the subcommand.
 pub(crate) fn expand(argv: Vec<OsString>, command: &clap::Command) -> Result<Vec<OsString>, String> {
     let text: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-    let Some((at, name, prefix)) = text
-        .iter()
-        .enumerate()
-        .skip(1)
-        .find_map(|(i, a)| COMMANDS.iter().find(|(c, _)| c == a).map(|(c, p)| (i, *c, *p)))
-    else {
+    // The subcommand is the first argument that is no option (nor the
+    // value of the global --log-format).
+    let mut at = None;
+    let mut i = 1;
+    while let Some(a) = text.get(i) {
+        if a == "--log-format" {
+            i = i.saturating_add(2);
+            continue;
+        }
+        if !a.starts_with('-') {
+            at = Some(i);
+            break;
+        }
+        i = i.saturating_add(1);
+    }
+    let Some((at, name, prefix)) = at.and_then(|i| {
+        let a = text.get(i)?;
+        COMMANDS.iter().find(|(c, _)| c == a).map(|(c, p)| (i, *c, *p))
+    }) else {
         return Ok(argv);
     };
+    if text.iter().skip(at).any(|a| a == "--help" || a == "-h") {
+        return Ok(argv);
+    }
     let user = text.get(at.saturating_add(1)..).unwrap_or_default();
     let named = user
         .iter()

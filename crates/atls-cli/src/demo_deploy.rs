@@ -788,6 +788,9 @@ async fn appendix_b(work: &Path, third_party: bool) -> anyhow::Result<Vec<String
                 mode: Mode::Oscore,
                 server_name: Some("localhost".into()),
                 proxy: Some(proxy_url.clone()),
+                // tinyproxy may close a kept-alive connection between two
+                // requests; a connection per exchange avoids the race.
+                no_connection_reuse: third_party,
                 transport: atls_http::TransportTls {
                     roots,
                     ..atls_http::TransportTls::default()

@@ -87,7 +87,9 @@ fn quiet_broken_pipe() {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or_default();
-        if message.contains("Broken pipe") || message.contains("failed printing to stdout") {
+        // Only println! to a closed stdout: any other panic (a task's, say)
+        // goes to the default hook.
+        if message.contains("failed printing to stdout") {
             std::process::exit(141);
         }
         default(info);

@@ -203,11 +203,28 @@ fn serve_health_upstream_timeout_and_graceful_shutdown() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(server.state.path())
-            .expect("state dir")
+        // A state directory serve creates is 0700; one that exists keeps
+        // its mode (serve never chmods, say, /tmp).
+        let parent = tempfile::tempdir().expect("dir");
+        std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let fresh = parent.path().join("new-state");
+        let _ = serve_address(
+            &[
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--state-dir",
+                fresh.to_str().expect("path"),
+            ],
+            &[],
+        );
+        let mode = std::fs::metadata(&fresh).expect("state dir").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "state dir mode {mode:o}");
+        let kept = std::fs::metadata(parent.path())
+            .expect("parent")
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o700, "state dir mode {mode:o}");
+        assert_eq!(kept & 0o777, 0o755, "an existing directory keeps its mode");
     }
     // A request in flight when SIGTERM arrives is answered; then the
     // server exits 0.

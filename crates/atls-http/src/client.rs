@@ -89,6 +89,9 @@ pub struct ClientOptions {
     pub early_data: bool,
     /// Keep each outer exchange's bodies in its [`WireEvent`].
     pub capture_bodies: bool,
+    /// Open a new outer connection for every exchange (for hops such as
+    /// tinyproxy that close kept-alive connections unannounced).
+    pub no_connection_reuse: bool,
 }
 
 impl Default for ClientOptions {
@@ -105,6 +108,7 @@ impl Default for ClientOptions {
             max_response: 4 * 1024 * 1024,
             early_data: true,
             capture_bodies: false,
+            no_connection_reuse: false,
         }
     }
 }
@@ -432,6 +436,9 @@ impl AtlsClient {
             .timeout(options.timeout)
             .connect_timeout(options.connect_timeout.unwrap_or(options.timeout))
             .redirect(reqwest::redirect::Policy::none());
+        if options.no_connection_reuse {
+            builder = builder.pool_max_idle_per_host(0);
+        }
         if options.http2_prior_knowledge {
             builder = builder.http2_prior_knowledge();
         }
