@@ -33,6 +33,21 @@ fn slow_app(delay: Duration, body: &'static str) -> (u16, std::thread::JoinHandl
     (port, handle)
 }
 
+/// What `out` prints until `marker` appears (or it ends, or 10 s pass).
+fn read_until(out: &mut impl Read, marker: &str) -> String {
+    let mut text = String::new();
+    let mut buf = [0u8; 512];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !text.contains(marker) && std::time::Instant::now() < deadline {
+        let n = out.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    text
+}
+
 fn get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
@@ -297,17 +312,8 @@ fn serve_takes_names_and_says_what_a_url_needs() {
         .stderr(Stdio::null())
         .spawn()
         .expect("serve");
-    let mut first = String::new();
     let mut out = child.stdout.take().expect("stdout");
-    let mut buf = [0u8; 512];
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !first.contains("PSK only") && std::time::Instant::now() < deadline {
-        let n = out.read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        first.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let first = read_until(&mut out, "PSK only");
     let _ = child.kill();
     let _ = child.wait();
     assert!(first.contains("PSK only"), "{first}");
@@ -347,13 +353,8 @@ fn serve_logs_requests_and_handshakes_as_json() {
         .spawn()
         .expect("serve");
     let mut stdout_pipe = child.stdout.take().expect("stdout");
-    let mut text = String::new();
-    let mut buf = [0u8; 512];
-    while !text.contains("ATLS over HTTP on http://") {
-        let n = stdout_pipe.read(&mut buf).expect("read");
-        assert!(n > 0, "serve ended: {text}");
-        text.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let text = read_until(&mut stdout_pipe, "ATLS over HTTP on http://");
+    assert!(text.contains("ATLS over HTTP on http://"), "serve ended: {text}");
     let addr = text
         .split("ATLS over HTTP on http://")
         .nth(1)
@@ -426,15 +427,7 @@ fn serve_address(args: &[&str], env: &[(&str, &str)]) -> String {
     }
     let mut child = child.spawn().expect("serve");
     let mut out = child.stdout.take().expect("stdout");
-    let mut text = String::new();
-    let mut buf = [0u8; 512];
-    while !text.contains("ATLS over HTTP on http://") {
-        let n = out.read(&mut buf).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        text.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let text = read_until(&mut out, "ATLS over HTTP on http://");
     let _ = child.kill();
     let _ = child.wait();
     text.split("ATLS over HTTP on http://")
@@ -663,13 +656,7 @@ fn gateway_reads_a_toml_file_and_stops_on_sigterm() {
         .spawn()
         .expect("gateway");
     let mut out = child.stdout.take().expect("stdout");
-    let mut text = String::new();
-    let mut buf = [0u8; 512];
-    while !text.contains("coap+tcp://") {
-        let n = out.read(&mut buf).unwrap_or(0);
-        assert!(n > 0, "gateway ended: {text}");
-        text.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let text = read_until(&mut out, "coap+tcp://");
     assert!(
         text.contains(&format!("ATLS gateway on coap+tcp://127.0.0.1:{port}")),
         "{text}"

@@ -372,6 +372,25 @@ fn unavailable(request: &Packet, text: &str, max_age: u64) -> Packet {
     p
 }
 
+/// The value an admission step gave, or the answer that refuses the
+/// request: no service for the device (`Err(None)`), a bound reached
+/// (`Err(Some(why))`), the device forgotten meanwhile, or no room for it.
+type Admission<T> = Result<Option<Result<T, Option<&'static str>>>, NoRoom>;
+
+fn refusal<T>(request: &Packet, admitted: Admission<T>) -> Result<T, Packet> {
+    match admitted {
+        Ok(Some(Ok(found))) => Ok(found),
+        Ok(Some(Err(None))) => Err(diagnostic(
+            request,
+            ResponseType::NotFound,
+            "no service for this device",
+        )),
+        Ok(Some(Err(Some(why)))) => Err(unavailable(request, why, 1)),
+        Ok(None) => Err(unavailable(request, "device state was dropped", 1)),
+        Err(why) => Err(no_room(request, why)),
+    }
+}
+
 fn no_room(request: &Packet, why: NoRoom) -> Packet {
     match why {
         NoRoom::PerAddress => unavailable(request, "too many devices from this address", 10),
@@ -624,18 +643,9 @@ impl Inner {
             self.admit(device, totals, device.route, from).map_err(Some)?;
             Ok((base, device.sni.clone(), device.route, device.epoch))
         });
-        let (base, sni, route, epoch) = match admitted {
-            Ok(Some(Ok(found))) => found,
-            Ok(Some(Err(None))) => {
-                return Step::Now(diagnostic(
-                    request,
-                    ResponseType::NotFound,
-                    "no service for this device",
-                ))
-            }
-            Ok(Some(Err(Some(why)))) => return Step::Now(unavailable(request, why, 1)),
-            Ok(None) => return Step::Now(unavailable(request, "device state was dropped", 1)),
-            Err(why) => return Step::Now(no_room(request, why)),
+        let (base, sni, route, epoch) = match refusal(request, admitted) {
+            Ok(found) => found,
+            Err(answer) => return Step::Now(answer),
         };
         Step::Upstream(Box::new(upstream::Call {
             _guard: InFlight {
@@ -707,18 +717,9 @@ impl Inner {
                 device.epoch,
             ))
         });
-        let (url, sni, route, cookies, epoch) = match admitted {
-            Ok(Some(Ok(found))) => found,
-            Ok(Some(Err(None))) => {
-                return Step::Now(diagnostic(
-                    request,
-                    ResponseType::NotFound,
-                    "no service for this device",
-                ))
-            }
-            Ok(Some(Err(Some(why)))) => return Step::Now(unavailable(request, why, 1)),
-            Ok(None) => return Step::Now(unavailable(request, "device state was dropped", 1)),
-            Err(why) => return Step::Now(no_room(request, why)),
+        let (url, sni, route, cookies, epoch) = match refusal(request, admitted) {
+            Ok(found) => found,
+            Err(answer) => return Step::Now(answer),
         };
         Step::Upstream(Box::new(upstream::Call {
             _guard: InFlight {
