@@ -64,13 +64,39 @@ pub(crate) fn listen_addr(text: &str) -> Result<std::net::SocketAddr, String> {
         .ok_or_else(|| format!("{text:?} names no address"))
 }
 
-/// An upstream URL: `http://` or `https://` with a host.
-pub(crate) fn http_url(text: &str) -> Result<String, String> {
-    match reqwest::Url::parse(text) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {
-            Ok(text.to_owned())
-        }
-        Ok(url) if url.host_str().is_none() || !text.contains("://") => Err(format!(
+/// Seconds, as a duration: a finite number, 0 or more (`1`, `0.25`).
+/// Bounded by a year, so that deadlines computed from it cannot overflow.
+pub(crate) fn seconds(text: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{text:?}: seconds must be a finite number, 0 or more"));
+    }
+    if secs > 365.0 * 24.0 * 3600.0 {
+        return Err(format!("{text:?}: more than a year"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Seconds, more than 0.
+pub(crate) fn positive_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let d = seconds(text)?;
+    if d.is_zero() {
+        return Err(format!("{text:?}: must be more than 0 seconds"));
+    }
+    Ok(d)
+}
+
+/// An upstream URL: `http://` or `https://` with a host. Messages show it
+/// with any password redacted.
+pub(crate) fn http_url(raw: &str) -> Result<String, String> {
+    let shown = atls_http::app::redact_url(raw);
+    let text = shown.as_str();
+    match reqwest::Url::parse(raw) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => Ok(raw.to_owned()),
+        Ok(url) if url.host_str().is_none() || !raw.contains("://") => Err(format!(
             "{text:?} is not a URL: give the scheme too, e.g. http://{text}"
         )),
         Ok(url) => Err(format!(

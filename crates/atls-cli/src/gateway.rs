@@ -59,7 +59,7 @@ pub(crate) struct GatewayArgs {
     /// The service of devices whose ClientHello names no --route (default
     /// http://127.0.0.1:8080, where `atls serve` listens, when no --route
     /// is given either).
-    #[arg(long, value_name = "URL", env = "ATLS_GATEWAY_UPSTREAM")]
+    #[arg(long, value_name = "URL", value_parser = common::http_url, env = "ATLS_GATEWAY_UPSTREAM", hide_env_values = true)]
     pub(crate) upstream: Option<String>,
     /// A service chosen by the SNI of a device's ClientHello (repeatable):
     /// NAME=URL.
@@ -67,6 +67,7 @@ pub(crate) struct GatewayArgs {
         long,
         value_name = "NAME=URL",
         env = "ATLS_GATEWAY_ROUTE",
+        hide_env_values = true,
         value_delimiter = ','
     )]
     pub(crate) route: Vec<String>,
@@ -87,11 +88,11 @@ pub(crate) struct GatewayArgs {
     #[arg(long, value_name = "VERSION", help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_TLS_VERSION")]
     pub(crate) upstream_tls_version: Option<String>,
     /// An HTTP forward proxy for every upstream request.
-    #[arg(long, value_name = "URL", help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_PROXY")]
+    #[arg(long, value_name = "URL", help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_PROXY", hide_env_values = true)]
     pub(crate) upstream_proxy: Option<String>,
     /// Seconds a service may take to answer (then 5.04 Gateway Timeout).
-    #[arg(long, value_name = "SECS", default_value_t = 10.0, help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_TIMEOUT")]
-    pub(crate) upstream_timeout: f64,
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = common::positive_seconds, help_heading = UPSTREAM, env = "ATLS_GATEWAY_UPSTREAM_TIMEOUT")]
+    pub(crate) upstream_timeout: Duration,
     /// CoAP Content-Format number of ATLS payloads.
     #[arg(long, default_value_t = atls_coap::CONTENT_FORMAT_ATLS, env = "ATLS_GATEWAY_COAP_CONTENT_FORMAT")]
     pub(crate) coap_content_format: u16,
@@ -115,6 +116,10 @@ pub(crate) struct GatewayArgs {
     /// code, refusals by reason, devices).
     #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_GATEWAY_METRICS")]
     pub(crate) metrics: Option<SocketAddr>,
+    /// Seconds exchanges in progress may take to finish after SIGTERM or
+    /// SIGINT (new ones get 5.03 meanwhile); a second signal exits at once.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = common::seconds, env = "ATLS_GATEWAY_SHUTDOWN_GRACE")]
+    pub(crate) shutdown_grace: Duration,
     /// Directory for the coaps:// development certificate.
     #[arg(long, value_name = "DIR", env = "ATLS_GATEWAY_STATE_DIR")]
     pub(crate) state_dir: Option<PathBuf>,
@@ -131,7 +136,7 @@ pub(crate) struct Running {
 
 impl Running {
     /// Serve until a listener fails.
-    pub(crate) async fn wait(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn wait(&mut self) -> anyhow::Result<()> {
         match self.tasks.join_next().await {
             Some(Ok(result)) => result,
             Some(Err(e)) => Err(e.into()),
@@ -141,11 +146,8 @@ impl Running {
 }
 
 fn url(text: &str, what: &str) -> anyhow::Result<reqwest::Url> {
-    let url = reqwest::Url::parse(text).with_context(|| format!("{what} {text:?} is not a URL"))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        bail!("{what} {text:?} must be an http:// or https:// URL");
-    }
-    Ok(url)
+    let checked = common::http_url(text).map_err(|e| anyhow::anyhow!("{what} {e}"))?;
+    reqwest::Url::parse(&checked).with_context(|| format!("{what}: not a URL"))
 }
 
 /// Build the gateway and bind its listeners.
@@ -168,9 +170,6 @@ pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
         (None, true) => Some(url("http://127.0.0.1:8080", "--upstream")?),
         (None, false) => None,
     };
-    if !(args.upstream_timeout.is_finite() && args.upstream_timeout > 0.0) {
-        bail!("--upstream-timeout must be a positive number of seconds");
-    }
     let config = GatewayConfig {
         routes,
         default_upstream,
@@ -180,7 +179,7 @@ pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
         max_devices_per_ip: args.max_devices_per_ip,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         idle_timeout: Duration::from_secs(args.idle_timeout),
-        upstream_timeout: Duration::from_secs_f64(args.upstream_timeout),
+        upstream_timeout: args.upstream_timeout,
         upstream_tls: atls_http::TransportTls {
             insecure: args.upstream_insecure,
             roots: args
@@ -300,13 +299,17 @@ pub(crate) fn run(args: &GatewayArgs) -> anyhow::Result<()> {
     crate::init_tracing();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let running = start(args).await?;
+        let mut running = start(args).await?;
         let config = running.gateway.config();
         for route in &config.routes {
-            println!("route: SNI {} -> {}", route.name, route.upstream);
+            println!(
+                "route: SNI {} -> {}",
+                route.name,
+                atls_http::app::redact_url(route.upstream.as_str())
+            );
         }
         if let Some(url) = &config.default_upstream {
-            println!("default service: {url}");
+            println!("default service: {}", atls_http::app::redact_url(url.as_str()));
         }
         if let Some(addr) = running.coap {
             println!("ATLS gateway on coap://{addr}");
@@ -317,12 +320,37 @@ pub(crate) fn run(args: &GatewayArgs) -> anyhow::Result<()> {
         if let Some(addr) = running.coaps {
             println!("ATLS gateway on coaps://{addr}");
         }
+        if let Some(addr) = args.metrics {
+            println!("metrics on http://{addr}/metrics");
+        }
+        let gateway = running.gateway.clone();
         tokio::select! {
-            result = running.wait() => result,
+            result = running.wait() => return result,
             name = crate::serve::terminated() => {
-                tracing::info!(signal = name, "stopping");
+                tracing::info!(signal = name, "stopping: new exchanges get 5.03; finishing those in progress");
+            }
+        }
+        gateway.drain();
+        let drained = async {
+            let deadline = tokio::time::Instant::now() + args.shutdown_grace;
+            while gateway.stats(std::time::Instant::now()).upstream_in_flight > 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
+        };
+        tokio::select! {
+            drained = drained => {
+                if drained {
+                    tracing::info!("stopped");
+                } else {
+                    tracing::warn!(grace_secs = args.shutdown_grace.as_secs_f64(), "stopped with exchanges still in progress after the grace period");
+                }
                 Ok(())
             }
+            name = crate::serve::terminated() => crate::serve::force_exit(name),
         }
     })
 }

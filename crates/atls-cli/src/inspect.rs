@@ -71,6 +71,11 @@ pub(crate) fn run(args: &InspectArgs) -> anyhow::Result<()> {
     if inspection.framing.is_none() || inspection.records.is_empty() {
         bail!("the input is not an ATLS payload (TLS or DTLS records)");
     }
+    // Records followed by what is no record (a truncated capture, bytes
+    // appended): shown above, and not a clean ATLS payload either.
+    if let Some(error) = &inspection.error {
+        bail!("the input does not end with whole TLS or DTLS records: {error}");
+    }
     Ok(())
 }
 

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod bench;
 mod common;
 mod config;
 mod demo;
@@ -50,6 +51,10 @@ enum Command {
     /// inner status to stderr.
     #[command(after_help = request::EXIT_CODES)]
     Request(Box<request::RequestArgs>),
+    /// Load an `atls serve` with new sessions or requests from concurrent
+    /// clients, beside a plain-HTTP baseline; prints throughput, latency
+    /// percentiles and the server's CPU per operation.
+    Bench(Box<bench::BenchArgs>),
 }
 
 /// Log to stderr, filtered by `RUST_LOG` (default: info).
@@ -98,17 +103,22 @@ fn quiet_broken_pipe() {
 
 fn main() -> ExitCode {
     quiet_broken_pipe();
-    let argv = match config::expand(std::env::args_os().collect(), &Cli::command()) {
-        Ok(argv) => argv,
+    // A configuration file that cannot be read or holds what is no
+    // option is a usage error, as a bad command line is.
+    let expanded = match config::expand(std::env::args_os().collect(), &Cli::command()) {
+        Ok(expanded) => expanded,
         Err(e) => {
             eprintln!("atls: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
-    let cli = match Cli::try_parse_from(argv) {
+    let cli = match Cli::try_parse_from(&expanded.argv) {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
             let _ = e.print();
+            if let Some(note) = expanded.blames_file(&e) {
+                eprintln!("note: {note}");
+            }
             return ExitCode::from(EXIT_USAGE);
         }
         Err(e) => {
@@ -123,6 +133,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Gateway(args) => gateway::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Request(args) => return request::run(&args),
     };
     match result {

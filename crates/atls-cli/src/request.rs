@@ -33,7 +33,8 @@ pub(crate) struct RequestArgs {
     /// The same as -d (curl's name for a body sent as is).
     #[arg(long = "data-binary", value_name = "DATA", conflicts_with = "data")]
     pub(crate) data_binary: Option<String>,
-    /// Write the body (and with -i the head) to FILE instead of stdout.
+    /// Write the body (and with -i the head) to FILE instead of stdout
+    /// (`-`: stdout).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub(crate) output: Option<PathBuf>,
     /// Include the inner response head (status line, header fields) in the
@@ -48,12 +49,14 @@ pub(crate) struct RequestArgs {
     #[arg(short = 'f', long = "fail")]
     pub(crate) fail: bool,
     /// Write the body of each outer exchange to DIR, for `atls inspect`:
-    /// NN-KIND-request.bin and NN-KIND-response.bin (http(s):// URLs).
+    /// NN-KIND-request.bin and NN-KIND-response.bin (over CoAP: each
+    /// handshake flight and its answer).
     #[arg(long, value_name = "DIR")]
     pub(crate) dump_flights: Option<PathBuf>,
-    /// Seconds the whole request may take (handshake included); then exit 2.
-    #[arg(long, value_name = "SECS")]
-    pub(crate) max_time: Option<f64>,
+    /// Seconds the whole request may take (reading the body and the
+    /// handshake included); then exit 2. 0: no limit.
+    #[arg(short = 'm', long, value_name = "SECS", value_parser = common::seconds)]
+    pub(crate) max_time: Option<std::time::Duration>,
     /// Inner header (repeatable): 'Name: value'.
     #[arg(short = 'H', long = "header")]
     pub(crate) headers: Vec<String>,
@@ -113,8 +116,8 @@ pub(crate) struct RequestArgs {
     /// the proxy) of http(s)://, the DTLS handshake of the coaps:// hop (a
     /// wrong hop PSK shows as no answer: DTLS drops what it cannot
     /// authenticate).
-    #[arg(long, value_name = "SECS", default_value_t = 20.0, help_heading = TRANSPORT)]
-    pub(crate) connect_timeout: f64,
+    #[arg(long, value_name = "SECS", default_value = "20", value_parser = common::positive_seconds, help_heading = TRANSPORT)]
+    pub(crate) connect_timeout: std::time::Duration,
     /// Speak HTTP/2 to an http:// URL without negotiation (h2c).
     #[arg(long)]
     pub(crate) http2: bool,
@@ -196,25 +199,92 @@ fn data(args: &RequestArgs) -> Option<&String> {
     args.data.as_ref().or(args.data_binary.as_ref())
 }
 
-fn body(args: &RequestArgs) -> anyhow::Result<Bytes> {
-    Ok(match data(args) {
-        Some(d) if d == "@-" => {
-            let mut buf = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
-                .context("reading the body from stdin")?;
-            Bytes::from(buf)
+/// Largest body `atls request` reads from a file or stdin.
+const MAX_BODY: u64 = 64 * 1024 * 1024;
+
+/// Up to [`MAX_BODY`] bytes of `reader`; more is an error that names the
+/// limit.
+fn read_limited(reader: impl std::io::Read, what: &str) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(reader, MAX_BODY + 1), &mut buf)
+        .with_context(|| format!("reading {what}"))?;
+    if buf.len() as u64 > MAX_BODY {
+        anyhow::bail!(
+            "{what} is over {} MiB, the largest body atls request sends",
+            MAX_BODY >> 20
+        );
+    }
+    Ok(buf)
+}
+
+/// The request body (-d, --data-binary), read before `deadline`: a stdin
+/// that never ends is cut off by --max-time as the rest is.
+fn read_body(args: &RequestArgs, deadline: Option<Instant>) -> Result<Bytes, ExitCode> {
+    let Some(source) = data(args).cloned() else {
+        return Ok(Bytes::new());
+    };
+    let job = move || -> anyhow::Result<Vec<u8>> {
+        if source == "@-" {
+            read_limited(std::io::stdin().lock(), "the body from stdin")
+        } else if let Some(path) = source.strip_prefix('@') {
+            let file = std::fs::File::open(path).with_context(|| format!("reading {path}"))?;
+            read_limited(file, &format!("the body file {path}"))
+        } else {
+            Ok(source.into_bytes())
         }
-        Some(d) if d.starts_with('@') => Bytes::from(common::read(std::path::Path::new(&d[1..]))?),
-        Some(d) => Bytes::from(d.clone().into_bytes()),
-        None => Bytes::new(),
+    };
+    let read = match deadline {
+        None => job(),
+        Some(at) => {
+            // On a thread, so that the wait can end; a thread still
+            // blocked in read ends with the process.
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = tx.send(job());
+            });
+            match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(read) => read,
+                Err(_) => {
+                    eprintln!("atls: transport: --max-time ran out while reading the body");
+                    return Err(exit_code(Layer::Transport));
+                }
+            }
+        }
+    };
+    read.map(Bytes::from).map_err(|e| {
+        eprintln!("atls: {e:#}");
+        ExitCode::from(1)
     })
+}
+
+/// The user name and password of a URL (`http://user:pass@host/`),
+/// percent-decoded, and the URL without them.
+fn split_userinfo(url: &str) -> anyhow::Result<(String, Option<(String, String)>)> {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return Ok((url.to_owned(), None));
+    };
+    if parsed.username().is_empty() && parsed.password().is_none() {
+        return Ok((url.to_owned(), None));
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let credentials = (
+        decode(parsed.username()),
+        decode(parsed.password().unwrap_or_default()),
+    );
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    Ok((parsed.to_string(), Some(credentials)))
 }
 
 /// Write the head (with -i) and the body to -o FILE or stdout. A closed
 /// stdout (a pipe whose reader left) is not an error.
 fn emit(args: &RequestArgs, head: &str, body: &[u8]) -> Result<(), ExitCode> {
     use std::io::Write as _;
-    let result = match &args.output {
+    let result = match args.output.as_ref().filter(|p| p.as_os_str() != "-") {
         Some(path) => std::fs::File::create(path)
             .and_then(|mut f| {
                 if args.include {
@@ -244,18 +314,6 @@ fn emit(args: &RequestArgs, head: &str, body: &[u8]) -> Result<(), ExitCode> {
     })
 }
 
-/// The whole-request deadline of --max-time.
-fn max_time(args: &RequestArgs) -> Result<Option<std::time::Duration>, ExitCode> {
-    args.max_time
-        .map(|s| {
-            std::time::Duration::try_from_secs_f64(s).map_err(|_| {
-                eprintln!("atls: --max-time expects seconds");
-                ExitCode::from(1)
-            })
-        })
-        .transpose()
-}
-
 /// A hint that names the likely cause of a failure in words a user knows.
 fn hint(args: &RequestArgs, message: &str) -> Option<String> {
     let m = message.to_ascii_lowercase();
@@ -272,6 +330,17 @@ fn hint(args: &RequestArgs, message: &str) -> Option<String> {
     });
     if let Some(proxy) = proxy.filter(|_| m.contains("(connect)") || m.contains("connection refused")) {
         return Some(format!("the proxy {proxy} cannot be reached (is it running?)"));
+    }
+    if m.contains("connection refused") {
+        let authority = args
+            .url
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| args.url.clone());
+        return Some(format!(
+            "nothing accepts connections at {authority} (is the server running, on that port?)"
+        ));
     }
     if m.contains("does not name") || m.contains("hostname mismatch") {
         return Some("--server-name NAME says which name the server's certificate must carry".into());
@@ -293,7 +362,11 @@ fn hint(args: &RequestArgs, message: &str) -> Option<String> {
     None
 }
 
-fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
+fn build(
+    args: &RequestArgs,
+    body: Bytes,
+    credentials: Option<&(String, String)>,
+) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
     if let Some(proxy) = &args.proxy {
         reqwest::Url::parse(proxy)
             .ok()
@@ -323,10 +396,7 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
         http2_prior_knowledge: args.http2,
         proxy: args.proxy.clone(),
         capture_bodies: args.dump_flights.is_some(),
-        connect_timeout: Some(
-            std::time::Duration::try_from_secs_f64(args.connect_timeout)
-                .context("--connect-timeout expects seconds")?,
-        ),
+        connect_timeout: Some(args.connect_timeout),
         transport: atls_http::TransportTls {
             insecure: args.insecure_transport,
             roots: args
@@ -345,7 +415,6 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
     };
     let client = AtlsClient::new(&base, endpoint, options)?;
 
-    let body = body(args)?;
     let method = if data(args).is_some() && args.method == "GET" {
         Method::POST
     } else {
@@ -355,12 +424,24 @@ fn build(args: &RequestArgs) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
         .method(method)
         .uri(url.path_and_query().map_or("/", |p| p.as_str()))
         .header(http::header::HOST, url.authority().map_or("", |a| a.as_str()));
+    let mut authorization = false;
     for h in &args.headers {
         let (name, value) = h.split_once(':').context("-H expects 'Name: value'")?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes()).context("invalid header name")?;
+        authorization |= name == http::header::AUTHORIZATION;
         request = request.header(
-            HeaderName::from_bytes(name.trim().as_bytes()).context("invalid header name")?,
+            name,
             HeaderValue::from_str(value.trim()).context("invalid header value")?,
         );
+    }
+    // user:pass@ in the URL: Basic authentication, as curl does — but in
+    // the inner request, protected end to end; the outer hop never sees it.
+    if let (Some((user, password)), false) = (credentials, authorization) {
+        use base64::Engine as _;
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let mut value = HeaderValue::from_str(&format!("Basic {token}")).context("invalid credentials")?;
+        value.set_sensitive(true);
+        request = request.header(http::header::AUTHORIZATION, value);
     }
     Ok((client, request.body(body)?))
 }
@@ -429,7 +510,7 @@ fn transport_config(args: &RequestArgs) -> anyhow::Result<ClientConfig> {
 /// `atls request coap://HOST[:PORT]/PATH` (also `coap+tcp://`, `coaps://`):
 /// the handshake over CoAP, then one request protected with OSCORE or in
 /// records.
-fn run_coap(args: &RequestArgs) -> ExitCode {
+fn run_coap(args: &RequestArgs, body: Bytes, deadline: Option<Instant>) -> ExitCode {
     use coap_lite::{MessageClass, RequestType};
     let coaps = args.url.starts_with("coaps://");
     let prepared = (|| -> anyhow::Result<_> {
@@ -483,7 +564,7 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
             ("PATCH", _) => RequestType::Patch,
             (other, _) => anyhow::bail!("CoAP has no method {other}"),
         };
-        let mut inner = atls_coap::inner_request(method, uri.path(), &body(args)?);
+        let mut inner = atls_coap::inner_request(method, uri.path(), &body);
         for query in uri
             .query()
             .into_iter()
@@ -495,8 +576,8 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
         let options = atls_coap::CoapClientOptions {
             server_name: Some(args.server_name.clone().unwrap_or(host)),
             mode,
-            transport_timeout: std::time::Duration::try_from_secs_f64(args.connect_timeout)
-                .context("--connect-timeout expects seconds")?,
+            transport_timeout: args.connect_timeout,
+            capture_flights: args.dump_flights.is_some(),
             ..atls_coap::CoapClientOptions::default()
         };
         Ok((addr, endpoint, transport, options, inner))
@@ -513,42 +594,75 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
         Err(code) => return code,
     };
     let tcp = args.url.starts_with("coap+tcp://");
-    let deadline = match max_time(args) {
-        Ok(d) => d,
-        Err(code) => return code,
-    };
+    let deadline = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+    if args.verbose {
+        let (class, detail) = (
+            u8::from(inner.header.code) >> 5,
+            u8::from(inner.header.code) & 0x1F,
+        );
+        eprintln!(
+            "* CoAP to {addr} ({})",
+            args.url.split("://").next().unwrap_or("coap")
+        );
+        eprintln!(
+            "> {class}.{detail:02} {}",
+            inner.get_option(coap_lite::CoapOption::UriPath).map_or_else(
+                || "/".to_owned(),
+                |segments| segments
+                    .iter()
+                    .map(|s| format!("/{}", String::from_utf8_lossy(s)))
+                    .collect::<String>(),
+            )
+        );
+        eprintln!("> ({} B payload)", inner.payload.len());
+    }
+    let mode_name = args.mode;
     let exchange = async {
         let client = match transport {
-            Some(transport) => {
-                atls_coap::AtlsCoapClient::new_dtls(addr, transport, endpoint, options).await?
-            }
-            None if tcp => atls_coap::AtlsCoapClient::new_tcp(addr, endpoint, options).await?,
-            None => atls_coap::AtlsCoapClient::new(addr, endpoint, options).await?,
+            Some(transport) => atls_coap::AtlsCoapClient::new_dtls(addr, transport, endpoint, options).await,
+            None if tcp => atls_coap::AtlsCoapClient::new_tcp(addr, endpoint, options).await,
+            None => atls_coap::AtlsCoapClient::new(addr, endpoint, options).await,
         };
-        let response = client.request(&inner).await?;
-        Ok::<_, atls_coap::CoapClientError>((response, client.last_handshake()))
+        let client = match client {
+            Ok(client) => client,
+            Err(e) => return (Err(e), Vec::new(), None),
+        };
+        let response = client.request(&inner).await;
+        let info = client.session_info().await;
+        (response, client.last_handshake(), info)
     };
-    let result = match runtime.block_on(within(deadline, exchange)) {
-        Some(result) => result,
+    let (result, trips, info) = match runtime.block_on(within(deadline, exchange)) {
+        Some(outcome) => outcome,
         None => {
             eprintln!("atls: transport: no answer within --max-time");
             return exit_code(Layer::Transport);
         }
     };
+    dump_trips(args, &trips);
+    if args.verbose {
+        // Every flight that crossed, also when a later step failed.
+        for (i, t) in trips.iter().enumerate() {
+            eprintln!(
+                "* flight {}: {} B in {} message(s) -> {} B in {} message(s)",
+                i + 1,
+                t.sent,
+                t.blocks_sent,
+                t.received,
+                t.blocks_received
+            );
+        }
+        if let Some(info) = &info {
+            eprintln!(
+                "* ATLS {} {} engine={} resumed={} mode={mode_name}",
+                info.version.name(),
+                info.cipher_suite,
+                args.engine,
+                info.resumed,
+            );
+        }
+    }
     match result {
-        Ok((response, trips)) => {
-            if args.verbose {
-                for (i, t) in trips.iter().enumerate() {
-                    eprintln!(
-                        "* flight {}: {} B in {} message(s) -> {} B in {} message(s)",
-                        i + 1,
-                        t.sent,
-                        t.blocks_sent,
-                        t.received,
-                        t.blocks_received
-                    );
-                }
-            }
+        Ok(response) => {
             let code = u8::from(response.header.code);
             let (class, detail) = (code >> 5, code & 0x1F);
             let status = format!("{class}.{detail:02}");
@@ -590,6 +704,35 @@ fn run_coap(args: &RequestArgs) -> ExitCode {
     }
 }
 
+/// `--dump-flights DIR` over CoAP: each handshake flight and its answer.
+fn dump_trips(args: &RequestArgs, trips: &[atls_coap::FlightTrip]) {
+    let Some(dir) = &args.dump_flights else { return };
+    let bodies: Vec<(Vec<u8>, Vec<u8>)> = trips.iter().filter_map(|t| t.bodies.clone()).collect();
+    write_dump(
+        dir,
+        bodies
+            .iter()
+            .map(|(q, r)| ("handshake", q.as_slice(), r.as_slice())),
+    );
+}
+
+/// Write each exchange's bodies to `dir` as NN-KIND-request.bin and
+/// NN-KIND-response.bin.
+fn write_dump<'a>(dir: &std::path::Path, exchanges: impl Iterator<Item = (&'a str, &'a [u8], &'a [u8])>) {
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        eprintln!("atls: --dump-flights {}: {e}", dir.display());
+        return;
+    }
+    for (i, (kind, request, response)) in exchanges.enumerate() {
+        for (side, bytes) in [("request", request), ("response", response)] {
+            let path = dir.join(format!("{:02}-{kind}-{side}.bin", i + 1));
+            if let Err(err) = std::fs::write(&path, bytes) {
+                eprintln!("atls: writing {}: {err}", path.display());
+            }
+        }
+    }
+}
+
 /// `fut`, within `deadline` if there is one (`None`: it ran out).
 async fn within<F: std::future::Future>(deadline: Option<std::time::Duration>, fut: F) -> Option<F::Output> {
     match deadline {
@@ -601,21 +744,14 @@ async fn within<F: std::future::Future>(deadline: Option<std::time::Duration>, f
 /// `--dump-flights DIR`: each exchange's bodies, numbered in order.
 fn dump(args: &RequestArgs, events: &[atls_http::WireEvent]) {
     let Some(dir) = &args.dump_flights else { return };
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        eprintln!("atls: --dump-flights {}: {e}", dir.display());
-        return;
-    }
-    for (i, e) in events.iter().enumerate() {
-        let Some((request, response)) = &e.bodies else {
-            continue;
-        };
-        for (side, bytes) in [("request", request), ("response", response)] {
-            let path = dir.join(format!("{:02}-{}-{side}.bin", i + 1, e.kind));
-            if let Err(err) = std::fs::write(&path, bytes) {
-                eprintln!("atls: writing {}: {err}", path.display());
-            }
-        }
-    }
+    write_dump(
+        dir,
+        events.iter().filter_map(|e| {
+            e.bodies
+                .as_ref()
+                .map(|(request, response)| (e.kind, request.as_ref(), response.as_ref()))
+        }),
+    );
 }
 
 fn print_event(e: &atls_http::WireEvent) {
@@ -656,22 +792,39 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
     if args.verbose {
         crate::init_tracing();
     }
+    // --max-time counts from here: reading the body is part of it.
+    let deadline = args.max_time.filter(|d| !d.is_zero()).map(|d| Instant::now() + d);
     // A URL without a scheme is http://, as curl takes it.
-    let mut owned;
-    let args = if args.url.contains("://") {
-        args
-    } else {
-        owned = args.clone();
+    let mut owned = args.clone();
+    if !args.url.contains("://") {
         owned.url = format!("http://{}", args.url);
-        &owned
-    };
-    if ["coap://", "coap+tcp://", "coaps://"]
-        .iter()
-        .any(|scheme| args.url.starts_with(scheme))
-    {
-        return run_coap(args);
     }
-    let (client, request) = match build(args) {
+    let coap = ["coap://", "coap+tcp://", "coaps://"]
+        .iter()
+        .any(|scheme| owned.url.starts_with(scheme));
+    let credentials = match split_userinfo(&owned.url) {
+        Ok((_, Some(_))) if coap => {
+            eprintln!("atls: a CoAP URL carries no user name or password (RFC 7252 §6)");
+            return ExitCode::from(1);
+        }
+        Ok((stripped, credentials)) => {
+            owned.url = stripped;
+            credentials
+        }
+        Err(e) => {
+            eprintln!("atls: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let args = &owned;
+    let body = match read_body(args, deadline) {
+        Ok(body) => body,
+        Err(code) => return code,
+    };
+    if coap {
+        return run_coap(args, body, deadline);
+    }
+    let (client, request) = match build(args, body, credentials.as_ref()) {
         Ok(built) => built,
         Err(e) => {
             eprintln!("atls: {e:#}");
@@ -682,14 +835,26 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    let deadline = match max_time(args) {
-        Ok(d) => d,
-        Err(code) => return code,
-    };
+    let deadline = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+    if args.mode == Mode::Oscore {
+        // RFC 8075's simple form: most header fields have no CoAP option.
+        let dropped = atls_oscore::http::uncarried_headers(request.headers());
+        if !dropped.is_empty() && !args.silent {
+            let names: Vec<&str> = dropped.iter().map(http::HeaderName::as_str).collect();
+            eprintln!(
+                "atls: warning: OSCORE carries only Content-Type and Accept of the inner header fields; not sent: {} (--mode records or cose carry them)",
+                names.join(", ")
+            );
+        }
+    }
     if args.verbose {
         eprintln!("> {} {}", request.method(), request.uri());
         for (name, value) in request.headers() {
-            eprintln!("> {name}: {}", String::from_utf8_lossy(value.as_bytes()));
+            if value.is_sensitive() {
+                eprintln!("> {name}: (hidden)");
+            } else {
+                eprintln!("> {name}: {}", String::from_utf8_lossy(value.as_bytes()));
+            }
         }
         eprintln!("> ({} B body)", request.body().len());
     }

@@ -106,29 +106,36 @@ pub(crate) struct ServeArgs {
     /// an http:// URL). Without it the built-in resources answer: GET
     /// /hello, POST /echo, GET /session, GET /trust-anchors (with
     /// --trust-anchors); GET /health is answered outside ATLS either way.
-    #[arg(long, value_name = "URL", value_parser = common::http_url, env = "ATLS_SERVE_UPSTREAM")]
+    #[arg(long, value_name = "URL", value_parser = common::http_url, env = "ATLS_SERVE_UPSTREAM", hide_env_values = true)]
     pub(crate) upstream: Option<String>,
     /// Seconds the --upstream application may take to answer (then 504).
     #[arg(
         long,
         value_name = "SECS",
-        default_value_t = 30.0,
+        default_value = "30",
+        value_parser = common::positive_seconds,
         env = "ATLS_SERVE_UPSTREAM_TIMEOUT"
     )]
-    pub(crate) upstream_timeout: f64,
+    pub(crate) upstream_timeout: Duration,
+    /// Serve the same application without ATLS on this listener: the
+    /// baseline of `atls bench --baseline`. Nothing on it is protected: for
+    /// measurements only, never for production.
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_PLAIN")]
+    pub(crate) plain: Option<SocketAddr>,
     /// Prometheus metrics listener (a separate port: handshakes by outcome,
     /// requests by mode and status, latency, sessions).
     #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_METRICS")]
     pub(crate) metrics: Option<SocketAddr>,
     /// Seconds requests in flight may take to finish after SIGTERM or
-    /// SIGINT, before the server exits.
+    /// SIGINT, before the server exits (a second signal exits at once).
     #[arg(
         long,
         value_name = "SECS",
-        default_value_t = 10.0,
+        default_value = "10",
+        value_parser = common::seconds,
         env = "ATLS_SERVE_SHUTDOWN_GRACE"
     )]
-    pub(crate) shutdown_grace: f64,
+    pub(crate) shutdown_grace: Duration,
     /// Directory for the development PKI, created 0700 (default:
     /// $XDG_DATA_HOME/atls, else ~/.local/share/atls).
     #[arg(long, value_name = "DIR", env = "ATLS_SERVE_STATE_DIR")]
@@ -215,6 +222,7 @@ pub(crate) struct Running {
     pub(crate) coap: Option<SocketAddr>,
     pub(crate) coap_tcp: Option<SocketAddr>,
     pub(crate) coaps: Option<SocketAddr>,
+    pub(crate) plain: Option<SocketAddr>,
     pub(crate) ca_path: Option<PathBuf>,
     pub(crate) server: Arc<AtlsServer>,
     /// Listeners stopped at once on shutdown (CoAP: each exchange is one
@@ -319,7 +327,7 @@ async fn access_log(
     let response = next.run(request).await;
     let response_bytes = http_body::Body::size_hint(response.body()).exact();
     let status = response.status().as_u16();
-    metrics::counter!("atls_requests_total", "mode" => mode, "status" => status.to_string()).increment(1);
+    metrics::counter!("atls_requests_total", "mode" => mode, "status" => status.to_string(), "transport" => "http").increment(1);
     metrics::histogram!("atls_request_duration_seconds", "mode" => mode)
         .record(start.elapsed().as_secs_f64());
     record_sessions(&server);
@@ -360,9 +368,18 @@ where
 
 /// The session table's counts as gauges.
 fn record_sessions(server: &AtlsServer) {
-    let stats = server.stats();
-    metrics::gauge!("atls_sessions", "state" => "established").set(stats.established as f64);
-    metrics::gauge!("atls_sessions", "state" => "half_open").set(stats.half_open as f64);
+    record_table(&server.stats(), "http");
+}
+
+/// A session table's counts as gauges, and its unfinished handshakes as
+/// the `expired` outcome of `atls_handshakes_total`.
+fn record_table(stats: &atls_http::TableStats, transport: &'static str) {
+    metrics::gauge!("atls_sessions", "state" => "established", "transport" => transport)
+        .set(stats.established as f64);
+    metrics::gauge!("atls_sessions", "state" => "half_open", "transport" => transport)
+        .set(stats.half_open as f64);
+    metrics::counter!("atls_handshakes_total", "outcome" => "expired", "transport" => transport)
+        .absolute(stats.counters.expired_half_open);
 }
 
 /// Serve Prometheus metrics on `addr` (the exporter answers any path, e.g.
@@ -492,10 +509,7 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             app::Upstream::new(url)
                 .map_err(anyhow::Error::msg)?
                 .with_limit(args.max_request.max(args.max_response))
-                .with_timeout(
-                    Duration::try_from_secs_f64(args.upstream_timeout)
-                        .context("--upstream-timeout expects seconds")?,
-                ),
+                .with_timeout(args.upstream_timeout),
         ),
         None => {
             let anchors = match &args.trust_anchors {
@@ -546,6 +560,21 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             .context("HTTP listener")
         });
     }
+    let mut plain_bound = None;
+    if let Some(addr) = args.plain {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        plain_bound = Some(listener.local_addr()?);
+        let service = axum::Router::new().fallback_service(inner.clone());
+        let stop = stop_rx.clone();
+        draining.spawn(async move {
+            axum::serve(listener, service.into_make_service())
+                .with_graceful_shutdown(stopped(stop))
+                .await
+                .context("plain HTTP listener")
+        });
+    }
     let mut https_bound = None;
     if let Some(addr) = args.https {
         let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
@@ -579,6 +608,18 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     // whichever it uses.
     let coap_server =
         atls_coap::CoapServer::with_dtls(coap_endpoint.clone(), Some(dtls_endpoint), coap_config);
+    {
+        // The tables' gauges, also while no request arrives.
+        let (http, coap) = (server.clone(), coap_server.clone());
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                record_table(&http.stats(), "http");
+                record_table(&coap.stats(), "coap");
+            }
+        });
+    }
     let mut coap_tcp_bound = None;
     if let Some(addr) = args.coap_tcp {
         let listener = tokio::net::TcpListener::bind(addr)
@@ -615,6 +656,7 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         });
     }
     Ok(Running {
+        plain: plain_bound,
         coaps: coaps_bound,
         http: http_bound,
         coap: coap_bound,
@@ -772,20 +814,41 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
                 running.server.engine_name()
             );
         }
+        if let Some(addr) = running.plain {
+            println!("plain HTTP without ATLS (a baseline for atls bench) on http://{addr}");
+        }
+        if let Some(addr) = args.metrics {
+            println!("metrics on http://{addr}/metrics");
+        }
         let mut running = running;
         let signal = terminated();
         tokio::select! {
             result = running.wait() => return result,
             name = signal => tracing::info!(signal = name, "stopping: no new connections; draining requests in flight"),
         }
-        let grace = Duration::try_from_secs_f64(args.shutdown_grace).unwrap_or(Duration::from_secs(10));
-        if running.shutdown(grace).await {
-            tracing::info!("stopped");
-        } else {
-            tracing::warn!(grace_secs = grace.as_secs_f64(), "stopped with requests still in flight after the grace period");
+        let grace = args.shutdown_grace;
+        tokio::select! {
+            drained = running.shutdown(grace) => {
+                if drained {
+                    tracing::info!("stopped");
+                } else {
+                    tracing::warn!(grace_secs = grace.as_secs_f64(), "stopped with requests still in flight after the grace period");
+                }
+            }
+            name = terminated() => force_exit(name),
         }
         Ok(())
     })
+}
+
+/// A second signal during the drain: exit at once, with the status of a
+/// process that signal ended (130 for SIGINT, 143 for SIGTERM).
+pub(crate) fn force_exit(signal: &'static str) -> ! {
+    tracing::warn!(
+        signal,
+        "second signal: exiting without waiting for requests in flight"
+    );
+    std::process::exit(if signal == "SIGINT" { 130 } else { 143 })
 }
 
 /// Resolves with the name of the first of SIGINT and SIGTERM.

@@ -95,8 +95,8 @@ fn devices_reach_atls_serve_through_the_gateway_on_every_transport() {
     assert!(log.contains("content_type=\"application/oscore\""), "{log}");
     assert!(log.contains("sni=\"localhost\""), "{log}");
     assert!(log.contains("request_records=handshake:1"), "{log}");
-    assert!(log.contains("transport=Dtls"), "{log}");
-    assert!(log.contains("transport=Tcp"), "{log}");
+    assert!(log.contains("transport=\"coaps\""), "{log}");
+    assert!(log.contains("transport=\"coap+tcp\""), "{log}");
     assert!(!log.contains(SECRET), "the gateway saw the plaintext: {log}");
 
     // Its metrics: what it forwarded, by kind and CoAP code.

@@ -114,9 +114,10 @@ fn unknown_record_types_and_versions_are_shown_not_refused() {
     let (ok, text) = inspect(&[], &payload);
     assert!(ok);
     assert!(text.contains("unknown(30) unknown(0x0305) len=2"), "{text}");
-    // A cut record is reported, with everything before it.
+    // A cut record is reported, with everything before it, and the exit
+    // status says the payload is not clean.
     let (ok, out) = inspect(&["--json"], &payload[..payload.len() - 3]);
-    assert!(ok);
+    assert!(!ok, "a truncated payload fails: {out}");
     let json: Value = serde_json::from_str(&out).expect("json");
     assert_eq!(json["records"].as_array().map(Vec::len), Some(1));
     assert!(

@@ -10,6 +10,38 @@ use std::time::Duration;
 
 use support::*;
 
+/// A real TLS 1.3 ClientHello, as the first flight of a session.
+fn client_hello() -> Vec<u8> {
+    use atls_core::{ClientConfig, ClientSessionParams, Engine as _, Session};
+    let endpoint = atls_openssl::OpenSslEngine
+        .client(&ClientConfig {
+            psk: Some(atls_core::Psk::new("probe", vec![7u8; 32]).expect("psk")),
+            ..ClientConfig::default()
+        })
+        .expect("client");
+    let mut session = Session::client(endpoint.as_ref(), &ClientSessionParams::default()).expect("session");
+    session
+        .take_flight(std::time::Instant::now())
+        .expect("flight")
+        .expect("hello")
+}
+
+/// POST `body` to `/.well-known/atls` at `addr` over a raw connection; the
+/// whole response as text.
+fn post_atls(addr: &str, body: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "POST /.well-known/atls HTTP/1.1\r\nHost: x\r\nContent-Type: application/atls\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .expect("write");
+    s.write_all(body).expect("write");
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 /// An HTTP/1.1 application that answers every request after `delay` with
 /// `body`.
 fn slow_app(delay: Duration, body: &'static str) -> (u16, std::thread::JoinHandle<()>) {
@@ -486,9 +518,65 @@ fn serve_reads_a_toml_file_and_the_environment() {
         .args(["serve", "--config", config.to_str().expect("path")])
         .output()
         .expect("serve");
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(64), "a usage error: {}", stderr(&out));
     assert!(
         stderr(&out).contains("`htp` is not an option of atls serve"),
+        "{}",
+        stderr(&out)
+    );
+    // A value that starts with dashes stays a value (one --flag=value
+    // argument per entry), and the file may set the log format.
+    std::fs::write(
+        &config,
+        format!("http = \"127.0.0.1:{p1}\"\ncookie-name = \"--dashes\"\nlog-format = \"json\"\n"),
+    )
+    .expect("write");
+    let mut child = Command::new(ATLS)
+        .args(["serve", "--config", config.to_str().expect("path"), "--state-dir"])
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve");
+    let mut out = child.stdout.take().expect("stdout");
+    let text = read_until(&mut out, "ATLS over HTTP on http://");
+    assert!(text.contains(&format!("127.0.0.1:{p1}")), "{text}");
+    let answer = post_atls(&format!("127.0.0.1:{p1}"), &client_hello());
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("set-cookie: --dashes="),
+        "the session cookie has the file's name: {answer}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let mut log = String::new();
+    let _ = child.stderr.take().expect("stderr").read_to_string(&mut log);
+    let first = log.lines().next().unwrap_or_default();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first).is_ok(),
+        "log-format from the file: {log}"
+    );
+    // An array for a single-valued option, and a bad value from the file:
+    // usage errors that name the file.
+    std::fs::write(&config, "http = [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n").expect("write");
+    let out = Command::new(ATLS)
+        .args(["serve", "--config", config.to_str().expect("path")])
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(stderr(&out).contains("takes one value"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("atls.toml"), "{}", stderr(&out));
+    std::fs::write(&config, "max-sessions = \"many\"\n").expect("write");
+    let out = Command::new(ATLS)
+        .args(["serve", "--config", config.to_str().expect("path")])
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("`max-sessions` comes from the configuration file")
+            && stderr(&out).contains("atls.toml"),
         "{}",
         stderr(&out)
     );
@@ -531,12 +619,49 @@ fn metrics_show_handshakes_and_requests() {
         let text = scrape();
         assert_eq!(counter(&text), expected, "{text}");
         assert!(
-            text.contains("atls_requests_total{mode=\"oscore\",status=\"200\"}"),
+            text.contains("atls_requests_total{mode=\"oscore\",status=\"200\",transport=\"http\"}"),
             "{text}"
         );
         assert!(text.contains("atls_request_duration_seconds_bucket"), "{text}");
-        assert!(text.contains("atls_sessions{state=\"established\"}"), "{text}");
+        assert!(
+            text.contains("atls_sessions{state=\"established\",transport=\"http\"}"),
+            "{text}"
+        );
     }
+    // The CoAP listeners count too, apart from HTTP.
+    let coap_metrics = format!("127.0.0.1:{}", free_port());
+    let coap = serve(&["--coap", "127.0.0.1:0", "--metrics", &coap_metrics]);
+    let out = request(&[
+        &format!("{}/hello", coap.coap.as_deref().expect("coap")),
+        "--ca",
+        coap.ca.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let mut text = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(&coap_metrics) {
+            let _ = write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let _ = s.read_to_string(&mut text);
+        }
+        if text.contains("transport=\"coap\"") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        text.lines().any(|l| l.starts_with("atls_handshakes_total{")
+            && l.contains("outcome=\"complete\"")
+            && l.contains("transport=\"coap\"")),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("atls_requests_total{")
+            && l.contains("mode=\"oscore\"")
+            && l.contains("status=\"2.04\"")
+            && l.contains("transport=\"coap\"")),
+        "{text}"
+    );
 }
 
 /// Errors name the cause in words a user knows, with a hint where one helps.
@@ -675,4 +800,563 @@ fn gateway_reads_a_toml_file_and_stops_on_sigterm() {
         .status();
     let status = child.wait().expect("exit");
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// A TCP relay to `target` that records what clients send, and holds each
+/// connection's first bytes for `delay` before passing them on.
+fn relay(target: String, delay: Duration) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { continue };
+            let target = target.clone();
+            let record = record.clone();
+            std::thread::spawn(move || {
+                let Ok(mut server) = std::net::TcpStream::connect(&target) else {
+                    return;
+                };
+                let (Ok(mut client_reader), Ok(mut server_writer)) = (client.try_clone(), server.try_clone())
+                else {
+                    return;
+                };
+                let upward = std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    let mut first = true;
+                    while let Ok(n) = client_reader.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if first {
+                            std::thread::sleep(delay);
+                            first = false;
+                        }
+                        record.lock().expect("record").extend_from_slice(&buf[..n]);
+                        if server_writer.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server_writer.shutdown(std::net::Shutdown::Write);
+                });
+                let _ = std::io::copy(&mut server, &mut client);
+                let _ = client.shutdown(std::net::Shutdown::Write);
+                let _ = upward.join();
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// An HTTP/1.1 application that answers each request with its own head
+/// (what reached the service through the ATLS terminator).
+fn mirror_app() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let head = read_until(&mut stream, "\r\n\r\n");
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{head}",
+                head.len()
+            );
+        }
+    });
+    port
+}
+
+/// User name and password in the URL travel as Basic authentication inside
+/// ATLS only; bodies from files and stdin are bounded and count against
+/// --max-time; timeouts are checked as usage; `-o -` is stdout; a refused
+/// connection is named.
+#[test]
+fn request_credentials_bodies_and_timeouts() {
+    let upstream = mirror_app();
+    let server = serve(&["--upstream", &format!("http://127.0.0.1:{upstream}")]);
+    let ca = server.ca.to_str().expect("path");
+    let (via, seen) = relay(server.http.clone(), Duration::ZERO);
+    let out = request(&[
+        &format!("http://alice:s%3Acret@{via}/private"),
+        "--ca",
+        ca,
+        "--server-name",
+        "localhost",
+        "--mode",
+        "records",
+        "-v",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let head = stdout(&out).to_ascii_lowercase();
+    // base64("alice:s:cret")
+    assert!(head.contains("authorization: basic ywxpy2u6czpjcmv0"), "{head}");
+    assert!(!head.contains("alice"), "no userinfo in the inner Host: {head}");
+    assert!(
+        !stderr(&out).contains("YWxpY2U6czpjcmV0"),
+        "-v hides the credentials: {}",
+        stderr(&out)
+    );
+    let outer = String::from_utf8_lossy(&seen.lock().expect("seen")).to_ascii_lowercase();
+    assert!(
+        outer.contains("post /.well-known/atls"),
+        "the relay saw the exchange: {outer}"
+    );
+    assert!(
+        !outer.contains("alice") && !outer.contains("authorization"),
+        "the outer hop carries no credentials: {outer}"
+    );
+    // OSCORE's simple form carries no Authorization: said, not silently
+    // dropped.
+    let out = request(&[&format!("http://alice:pw@{}/private", server.http), "--ca", ca]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not sent: authorization"),
+        "{}",
+        stderr(&out)
+    );
+    // CoAP URLs have no userinfo.
+    let out = request(&["coap://bob:pw@127.0.0.1:1/x", "--ca", ca]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+
+    let dir = tempfile::tempdir().expect("dir");
+    // A body file over the 64 MiB bound: refused before anything is sent.
+    let big = dir.path().join("big.bin");
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(64 * 1024 * 1024 + 1))
+        .expect("big file");
+    let out = request(&[
+        &format!("http://{}/echo", server.http),
+        "--ca",
+        ca,
+        "--data-binary",
+        &format!("@{}", big.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("over 64 MiB"), "{}", stderr(&out));
+    // A stdin that never ends is cut off by --max-time (exit 2).
+    let mut child = Command::new(ATLS)
+        .args([
+            "request",
+            &format!("http://{}/echo", server.http),
+            "--ca",
+            ca,
+            "-d",
+            "@-",
+            "--max-time",
+            "0.5",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("atls request");
+    let _held_open = child.stdin.take();
+    let out = child.wait_with_output().expect("output");
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--max-time"), "{}", stderr(&out));
+    // --max-time 0 is no limit; -o - is stdout.
+    let out = request(&[
+        &format!("http://{}/hello", server.http),
+        "--ca",
+        ca,
+        "--max-time",
+        "0",
+        "-o",
+        "-",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("GET /hello"), "{}", stdout(&out));
+    // Timeouts that are no durations are usage errors (64).
+    for bad in [
+        ["--max-time", "nan"],
+        ["--max-time", "-1"],
+        ["--connect-timeout", "0"],
+        ["--connect-timeout", "inf"],
+    ] {
+        let out = request(&[
+            &format!("http://{}/hello", server.http),
+            "--ca",
+            ca,
+            bad[0],
+            bad[1],
+        ]);
+        assert_eq!(out.status.code(), Some(64), "{bad:?}: {}", stderr(&out));
+    }
+    // Nothing listening: said in words, with the address.
+    let port = free_port();
+    let out = request(&[&format!("http://127.0.0.1:{port}/"), "--ca", ca]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("nothing accepts connections at 127.0.0.1:{port}")),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `-v` and `--dump-flights` over CoAP: each flight, also when a later step
+/// fails, and the captured flights inspect as ATLS.
+#[test]
+fn request_verbose_and_dump_over_coap() {
+    let server = serve(&["--coap", "127.0.0.1:0"]);
+    let coap = server.coap.clone().expect("coap");
+    let ca = server.ca.to_str().expect("path");
+    let dir = tempfile::tempdir().expect("dir");
+    let dump = dir.path().join("flights");
+    let out = request(&[
+        &format!("{coap}/hello"),
+        "--ca",
+        ca,
+        "-v",
+        "--dump-flights",
+        dump.to_str().expect("path"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    for needle in ["> 0.01 /hello", "* flight 1:", "* ATLS TLSv1.3", "< 2.05"] {
+        assert!(err.contains(needle), "{needle:?} missing: {err}");
+    }
+    let hello = dump.join("01-handshake-request.bin");
+    let inspected = Command::new(ATLS)
+        .args(["inspect", "--json"])
+        .arg(&hello)
+        .output()
+        .expect("inspect");
+    assert!(inspected.status.success(), "{}", stderr(&inspected));
+    assert!(
+        stdout(&inspected).contains("client_hello"),
+        "{}",
+        stdout(&inspected)
+    );
+    assert!(dump.join("01-handshake-response.bin").exists());
+    // A wrong CA fails the handshake (3) after the first flight, which -v
+    // still shows.
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(
+        &other,
+        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
+    )
+    .expect("write");
+    let out = request(&[
+        &format!("{coap}/hello"),
+        "--ca",
+        other.to_str().expect("path"),
+        "-v",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("* flight 1:"), "{}", stderr(&out));
+}
+
+/// Handshakes that fail after the first flight and handshakes that never
+/// finish are logged at info, with the session's prefix (not debug
+/// formatting); CoAP requests get an access line and handshake lines too.
+#[test]
+fn serve_logs_late_failures_expiries_and_coap() {
+    let state = tempfile::tempdir().expect("dir");
+    let log = state.path().join("serve.log");
+    let ca = state.path().join("ca.pem");
+    // The development CA is made by the first start; require client
+    // certificates from it.
+    let _ = serve_address(
+        &[
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.path().to_str().expect("path"),
+        ],
+        &[],
+    );
+    let mut child = Command::new(ATLS)
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--coap",
+            "127.0.0.1:0",
+            "--handshake-timeout",
+            "1",
+            "--client-ca",
+            ca.to_str().expect("path"),
+            "--state-dir",
+        ])
+        .arg(state.path())
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("serve");
+    let mut stdout_pipe = child.stdout.take().expect("stdout");
+    let mut text = read_until(&mut stdout_pipe, "ATLS over CoAP on ");
+    if !text
+        .split("ATLS over CoAP on ")
+        .nth(1)
+        .is_some_and(|rest| rest.contains('\n'))
+    {
+        text.push_str(&read_until(&mut stdout_pipe, "\n"));
+    }
+    let coap = text
+        .split("ATLS over CoAP on ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("coap address")
+        .to_owned();
+    let addr = text
+        .split("ATLS over HTTP on http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .expect("address")
+        .to_owned();
+    // No client certificate: TLS 1.3 fails on the client's second flight.
+    let out = request(&[
+        &format!("http://{addr}/hello"),
+        "--ca",
+        ca.to_str().expect("path"),
+        "--tls-version",
+        "1.3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    // The same over CoAP.
+    let out = request(&[
+        &format!("{coap}/hello"),
+        "--ca",
+        ca.to_str().expect("path"),
+        "--tls-version",
+        "1.3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    // A first flight never continued, then (after the handshake timeout)
+    // another, whose admission sweeps the first away.
+    assert!(post_atls(&addr, &client_hello()).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(post_atls(&addr, &client_hello()).starts_with("HTTP/1.1 200"));
+    std::thread::sleep(Duration::from_millis(200));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let logged = std::fs::read_to_string(&log).expect("log");
+    let events: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let is_prefix = |v: &serde_json::Value| {
+        v.as_str()
+            .is_some_and(|s| s.len() == 8 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let late = events
+        .iter()
+        .filter(|e| e["fields"]["message"] == "ATLS handshake failed" && e["level"] == "INFO")
+        .collect::<Vec<_>>();
+    assert!(
+        late.iter()
+            .any(|e| is_prefix(&e["fields"]["session"]) && e["fields"]["transport"].is_null()),
+        "an HTTP failure after the first flight, with the session prefix: {logged}"
+    );
+    assert!(
+        late.iter()
+            .any(|e| e["fields"]["transport"] == "coap" && is_prefix(&e["fields"]["session"])),
+        "a CoAP failure after the first flight: {logged}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "ATLS handshake expired unfinished"
+                && is_prefix(&e["fields"]["session"])
+                && e["fields"]["client"] == "127.0.0.1"),
+        "{logged}"
+    );
+    assert!(
+        events.iter().any(|e| e["target"] == "atls::access"
+            && e["fields"]["transport"] == "coap"
+            && e["fields"]["path"] == "/.well-known/atls"),
+        "a CoAP access line: {logged}"
+    );
+    assert!(!logged.contains("SessionId("), "no debug formatting: {logged}");
+}
+
+/// A second SIGTERM during the drain exits at once (143); a grace that is
+/// no duration is a usage error; the gateway drains: new exchanges get 5.03
+/// while the one in progress is answered, then it exits 0.
+#[test]
+fn second_signal_and_gateway_drain() {
+    let out = Command::new(ATLS)
+        .args(["serve", "--shutdown-grace", "nan"])
+        .output()
+        .expect("serve");
+    assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
+
+    let (slow_port, _app) = slow_app(Duration::from_secs(8), "slow answer");
+    let server = serve(&[
+        "--upstream",
+        &format!("http://127.0.0.1:{slow_port}"),
+        "--shutdown-grace",
+        "30",
+    ]);
+    let url = format!("http://{}/slow", server.http);
+    let ca = server.ca.to_str().expect("path").to_owned();
+    let in_flight = std::thread::spawn(move || request(&[&url, "--ca", &ca]));
+    std::thread::sleep(Duration::from_millis(700));
+    let mut server = server;
+    let pid = server.process.0.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let status = server.process.0.wait().expect("exit");
+    assert_eq!(
+        status.code(),
+        Some(143),
+        "forced out by the second signal: {status:?}"
+    );
+    let _ = in_flight.join();
+
+    // The gateway: its service answers each exchange after a pause.
+    let service = serve(&[]);
+    let (slow_service, _seen) = relay(service.http.clone(), Duration::from_millis(1500));
+    let gateway = gateway(&[
+        "--coap",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("http://{slow_service}"),
+    ]);
+    let coap = gateway.coap.clone().expect("coap");
+    let ca = service.ca.to_str().expect("path").to_owned();
+    let (coap1, ca1) = (coap.clone(), ca.clone());
+    let device = std::thread::spawn(move || {
+        request(&[
+            &format!("{coap1}/hello"),
+            "--ca",
+            &ca1,
+            "--server-name",
+            "localhost",
+            "--max-time",
+            "6",
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let mut gateway = gateway;
+    let _ = Command::new("kill")
+        .args(["-TERM", &gateway.process.0.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(200));
+    // A device that starts now is turned away.
+    let late = request(&[
+        &format!("{coap}/hello"),
+        "--ca",
+        &ca,
+        "--server-name",
+        "localhost",
+        "--max-time",
+        "6",
+    ]);
+    assert!(!late.status.success());
+    assert!(stderr(&late).contains("shutting down"), "{}", stderr(&late));
+    let status = gateway.process.0.wait().expect("exit");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let log = gateway.log();
+    assert!(
+        log.contains("hello=true"),
+        "the exchange in progress was forwarded and answered: {log}"
+    );
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains("still in progress"), "{log}");
+    let _ = device.join();
+}
+
+/// `atls bench` against `atls serve` and its plain-HTTP baseline (no
+/// timing is asserted: only that every operation ran and was measured).
+#[test]
+fn bench_loads_serve_and_its_plain_baseline() {
+    let plain = format!("127.0.0.1:{}", free_port());
+    let server = serve(&["--plain", &plain]);
+    let pid = server.process.0.id().to_string();
+    let ca = server.ca.to_str().expect("path");
+    for (workload, mode, count) in [
+        ("request", "oscore", "40"),
+        ("session", "records", "6"),
+        ("request", "cose", "10"),
+    ] {
+        let out = Command::new(ATLS)
+            .args([
+                "bench",
+                &format!("http://{}", server.http),
+                "--ca",
+                ca,
+                "--workload",
+                workload,
+                "--mode",
+                mode,
+                "-n",
+                count,
+                "-c",
+                "2",
+                "--server-pid",
+                &pid,
+                "--baseline",
+                &format!("http://{plain}"),
+                "--json",
+            ])
+            .output()
+            .expect("atls bench");
+        assert!(out.status.success(), "{workload} {mode}: {}", stderr(&out));
+        let lines: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{}", stdout(&out));
+        assert_eq!(lines[0]["target"], format!("atls {mode}"));
+        assert_eq!(lines[1]["target"], "plain http");
+        for line in &lines {
+            assert_eq!(line["ops"].to_string(), count, "{line}");
+            assert_eq!(line["errors"], 0, "{line}");
+            assert!(line["server_cpu_us_per_op"].is_number(), "{line}");
+            assert!(
+                line["latency_us"]["p99"].as_u64().is_some_and(|p| p > 0),
+                "{line}"
+            );
+        }
+    }
+    // The table, and a wrong CA: no operation succeeds, exit 1.
+    let out = Command::new(ATLS)
+        .args([
+            "bench",
+            &format!("http://{}", server.http),
+            "--ca",
+            ca,
+            "-n",
+            "4",
+            "-c",
+            "1",
+        ])
+        .output()
+        .expect("atls bench");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("server CPU/op"), "{}", stdout(&out));
+    let dir = tempfile::tempdir().expect("dir");
+    let other = dir.path().join("other.pem");
+    std::fs::write(
+        &other,
+        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
+    )
+    .expect("write");
+    let out = Command::new(ATLS)
+        .args([
+            "bench",
+            &format!("http://{}", server.http),
+            "--ca",
+            other.to_str().expect("path"),
+            "-n",
+            "2",
+        ])
+        .output()
+        .expect("atls bench");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no operation succeeded"),
+        "{}",
+        stderr(&out)
+    );
 }

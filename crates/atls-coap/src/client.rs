@@ -39,6 +39,9 @@ pub struct CoapClientOptions {
     pub mode: CoapMode,
     /// How long the DTLS handshake of a CoAP-over-DTLS link may take.
     pub transport_timeout: std::time::Duration,
+    /// Keep each handshake flight and its answer in its [`FlightTrip`]
+    /// (for `atls request --dump-flights`).
+    pub capture_flights: bool,
 }
 
 /// What protects requests after the ATLS handshake (draft §4).
@@ -65,6 +68,7 @@ impl Default for CoapClientOptions {
             max_flight: 64 * 1024,
             mode: CoapMode::Oscore,
             transport_timeout: std::time::Duration::from_secs(20),
+            capture_flights: false,
         }
     }
 }
@@ -109,6 +113,9 @@ pub struct FlightTrip {
     pub received: usize,
     /// CoAP messages the answer took (Block2 blocks).
     pub blocks_received: usize,
+    /// The flight and the answer's payload, with
+    /// [`CoapClientOptions::capture_flights`].
+    pub bodies: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The transport under the client.
@@ -440,6 +447,7 @@ impl AtlsCoapClient {
             blocks_sent: 0,
             received: 0,
             blocks_received: 0,
+            bodies: None,
         };
         let mut answer = None;
         if flight.len() <= size {
@@ -538,6 +546,9 @@ impl AtlsCoapClient {
             }
         }
         trip.received = body.len();
+        if self.options.capture_flights {
+            trip.bodies = Some((flight.to_vec(), body.clone()));
+        }
         Ok(Some((first, body, trip)))
     }
 

@@ -492,7 +492,7 @@ impl Server {
         if completed {
             conn.handshaking = false;
             if let Some(info) = conn.session.handshake_info() {
-                tracing::debug!(%from, version = ?info.version, suite = %info.cipher_suite, "CoAP over DTLS: handshake complete");
+                tracing::debug!(%from, version = info.version.name(), suite = %info.cipher_suite, "CoAP over DTLS: handshake complete");
             }
             self.count(from.ip(), -1, 0);
         }

@@ -104,6 +104,15 @@ impl Transport {
     pub fn is_reliable(self) -> bool {
         self == Self::Tcp
     }
+
+    /// The URI scheme of the transport, for logs and metrics.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Self::Udp => "coap",
+            Self::Tcp => "coap+tcp",
+            Self::Dtls => "coaps",
+        }
+    }
 }
 
 /// A client endpoint: its address and port, and the transport (a TCP
@@ -465,8 +474,44 @@ impl CoapServer {
         Some(self.respond(request, from, now, crate::tcp::MAX_MESSAGE_SIZE))
     }
 
-    /// `whole`: the largest answer payload sent without Block2.
+    /// `whole`: the largest answer payload sent without Block2. One `info`
+    /// event per request (target `atls::access`): what the server saw
+    /// outside ATLS.
     fn respond(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Packet {
+        let start = Instant::now();
+        let answer = self.respond_unlogged(request, from, now, whole);
+        let mode = if is_atls_path(request) {
+            "atls"
+        } else if request.get_option(CoapOption::Oscore).is_some() {
+            "oscore"
+        } else {
+            "-"
+        };
+        let status = answer.header.code.to_string();
+        metrics::counter!(
+            "atls_requests_total",
+            "mode" => mode,
+            "status" => status.clone(),
+            "transport" => from.transport.scheme()
+        )
+        .increment(1);
+        tracing::info!(
+            target: "atls::access",
+            transport = from.transport.scheme(),
+            peer = %from.addr,
+            code = %request.header.code,
+            path = if mode == "atls" { "/.well-known/atls" } else { "-" },
+            mode,
+            status,
+            request_bytes = request.payload.len(),
+            response_bytes = answer.payload.len(),
+            duration_us = start.elapsed().as_micros() as u64,
+            "request"
+        );
+        answer
+    }
+
+    fn respond_unlogged(&self, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Packet {
         if let Some(option) = crate::message::unknown_critical(request) {
             return diagnostic(
                 request,
@@ -744,10 +789,12 @@ impl CoapServer {
     }
 
     fn open(&self, flight: &[u8], from: Endpoint, now: Instant) -> Result<Vec<u8>, Reply> {
-        let admission = self
-            .table
-            .admit(Some(ClientKey::from(from.addr.ip())), flight, now)
-            .map_err(|r| Reply::refused(&r))?;
+        let client = ClientKey::from(from.addr.ip());
+        let admission = self.table.admit(Some(client), flight, now).map_err(|r| {
+            tracing::info!(target: "atls::handshake", transport = from.transport.scheme(), %client, reason = r.reason(), "ATLS handshake refused");
+            metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => r.reason(), "transport" => from.transport.scheme()).increment(1);
+            Reply::refused(&r)
+        })?;
         let id = admission.id();
         let endpoint = match records::detect_framing(flight) {
             Some(Framing::Dtls) => self.dtls.as_deref().ok_or(Reply::new(
@@ -759,9 +806,10 @@ impl CoapServer {
         let mut session = ServerSession::accept(endpoint, &admission, self.limits(), 64 * 1024)
             .map_err(|_| Reply::new(ResponseType::InternalServerError, "cannot start an ATLS session"))?;
         session.repeats_previous_payload(flight);
-        let progress = session
-            .push_flight(flight, now)
-            .map_err(|f| Reply::failure(f.alert))?;
+        let progress = session.push_flight(flight, now).map_err(|f| {
+            handshake_failed(from, None, &f.error);
+            Reply::failure(f.alert)
+        })?;
         if progress.output.is_empty() && !progress.established {
             return Err(Reply::new(
                 ResponseType::BadRequest,
@@ -798,6 +846,7 @@ impl CoapServer {
             }
             Err(failure) => {
                 if found.phase == Phase::HalfOpen {
+                    handshake_failed(from, Some(found.id), &failure.error);
                     self.table.remove(&found.id);
                     let _ = self.with_peer(from, now, |p, _| p.half_open = None);
                 } else {
@@ -957,7 +1006,35 @@ impl CoapServer {
     }
 
     fn complete(&self, id: SessionId, from: Endpoint, now: Instant) -> Result<(), Reply> {
-        self.table.establish(&id, now).map_err(|r| Reply::refused(&r))?;
+        self.table.establish(&id, now).map_err(|r| {
+            tracing::info!(target: "atls::handshake", transport = from.transport.scheme(), session = %id.prefix(), reason = r.reason(), "completed ATLS handshake refused");
+            metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => r.reason(), "transport" => from.transport.scheme()).increment(1);
+            Reply::refused(&r)
+        })?;
+        if let Some(found) = self.table.get(&id, now) {
+            let s = lock(&found.entry);
+            if let Some(info) = s.session().handshake_info() {
+                tracing::info!(
+                    target: "atls::handshake",
+                    transport = from.transport.scheme(),
+                    peer = %from.addr,
+                    session = %id.prefix(),
+                    version = info.version.name(),
+                    suite = %info.cipher_suite,
+                    engine = s.session().engine_name(),
+                    resumed = info.resumed,
+                    "ATLS handshake complete"
+                );
+                metrics::counter!(
+                    "atls_handshakes_total",
+                    "outcome" => "complete",
+                    "version" => info.version.name(),
+                    "engine" => s.session().engine_name(),
+                    "transport" => from.transport.scheme()
+                )
+                .increment(1);
+            }
+        }
         let _ = self.with_peer(from, now, |p, _| {
             p.half_open = None;
             p.established = Some(id);
@@ -1208,6 +1285,20 @@ impl Reply {
         }
         p
     }
+}
+
+/// Log and count a handshake that failed.
+fn handshake_failed(from: Endpoint, session: Option<SessionId>, error: &atls_core::Error) {
+    let session = session.map_or_else(|| "-".to_owned(), SessionId::prefix);
+    tracing::info!(
+        target: "atls::handshake",
+        transport = from.transport.scheme(),
+        peer = %from.addr,
+        session,
+        %error,
+        "ATLS handshake failed"
+    );
+    metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls", "transport" => from.transport.scheme()).increment(1);
 }
 
 #[cfg(test)]

@@ -214,9 +214,21 @@ pub struct Gateway {
 
 impl fmt::Debug for Gateway {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // URLs redacted: a service's URL may carry its password.
+        let redact = |u: &reqwest::Url| atls_http::app::redact_url(u.as_str());
+        let routes: Vec<(String, String)> = self
+            .inner
+            .config
+            .routes
+            .iter()
+            .map(|r| (r.name.clone(), redact(&r.upstream)))
+            .collect();
         f.debug_struct("Gateway")
-            .field("routes", &self.inner.config.routes)
-            .field("default_upstream", &self.inner.config.default_upstream)
+            .field("routes", &routes)
+            .field(
+                "default_upstream",
+                &self.inner.config.default_upstream.as_ref().map(redact),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -232,6 +244,8 @@ pub(crate) struct Inner {
     route_load: Mutex<Loads>,
     echo: EchoGuard,
     pub(crate) observer: Option<Observer>,
+    /// Shutting down: no new exchanges.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Upstream requests in progress per route (`None`: the default) and per
@@ -334,8 +348,19 @@ impl Gateway {
                 route_load: Mutex::default(),
                 echo: EchoGuard::new(),
                 observer,
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         }))
+    }
+
+    /// Stop taking new exchanges (they get 5.03 Service Unavailable) while
+    /// those in progress finish: wait for [`GatewayStats::upstream_in_flight`]
+    /// to reach 0, then stop the listeners. Block2 and Block1 follow-ups
+    /// of transfers under way are still served.
+    pub fn drain(&self) {
+        self.inner
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The gateway's settings.
@@ -500,6 +525,15 @@ impl Inner {
     /// Decide what to do with one request from `from`; `whole` is the
     /// largest flight answer sent without Block2.
     fn process(self: &Arc<Self>, request: &Packet, from: Endpoint, now: Instant, whole: usize) -> Step {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) && !continues_transfer(request) {
+            let mut answer = diagnostic(
+                request,
+                ResponseType::ServiceUnavailable,
+                "the gateway is shutting down",
+            );
+            answer.add_option(CoapOption::MaxAge, vec![5]);
+            return Step::Now(answer);
+        }
         if let Some(option) = atls_coap::message::unknown_critical(request) {
             return Step::Now(diagnostic(
                 request,
@@ -514,7 +548,7 @@ impl Inner {
             return self.oscore(request, from, now);
         }
         tracing::info!(
-            device = %from.addr, transport = ?from.transport, code = %request.header.code,
+            device = %from.addr, transport = from.transport.scheme(), code = %request.header.code,
             bytes = request.payload.len(),
             "refused: neither an ATLS flight nor an OSCORE message"
         );
@@ -971,4 +1005,17 @@ impl CoapHandler for Gateway {
             },
         );
     }
+}
+
+/// Whether `request` continues a blockwise transfer under way (a Block2
+/// follow-up, or a Block1 block after the first).
+fn continues_transfer(request: &Packet) -> bool {
+    [CoapOption::Block1, CoapOption::Block2]
+        .into_iter()
+        .any(|option| {
+            request
+                .get_first_option(option)
+                .and_then(|v| atls_coap::block::BlockValue::decode(v).ok())
+                .is_some_and(|b| b.num > 0)
+        })
 }

@@ -94,6 +94,8 @@ fn media_type(headers: &HeaderMap) -> Option<String> {
     Some(media.to_ascii_lowercase())
 }
 
+/// The error and its causes, without the URL (which may carry the
+/// service's password; logs name the URL redacted).
 fn error_text(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
@@ -101,7 +103,10 @@ fn error_text(e: &reqwest::Error) -> String {
         message.push_str(&format!(": {cause}"));
         source = cause.source();
     }
-    message
+    match e.url() {
+        Some(url) => message.replace(url.as_str(), &atls_http::app::redact_url(url.as_str())),
+        None => message,
+    }
 }
 
 /// A short text/plain body of an error answer, as a CoAP diagnostic.
@@ -320,7 +325,7 @@ impl Inner {
                         "the service did not answer in time".to_owned(),
                     ),
                     Failure::Unreachable(e) => {
-                        tracing::warn!(url = %call.url, error = %e, "upstream unreachable");
+                        tracing::warn!(url = %atls_http::app::redact_url(call.url.as_str()), error = %e, "upstream unreachable");
                         (ResponseType::BadGateway, "the service is unreachable".to_owned())
                     }
                     Failure::TooLarge => (
@@ -329,8 +334,8 @@ impl Inner {
                     ),
                 };
                 tracing::info!(
-                    device = %endpoint.addr, transport = ?endpoint.transport, kind = kind_name,
-                    sni = call.sni.as_deref().unwrap_or("-"), upstream = %call.url, request_bytes,
+                    device = %endpoint.addr, transport = endpoint.transport.scheme(), kind = kind_name,
+                    sni = call.sni.as_deref().unwrap_or("-"), upstream = %atls_http::app::redact_url(call.url.as_str()), request_bytes,
                     code = %coap_lite::MessageClass::Response(code), elapsed_ms = elapsed.as_millis() as u64,
                     "forward failed: {text}"
                 );
@@ -351,8 +356,8 @@ impl Inner {
                     && packet.header.code == coap_lite::MessageClass::Response(ResponseType::Changed);
                 self.done(endpoint, ok, false);
                 tracing::info!(
-                    device = %endpoint.addr, transport = ?endpoint.transport, kind = kind_name,
-                    sni = call.sni.as_deref().unwrap_or("-"), hello = *hello, upstream = %call.url,
+                    device = %endpoint.addr, transport = endpoint.transport.scheme(), kind = kind_name,
+                    sni = call.sni.as_deref().unwrap_or("-"), hello = *hello, upstream = %atls_http::app::redact_url(call.url.as_str()),
                     request_bytes, request_records = %record_types(body), status = upstream.status.as_u16(),
                     content_type = media.as_deref().unwrap_or("-"), response_bytes = upstream.body.len(),
                     response_records = %record_types(&upstream.body), code = %packet.header.code,
@@ -365,8 +370,8 @@ impl Inner {
                 let ok = packet.get_option(CoapOption::Oscore).is_some();
                 self.done(endpoint, false, ok);
                 tracing::info!(
-                    device = %endpoint.addr, transport = ?endpoint.transport, kind = kind_name,
-                    sni = call.sni.as_deref().unwrap_or("-"), upstream = %call.url, request_bytes,
+                    device = %endpoint.addr, transport = endpoint.transport.scheme(), kind = kind_name,
+                    sni = call.sni.as_deref().unwrap_or("-"), upstream = %atls_http::app::redact_url(call.url.as_str()), request_bytes,
                     status = upstream.status.as_u16(), content_type = media.as_deref().unwrap_or("-"),
                     response_bytes = upstream.body.len(), code = %packet.header.code,
                     elapsed_ms = elapsed.as_millis() as u64, "forwarded"
@@ -393,7 +398,7 @@ impl Inner {
             transport: call.endpoint.transport,
             kind,
             sni: call.sni.clone(),
-            upstream: call.url.to_string(),
+            upstream: atls_http::app::redact_url(call.url.as_str()),
             request: request.to_vec(),
             status: upstream.map(|u| u.status.as_u16()),
             response_type: upstream.and_then(|u| media_type(&u.headers)),
@@ -465,7 +470,7 @@ impl Inner {
         let format = self.config.content_format;
         if upstream.status == StatusCode::OK {
             if !atls || !records_ok {
-                tracing::warn!(url = %call.url, content_type = media.unwrap_or("-"), "the service answered a flight with something that is not ATLS");
+                tracing::warn!(url = %atls_http::app::redact_url(call.url.as_str()), content_type = media.unwrap_or("-"), "the service answered a flight with something that is not ATLS");
                 return diagnostic(
                     request,
                     ResponseType::BadGateway,

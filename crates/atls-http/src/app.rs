@@ -98,7 +98,7 @@ const HOP_BY_HOP: &[&str] = &[
 /// port and an optional path prefix), with the ATLS peer described in
 /// `ATLS-*` request headers the upstream can trust as far as it trusts this
 /// hop. Early-data requests carry `Early-Data: 1` (RFC 8470).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Upstream {
     client: reqwest::Client,
     base: reqwest::Url,
@@ -106,13 +106,24 @@ pub struct Upstream {
     timeout: std::time::Duration,
 }
 
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("base", &redact_url(self.base.as_str()))
+            .field("limit", &self.limit)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Upstream {
     /// A proxy to `base`.
     pub fn new(base: &str) -> Result<Self, String> {
-        let base = reqwest::Url::parse(base).map_err(|e| format!("upstream URL {base}: {e}"))?;
+        let shown = redact_url(base);
+        let base = reqwest::Url::parse(base).map_err(|e| format!("upstream URL {shown}: {e}"))?;
         if base.scheme() != "http" {
             return Err(format!(
-                "upstream URL {base}: only http:// upstreams are supported"
+                "upstream URL {shown}: only http:// upstreams are supported"
             ));
         }
         let client = reqwest::Client::builder()
@@ -185,11 +196,13 @@ impl Upstream {
         }
         let timeout = self.timeout;
         let limit = self.limit;
+        let base = self.base.clone();
         let exchange = async move {
             let response = match builder.body(body).send().await {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(error = %e, "upstream request failed");
+                    // Without the URL: it may carry the upstream's password.
+                    tracing::warn!(upstream = %redact_url(base.as_str()), error = %e.without_url(), "upstream request failed");
                     return Err(plain(StatusCode::BAD_GATEWAY, "upstream unreachable"));
                 }
             };
@@ -216,7 +229,7 @@ impl Upstream {
             Ok(Ok(answered)) => answered,
             Ok(Err(reply)) => return reply,
             Err(_) => {
-                tracing::warn!(upstream = %self.base, timeout_ms = timeout.as_millis() as u64, "upstream did not answer in time");
+                tracing::warn!(upstream = %redact_url(self.base.as_str()), timeout_ms = timeout.as_millis() as u64, "upstream did not answer in time");
                 return plain(StatusCode::GATEWAY_TIMEOUT, "the upstream did not answer in time");
             }
         };
@@ -228,6 +241,19 @@ impl Upstream {
             }
         }
         out
+    }
+}
+
+/// `url` as logs and messages may show it: a password in its userinfo is
+/// replaced by `***` (the user name is kept). Text that is no URL is
+/// returned as it is.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
     }
 }
 

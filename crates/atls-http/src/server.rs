@@ -827,8 +827,8 @@ where
         let admission = match server.table.admit(client, body, now) {
             Ok(a) => a,
             Err(refusal) => {
-                tracing::info!(client = ?client, reason = refusal.reason(), "ATLS handshake refused");
-                metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => refusal.reason()).increment(1);
+                tracing::info!(target: "atls::handshake", client = %client_text(client), reason = refusal.reason(), "ATLS handshake refused");
+                metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => refusal.reason(), "transport" => "http").increment(1);
                 return refusal_reply(&refusal);
             }
         };
@@ -851,8 +851,8 @@ where
         let progress = match session.push_flight(body, now) {
             Ok(p) => p,
             Err(failure) => {
-                tracing::info!(client = ?client, error = %failure.error, "ATLS handshake failed");
-                metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls")
+                tracing::info!(target: "atls::handshake", client = %client_text(client), error = %failure.error, "ATLS handshake failed");
+                metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls", "transport" => "http")
                     .increment(1);
                 return failure_reply(&failure.error, failure.alert);
             }
@@ -942,8 +942,8 @@ where
         }
         if inbound.established {
             if let Err(refusal) = server.table.establish(&found.id, now) {
-                tracing::info!(session = ?found.id, reason = refusal.reason(), "completed ATLS handshake refused");
-                metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => refusal.reason()).increment(1);
+                tracing::info!(target: "atls::handshake", session = %found.id.prefix(), reason = refusal.reason(), "completed ATLS handshake refused");
+                metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => refusal.reason(), "transport" => "http").increment(1);
                 return refusal_reply(&refusal);
             }
             if let Some(peer) = peer_of(&lock(&found.entry), Mode::Oscore, false) {
@@ -953,7 +953,8 @@ where
                     PeerSummary::Psk { .. } => "psk",
                 };
                 tracing::info!(
-                    session = ?found.id,
+                    target: "atls::handshake",
+                    session = %found.id.prefix(),
                     version = peer.tls_version,
                     suite = %peer.cipher_suite,
                     engine = peer.engine,
@@ -966,7 +967,8 @@ where
                     "atls_handshakes_total",
                     "outcome" => "complete",
                     "version" => peer.tls_version,
-                    "engine" => peer.engine
+                    "engine" => peer.engine,
+                    "transport" => "http"
                 )
                 .increment(1);
             }
@@ -1002,7 +1004,7 @@ where
                 atls_body(StatusCode::OK, out)
             }
             Err(error) => {
-                tracing::warn!(session = ?found.id, %error, "cannot encrypt the response");
+                tracing::warn!(session = %found.id.prefix(), %error, "cannot encrypt the response");
                 lock(&found.entry).abandon_records();
                 plain(StatusCode::INTERNAL_SERVER_ERROR, &format!("ATLS: {error}"))
             }
@@ -1022,9 +1024,19 @@ where
         } else {
             self.server.table.remove(&found.id);
         }
-        tracing::debug!(session = ?found.id, established, "ATLS records refused");
-        if !established {
-            metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls").increment(1);
+        let reason = match &stop {
+            Stop::Flight(failure) => failure.error.to_string(),
+            Stop::Malformed => "the body is not a sequence of TLS records".to_owned(),
+            Stop::Truncated => "the body ends inside a TLS record".to_owned(),
+            Stop::TooLarge => "the records body is over the limit".to_owned(),
+        };
+        if established {
+            tracing::info!(target: "atls::handshake", session = %found.id.prefix(), error = %reason, "ATLS records channel ended");
+        } else {
+            // A failure after the first flight (a bad Finished, a wrong
+            // PSK binder, a client certificate the server refuses).
+            tracing::info!(target: "atls::handshake", session = %found.id.prefix(), error = %reason, "ATLS handshake failed");
+            metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls", "transport" => "http").increment(1);
         }
         match stop {
             Stop::Flight(failure) => failure_reply(&failure.error, failure.alert),
@@ -1258,4 +1270,9 @@ fn seal_in<T>(
         .established_mut()
         .ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
     seal(est).map_err(|e| oscore_error_reply(&e))
+}
+
+/// A client key as logs show it (`-` when handshakes are not counted per client).
+fn client_text(client: Option<ClientKey>) -> String {
+    client.map_or_else(|| "-".to_owned(), |c| c.to_string())
 }

@@ -23,6 +23,28 @@ use crate::error::OscoreError;
 
 /// Media type of an OSCORE-protected HTTP body (RFC 8613 §13.5).
 pub const CONTENT_TYPE_OSCORE: &str = "application/oscore";
+/// The inner request's header fields the simple form does not carry: all
+/// but `Content-Type` and `Accept` (and `Host` and `Content-Length`, which
+/// the request line and payload stand for). A client can warn that they
+/// will not reach the server.
+pub fn uncarried_headers(headers: &http::HeaderMap) -> Vec<http::HeaderName> {
+    let mut names: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            ![
+                header::CONTENT_TYPE,
+                header::ACCEPT,
+                header::HOST,
+                header::CONTENT_LENGTH,
+            ]
+            .contains(n)
+        })
+        .cloned()
+        .collect();
+    names.dedup();
+    names
+}
+
 /// The HTTP header field carrying the OSCORE option.
 pub const OSCORE_HEADER: &str = "oscore";
 /// Largest OSCORE header value accepted (the option is at most a few hundred bytes).

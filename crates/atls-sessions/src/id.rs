@@ -57,6 +57,22 @@ pub enum ClientKey {
     V6Prefix([u8; 8]),
 }
 
+/// The address as logs show it: `192.0.2.7`, or `2001:db8:0:1::/64`.
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientKey::V4(o) => write!(f, "{}", std::net::Ipv4Addr::from(*o)),
+            ClientKey::V6Prefix(p) => {
+                let mut o = [0u8; 16];
+                if let Some(head) = o.get_mut(..8) {
+                    head.copy_from_slice(p);
+                }
+                write!(f, "{}/64", std::net::Ipv6Addr::from(o))
+            }
+        }
+    }
+}
+
 impl From<IpAddr> for ClientKey {
     fn from(ip: IpAddr) -> Self {
         match ip {
@@ -77,6 +93,16 @@ impl From<IpAddr> for ClientKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_keys_display_as_addresses() {
+        let v4 = ClientKey::from("192.0.2.7".parse::<IpAddr>().expect("v4"));
+        assert_eq!(v4.to_string(), "192.0.2.7");
+        let mapped = ClientKey::from("::ffff:192.0.2.7".parse::<IpAddr>().expect("mapped"));
+        assert_eq!(mapped.to_string(), "192.0.2.7");
+        let v6 = ClientKey::from("2001:db8:0:1:aaaa::9".parse::<IpAddr>().expect("v6"));
+        assert_eq!(v6.to_string(), "2001:db8:0:1::/64");
+    }
 
     #[test]
     fn ids_are_random_and_round_trip_without_printing_themselves() {

@@ -203,6 +203,8 @@ pub struct Counters {
     pub evicted: u64,
     /// Sessions dropped by their handshake, idle or lifetime deadline.
     pub expired: u64,
+    /// Of which handshakes that never completed (the handshake deadline).
+    pub expired_half_open: u64,
     /// Sessions removed by the transport (closed, failed).
     pub removed: u64,
 }
@@ -257,6 +259,9 @@ struct Inner<E> {
     half_open: usize,
     established: usize,
     counters: Counters,
+    /// Handshakes that expired unfinished under the lock, logged once it is
+    /// released.
+    unfinished: Vec<(SessionId, Option<ClientKey>)>,
 }
 
 /// Expired sessions removed per call on the request path when nothing is
@@ -418,11 +423,21 @@ impl<E> Inner<E> {
                 return;
             };
             let _ = deadline;
-            if let Some(entry) = self.remove(&id) {
-                graveyard.push(entry);
-            }
-            self.counters.expired = self.counters.expired.saturating_add(1);
+            self.expire(&id, graveyard);
         }
+    }
+
+    /// Remove a session whose deadline has passed, counting it (and noting
+    /// an unfinished handshake for the log).
+    fn expire(&mut self, id: &SessionId, graveyard: &mut Vec<Arc<E>>) {
+        if let Some(slot) = self.slots.get(id) {
+            if slot.phase == Phase::HalfOpen {
+                self.counters.expired_half_open = self.counters.expired_half_open.saturating_add(1);
+                self.unfinished.push((*id, slot.client));
+            }
+        }
+        graveyard.extend(self.remove(id));
+        self.counters.expired = self.counters.expired.saturating_add(1);
     }
 
     /// The established session that would give its place now, if any.
@@ -526,6 +541,7 @@ impl<E> SessionTable<E> {
                 half_open: 0,
                 established: 0,
                 counters: Counters::default(),
+                unfinished: Vec::new(),
             }),
             hasher: RandomState::new(),
         }
@@ -548,11 +564,27 @@ impl<E> SessionTable<E> {
     /// is released (dropping an engine session is not free).
     fn with<R>(&self, f: impl FnOnce(&mut Inner<E>, &mut Vec<Arc<E>>) -> R) -> R {
         let mut graveyard = Vec::new();
-        let result = {
+        let (result, unfinished) = {
             let mut inner = self.lock();
-            f(&mut inner, &mut graveyard)
+            let result = f(&mut inner, &mut graveyard);
+            (result, std::mem::take(&mut inner.unfinished))
         };
         drop(graveyard);
+        for (id, client) in unfinished {
+            match client {
+                Some(client) => tracing::info!(
+                    target: "atls::handshake",
+                    session = %id.prefix(),
+                    %client,
+                    "ATLS handshake expired unfinished"
+                ),
+                None => tracing::info!(
+                    target: "atls::handshake",
+                    session = %id.prefix(),
+                    "ATLS handshake expired unfinished"
+                ),
+            }
+        }
         result
     }
 
@@ -631,7 +663,7 @@ impl<E> SessionTable<E> {
             if inner.established >= policy.max_sessions {
                 match inner.eviction_victim(&policy, now) {
                     Ok(victim) => {
-                        tracing::debug!(session = ?victim, "evicting the least recently used ATLS session");
+                        tracing::info!(target: "atls::handshake", session = %victim.prefix(), "evicting the least recently used ATLS session");
                         graveyard.extend(inner.remove(&victim));
                         inner.counters.evicted = inner.counters.evicted.saturating_add(1);
                     }
@@ -706,8 +738,7 @@ impl<E> SessionTable<E> {
             inner.sweep(now, SWEEP_BUDGET, graveyard);
             let slot = inner.slots.get(id)?;
             if slot.deadline <= now {
-                graveyard.extend(inner.remove(id));
-                inner.counters.expired = inner.counters.expired.saturating_add(1);
+                inner.expire(id, graveyard);
                 return None;
             }
             Some(Found {
@@ -921,6 +952,11 @@ mod tests {
         assert!(table.get(&busy, secs(t0, 999)).is_some());
         assert!(table.get(&busy, secs(t0, 1000)).is_none(), "lifetime");
         assert_eq!(table.stats().counters.expired, 3);
+        assert_eq!(
+            table.stats().counters.expired_half_open,
+            1,
+            "one unfinished handshake"
+        );
     }
 
     #[test]

@@ -57,7 +57,8 @@ pub fn serve(extra: &[&str]) -> Serve {
     let wants_coap_tcp = extra.contains(&"--coap-tcp");
     let wants_https = extra.contains(&"--https");
     let wants_coap = extra.contains(&"--coap");
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref().map_while(Result::ok) {
         if let Some(rest) = line.strip_prefix("ATLS over HTTPS on ") {
             https = rest.split_whitespace().next().map(str::to_owned);
         }
@@ -85,6 +86,7 @@ pub fn serve(extra: &[&str]) -> Serve {
             break;
         }
     }
+    std::thread::spawn(move || lines.for_each(drop));
     let http = http.expect("atls serve reports its address");
     Serve {
         process,
@@ -284,7 +286,8 @@ pub fn gateway(extra: &[&str]) -> Gateway {
     let process = Process(child);
     let (mut coap, mut coap_tcp, mut coaps) = (None, None, None);
     let wants = |flag: &str| extra.contains(&flag);
-    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref().map_while(Result::ok) {
         if let Some(rest) = line.strip_prefix("ATLS gateway on ") {
             let url = rest.split_whitespace().next().map(str::to_owned);
             match url.as_deref() {
@@ -301,6 +304,9 @@ pub fn gateway(extra: &[&str]) -> Gateway {
             break;
         }
     }
+    // The rest of stdout is read (and dropped), so that later lines never
+    // meet a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     Gateway {
         process,
         coap,
