@@ -109,6 +109,36 @@ pub(crate) fn http_url(raw: &str) -> Result<String, String> {
     }
 }
 
+/// clap's value parser for URLs that may carry a password: its errors show
+/// the value redacted, where clap's own message would repeat it whole.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct HttpUrlParser;
+
+impl clap::builder::TypedValueParser for HttpUrlParser {
+    type Value = String;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<String, clap::Error> {
+        let name = arg
+            .and_then(clap::Arg::get_long)
+            .map_or_else(String::new, |l| format!("--{l}: "));
+        let text = value.to_str().ok_or_else(|| {
+            clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                format!("{name}the URL is not UTF-8\n"),
+            )
+            .with_cmd(cmd)
+        })?;
+        http_url(text).map_err(|e| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{name}{e}\n")).with_cmd(cmd)
+        })
+    }
+}
+
 /// Create `dir` (and its parents) readable by the owner only (0700), as
 /// docs/SECURITY.md asks of the state directory.
 pub(crate) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

@@ -59,7 +59,7 @@ pub(crate) struct GatewayArgs {
     /// The service of devices whose ClientHello names no --route (default
     /// http://127.0.0.1:8080, where `atls serve` listens, when no --route
     /// is given either).
-    #[arg(long, value_name = "URL", value_parser = common::http_url, env = "ATLS_GATEWAY_UPSTREAM", hide_env_values = true)]
+    #[arg(long, value_name = "URL", value_parser = common::HttpUrlParser, env = "ATLS_GATEWAY_UPSTREAM", hide_env_values = true)]
     pub(crate) upstream: Option<String>,
     /// A service chosen by the SNI of a device's ClientHello (repeatable):
     /// NAME=URL.
@@ -155,10 +155,13 @@ pub(crate) async fn start(args: &GatewayArgs) -> anyhow::Result<Running> {
     let mut routes = Vec::new();
     for spec in &args.route {
         let Some((name, target)) = spec.split_once('=') else {
-            bail!("--route expects NAME=URL, got {spec:?}");
+            bail!(
+                "--route expects NAME=URL, got {:?}",
+                atls_http::app::redact_url(spec)
+            );
         };
         if name.is_empty() {
-            bail!("--route {spec:?} has no name");
+            bail!("--route {:?} has no name", atls_http::app::redact_url(target));
         }
         routes.push(Route {
             name: name.to_owned(),
@@ -299,6 +302,7 @@ pub(crate) fn run(args: &GatewayArgs) -> anyhow::Result<()> {
     crate::init_tracing();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let mut signals = crate::serve::Signals::new();
         let mut running = start(args).await?;
         let config = running.gateway.config();
         for route in &config.routes {
@@ -326,14 +330,20 @@ pub(crate) fn run(args: &GatewayArgs) -> anyhow::Result<()> {
         let gateway = running.gateway.clone();
         tokio::select! {
             result = running.wait() => return result,
-            name = crate::serve::terminated() => {
+            name = signals.next() => {
                 tracing::info!(signal = name, "stopping: new exchanges get 5.03; finishing those in progress");
             }
         }
         gateway.drain();
         let drained = async {
             let deadline = tokio::time::Instant::now() + args.shutdown_grace;
-            while gateway.stats(std::time::Instant::now()).upstream_in_flight > 0 {
+            // Done when no upstream request is in progress and no
+            // blockwise transfer is under way (a flight answer the device
+            // is still fetching in Block2 blocks, an upload in Block1).
+            let busy = |s: atls_gateway::GatewayStats| {
+                s.upstream_in_flight > 0 || s.block1_transfers > 0 || s.block2_bytes > 0
+            };
+            while busy(gateway.stats(std::time::Instant::now())) {
                 if tokio::time::Instant::now() >= deadline {
                     return false;
                 }
@@ -350,7 +360,7 @@ pub(crate) fn run(args: &GatewayArgs) -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            name = crate::serve::terminated() => crate::serve::force_exit(name),
+            name = signals.next() => crate::serve::force_exit(name),
         }
     })
 }

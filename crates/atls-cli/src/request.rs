@@ -257,27 +257,27 @@ fn read_body(args: &RequestArgs, deadline: Option<Instant>) -> Result<Bytes, Exi
     })
 }
 
+/// A user name and password, as bytes.
+type Credentials = (Vec<u8>, Vec<u8>);
+
 /// The user name and password of a URL (`http://user:pass@host/`),
-/// percent-decoded, and the URL without them.
-fn split_userinfo(url: &str) -> anyhow::Result<(String, Option<(String, String)>)> {
-    let Ok(mut parsed) = reqwest::Url::parse(url) else {
-        return Ok((url.to_owned(), None));
+/// percent-decoded to bytes, and the URL without them. The userinfo is cut
+/// out of the text: the rest of the URL is sent as given.
+fn split_userinfo(url: &str) -> (String, Option<Credentials>) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), None);
     };
-    if parsed.username().is_empty() && parsed.password().is_none() {
-        return Ok((url.to_owned(), None));
-    }
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return (url.to_owned(), None);
     };
-    let credentials = (
-        decode(parsed.username()),
-        decode(parsed.password().unwrap_or_default()),
-    );
-    let _ = parsed.set_username("");
-    let _ = parsed.set_password(None);
-    Ok((parsed.to_string(), Some(credentials)))
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).collect::<Vec<u8>>();
+    (
+        format!("{scheme}://{host}{tail}"),
+        Some((decode(user), decode(password))),
+    )
 }
 
 /// Write the head (with -i) and the body to -o FILE or stdout. A closed
@@ -328,8 +328,14 @@ fn hint(args: &RequestArgs, message: &str) -> Option<String> {
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|p| !p.is_empty()))
     });
-    if let Some(proxy) = proxy.filter(|_| m.contains("(connect)") || m.contains("connection refused")) {
-        return Some(format!("the proxy {proxy} cannot be reached (is it running?)"));
+    let over_http = args.url.starts_with("http://") || args.url.starts_with("https://");
+    if let Some(proxy) =
+        proxy.filter(|_| over_http && (m.contains("(connect)") || m.contains("connection refused")))
+    {
+        return Some(format!(
+            "the proxy {} cannot be reached (is it running?)",
+            atls_http::app::redact_url(&proxy)
+        ));
     }
     if m.contains("connection refused") {
         let authority = args
@@ -365,13 +371,18 @@ fn hint(args: &RequestArgs, message: &str) -> Option<String> {
 fn build(
     args: &RequestArgs,
     body: Bytes,
-    credentials: Option<&(String, String)>,
+    credentials: Option<&Credentials>,
 ) -> anyhow::Result<(AtlsClient, Request<Bytes>)> {
     if let Some(proxy) = &args.proxy {
         reqwest::Url::parse(proxy)
             .ok()
             .filter(|u| u.host_str().is_some())
-            .with_context(|| format!("--proxy {proxy:?} is not a URL (e.g. http://proxy.example:3128)"))?;
+            .with_context(|| {
+                format!(
+                    "--proxy {:?} is not a URL (e.g. http://proxy.example:3128)",
+                    atls_http::app::redact_url(proxy)
+                )
+            })?;
     }
     let engine = common::engine(&args.engine)?;
     let config = client_config(args)?;
@@ -438,7 +449,8 @@ fn build(
     // the inner request, protected end to end; the outer hop never sees it.
     if let (Some((user, password)), false) = (credentials, authorization) {
         use base64::Engine as _;
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let pair = [user.as_slice(), b":", password.as_slice()].concat();
+        let token = base64::engine::general_purpose::STANDARD.encode(pair);
         let mut value = HeaderValue::from_str(&format!("Basic {token}")).context("invalid credentials")?;
         value.set_sensitive(true);
         request = request.header(http::header::AUTHORIZATION, value);
@@ -803,20 +815,28 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
         .iter()
         .any(|scheme| owned.url.starts_with(scheme));
     let credentials = match split_userinfo(&owned.url) {
-        Ok((_, Some(_))) if coap => {
+        (_, Some(_)) if coap => {
             eprintln!("atls: a CoAP URL carries no user name or password (RFC 7252 §6)");
             return ExitCode::from(1);
         }
-        Ok((stripped, credentials)) => {
+        (_, Some(_)) if owned.mode == Mode::Oscore => {
+            eprintln!(
+                "atls: credentials in the URL travel as an Authorization field, which OSCORE cannot carry (RFC 8075's simple form): use --mode records or --mode cose"
+            );
+            return ExitCode::from(1);
+        }
+        (stripped, credentials) => {
             owned.url = stripped;
             credentials
         }
-        Err(e) => {
-            eprintln!("atls: {e:#}");
-            return ExitCode::from(1);
-        }
     };
     let args = &owned;
+    // The URL is checked before a body is read (from a stdin that may
+    // never end).
+    if let Err(e) = args.url.parse::<http::Uri>() {
+        eprintln!("atls: invalid URL {}: {e}", atls_http::app::redact_url(&args.url));
+        return ExitCode::from(1);
+    }
     let body = match read_body(args, deadline) {
         Ok(body) => body,
         Err(code) => return code,
@@ -864,6 +884,7 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
     let result = match outcome {
         Some(result) => result,
         None => {
+            dump(args, &events);
             if args.verbose {
                 events.iter().for_each(print_event);
             }

@@ -106,7 +106,7 @@ pub(crate) struct ServeArgs {
     /// an http:// URL). Without it the built-in resources answer: GET
     /// /hello, POST /echo, GET /session, GET /trust-anchors (with
     /// --trust-anchors); GET /health is answered outside ATLS either way.
-    #[arg(long, value_name = "URL", value_parser = common::http_url, env = "ATLS_SERVE_UPSTREAM", hide_env_values = true)]
+    #[arg(long, value_name = "URL", value_parser = common::HttpUrlParser, env = "ATLS_SERVE_UPSTREAM", hide_env_values = true)]
     pub(crate) upstream: Option<String>,
     /// Seconds the --upstream application may take to answer (then 504).
     #[arg(
@@ -328,7 +328,7 @@ async fn access_log(
     let response_bytes = http_body::Body::size_hint(response.body()).exact();
     let status = response.status().as_u16();
     metrics::counter!("atls_requests_total", "mode" => mode, "status" => status.to_string(), "transport" => "http").increment(1);
-    metrics::histogram!("atls_request_duration_seconds", "mode" => mode)
+    metrics::histogram!("atls_request_duration_seconds", "mode" => mode, "transport" => "http")
         .record(start.elapsed().as_secs_f64());
     record_sessions(&server);
     tracing::info!(
@@ -385,6 +385,9 @@ fn record_table(stats: &atls_http::TableStats, transport: &'static str) {
 /// Serve Prometheus metrics on `addr` (the exporter answers any path, e.g.
 /// GET /metrics).
 pub(crate) fn install_metrics(addr: SocketAddr) -> anyhow::Result<()> {
+    if addr.port() == 0 {
+        bail!("--metrics needs a port: one chosen by the system would be shown nowhere");
+    }
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets(&[
@@ -777,6 +780,7 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
     crate::init_tracing();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let mut signals = Signals::new();
         let running = start(args).await?;
         if let Some(ca) = &running.ca_path {
             println!("development CA (give it to clients with --ca): {}", ca.display());
@@ -821,10 +825,9 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
             println!("metrics on http://{addr}/metrics");
         }
         let mut running = running;
-        let signal = terminated();
         tokio::select! {
             result = running.wait() => return result,
-            name = signal => tracing::info!(signal = name, "stopping: no new connections; draining requests in flight"),
+            name = signals.next() => tracing::info!(signal = name, "stopping: no new connections; draining requests in flight"),
         }
         let grace = args.shutdown_grace;
         tokio::select! {
@@ -835,7 +838,7 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
                     tracing::warn!(grace_secs = grace.as_secs_f64(), "stopped with requests still in flight after the grace period");
                 }
             }
-            name = terminated() => force_exit(name),
+            name = signals.next() => force_exit(name),
         }
         Ok(())
     })
@@ -851,25 +854,51 @@ pub(crate) fn force_exit(signal: &'static str) -> ! {
     std::process::exit(if signal == "SIGINT" { 130 } else { 143 })
 }
 
-/// Resolves with the name of the first of SIGINT and SIGTERM.
-pub(crate) async fn terminated() -> &'static str {
+/// SIGINT and SIGTERM, listened for from start-up to exit: a signal that
+/// arrives while the first is being handled is not lost.
+pub(crate) struct Signals {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return "SIGINT";
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Start listening (inside the runtime).
+    pub(crate) fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "SIGINT"
+
+    /// The name of the next signal.
+    pub(crate) async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = recv(&mut self.int) => "SIGINT",
+                () = recv(&mut self.term) => "SIGTERM",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
     }
 }

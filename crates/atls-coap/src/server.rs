@@ -488,24 +488,54 @@ impl CoapServer {
             "-"
         };
         let status = answer.header.code.to_string();
+        let elapsed = start.elapsed();
+        // One line and one count per exchange: the blocks inside a
+        // blockwise transfer (a Block1 block with more to come, a Block2
+        // follow-up) are debug events, so that small blocks cannot
+        // multiply the log.
+        let block = |option| {
+            request
+                .get_first_option(option)
+                .and_then(|v| crate::block::BlockValue::decode(v).ok())
+        };
+        let inside_transfer = block(CoapOption::Block1).is_some_and(|b| b.more)
+            || block(CoapOption::Block2).is_some_and(|b| b.num > 0);
+        let path = if mode == "atls" { "/.well-known/atls" } else { "-" };
+        if inside_transfer {
+            tracing::debug!(
+                target: "atls::access",
+                transport = from.transport.scheme(),
+                peer = %from.addr,
+                code = %request.header.code,
+                path,
+                mode,
+                status,
+                request_bytes = request.payload.len(),
+                response_bytes = answer.payload.len(),
+                "block"
+            );
+            return answer;
+        }
         metrics::counter!(
             "atls_requests_total",
             "mode" => mode,
             "status" => status.clone(),
-            "transport" => from.transport.scheme()
+            "transport" => "coap"
         )
         .increment(1);
+        metrics::histogram!("atls_request_duration_seconds", "mode" => mode, "transport" => "coap")
+            .record(elapsed.as_secs_f64());
         tracing::info!(
             target: "atls::access",
             transport = from.transport.scheme(),
             peer = %from.addr,
             code = %request.header.code,
-            path = if mode == "atls" { "/.well-known/atls" } else { "-" },
+            path,
             mode,
             status,
             request_bytes = request.payload.len(),
             response_bytes = answer.payload.len(),
-            duration_us = start.elapsed().as_micros() as u64,
+            duration_us = elapsed.as_micros() as u64,
             "request"
         );
         answer
@@ -792,7 +822,7 @@ impl CoapServer {
         let client = ClientKey::from(from.addr.ip());
         let admission = self.table.admit(Some(client), flight, now).map_err(|r| {
             tracing::info!(target: "atls::handshake", transport = from.transport.scheme(), %client, reason = r.reason(), "ATLS handshake refused");
-            metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => r.reason(), "transport" => from.transport.scheme()).increment(1);
+            metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => r.reason(), "transport" => "coap").increment(1);
             Reply::refused(&r)
         })?;
         let id = admission.id();
@@ -1008,7 +1038,7 @@ impl CoapServer {
     fn complete(&self, id: SessionId, from: Endpoint, now: Instant) -> Result<(), Reply> {
         self.table.establish(&id, now).map_err(|r| {
             tracing::info!(target: "atls::handshake", transport = from.transport.scheme(), session = %id.prefix(), reason = r.reason(), "completed ATLS handshake refused");
-            metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => r.reason(), "transport" => from.transport.scheme()).increment(1);
+            metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => r.reason(), "transport" => "coap").increment(1);
             Reply::refused(&r)
         })?;
         if let Some(found) = self.table.get(&id, now) {
@@ -1030,7 +1060,7 @@ impl CoapServer {
                     "outcome" => "complete",
                     "version" => info.version.name(),
                     "engine" => s.session().engine_name(),
-                    "transport" => from.transport.scheme()
+                    "transport" => "coap"
                 )
                 .increment(1);
             }
@@ -1298,7 +1328,7 @@ fn handshake_failed(from: Endpoint, session: Option<SessionId>, error: &atls_cor
         %error,
         "ATLS handshake failed"
     );
-    metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls", "transport" => from.transport.scheme()).increment(1);
+    metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls", "transport" => "coap").increment(1);
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ pub use crate::upstream::coap_code;
 
 /// A service the gateway forwards to, chosen by the SNI of a device's
 /// ClientHello.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Route {
     /// The server name (SNI) that selects it.
     pub name: String,
@@ -57,8 +57,18 @@ pub struct Route {
     pub upstream: reqwest::Url,
 }
 
+/// URLs redacted: a service's URL may carry its password.
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("upstream", &atls_http::app::redact_url(self.upstream.as_str()))
+            .finish()
+    }
+}
+
 /// Settings of a [`Gateway`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GatewayConfig {
     /// Services by SNI (§5.1.5).
     pub routes: Vec<Route>,
@@ -212,6 +222,27 @@ pub struct Gateway {
     inner: Arc<Inner>,
 }
 
+/// URLs redacted; the bounds as they are.
+impl fmt::Debug for GatewayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redact = |u: &str| atls_http::app::redact_url(u);
+        f.debug_struct("GatewayConfig")
+            .field("routes", &self.routes)
+            .field(
+                "default_upstream",
+                &self.default_upstream.as_ref().map(|u| redact(u.as_str())),
+            )
+            .field("upstream_proxy", &self.upstream_proxy.as_deref().map(redact))
+            .field("max_devices", &self.max_devices)
+            .field("max_devices_per_ip", &self.max_devices_per_ip)
+            .field("max_upstream_requests", &self.max_upstream_requests)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("upstream_timeout", &self.upstream_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl fmt::Debug for Gateway {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // URLs redacted: a service's URL may carry its password.
@@ -354,7 +385,8 @@ impl Gateway {
     }
 
     /// Stop taking new exchanges (they get 5.03 Service Unavailable) while
-    /// those in progress finish: wait for [`GatewayStats::upstream_in_flight`]
+    /// those in progress finish: wait for [`GatewayStats::upstream_in_flight`],
+    /// [`GatewayStats::block1_transfers`] and [`GatewayStats::block2_bytes`]
     /// to reach 0, then stop the listeners. Block2 and Block1 follow-ups
     /// of transfers under way are still served.
     pub fn drain(&self) {

@@ -245,12 +245,17 @@ impl Upstream {
 }
 
 /// `url` as logs and messages may show it: a password in its userinfo is
-/// replaced by `***` (the user name is kept). Text that is no URL is
-/// returned as it is.
+/// replaced by `***` (the user name is kept); a user name alone, often a
+/// token itself (`https://TOKEN@host/`), is replaced. Text that is no URL
+/// is returned as it is.
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(mut parsed) if !parsed.username().is_empty() => {
+            let _ = parsed.set_username("***");
             parsed.to_string()
         }
         _ => url.to_owned(),
@@ -330,6 +335,14 @@ impl Service<Request<Body>> for Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_redacted_for_logs() {
+        assert_eq!(redact_url("http://u:s3cret@h:8/p?q"), "http://u:***@h:8/p?q");
+        assert_eq!(redact_url("https://ghp_token@h/"), "https://***@h/");
+        assert_eq!(redact_url("http://h/x"), "http://h/x");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 
     #[test]
     fn paths_that_could_climb_out_of_the_prefix_are_refused() {

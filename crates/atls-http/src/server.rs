@@ -827,7 +827,7 @@ where
         let admission = match server.table.admit(client, body, now) {
             Ok(a) => a,
             Err(refusal) => {
-                tracing::info!(target: "atls::handshake", client = %client_text(client), reason = refusal.reason(), "ATLS handshake refused");
+                tracing::info!(target: "atls::handshake", transport = "http", client = %client_text(client), reason = refusal.reason(), "ATLS handshake refused");
                 metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => refusal.reason(), "transport" => "http").increment(1);
                 return refusal_reply(&refusal);
             }
@@ -851,7 +851,7 @@ where
         let progress = match session.push_flight(body, now) {
             Ok(p) => p,
             Err(failure) => {
-                tracing::info!(target: "atls::handshake", client = %client_text(client), error = %failure.error, "ATLS handshake failed");
+                tracing::info!(target: "atls::handshake", transport = "http", client = %client_text(client), error = %failure.error, "ATLS handshake failed");
                 metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls", "transport" => "http")
                     .increment(1);
                 return failure_reply(&failure.error, failure.alert);
@@ -942,7 +942,7 @@ where
         }
         if inbound.established {
             if let Err(refusal) = server.table.establish(&found.id, now) {
-                tracing::info!(target: "atls::handshake", session = %found.id.prefix(), reason = refusal.reason(), "completed ATLS handshake refused");
+                tracing::info!(target: "atls::handshake", transport = "http", session = %found.id.prefix(), reason = refusal.reason(), "completed ATLS handshake refused");
                 metrics::counter!("atls_handshakes_total", "outcome" => "refused", "reason" => refusal.reason(), "transport" => "http").increment(1);
                 return refusal_reply(&refusal);
             }
@@ -954,6 +954,7 @@ where
                 };
                 tracing::info!(
                     target: "atls::handshake",
+                    transport = "http",
                     session = %found.id.prefix(),
                     version = peer.tls_version,
                     suite = %peer.cipher_suite,
@@ -1031,11 +1032,11 @@ where
             Stop::TooLarge => "the records body is over the limit".to_owned(),
         };
         if established {
-            tracing::info!(target: "atls::handshake", session = %found.id.prefix(), error = %reason, "ATLS records channel ended");
+            tracing::info!(target: "atls::handshake", transport = "http", session = %found.id.prefix(), error = %reason, "ATLS records channel ended");
         } else {
             // A failure after the first flight (a bad Finished, a wrong
             // PSK binder, a client certificate the server refuses).
-            tracing::info!(target: "atls::handshake", session = %found.id.prefix(), error = %reason, "ATLS handshake failed");
+            tracing::info!(target: "atls::handshake", transport = "http", session = %found.id.prefix(), error = %reason, "ATLS handshake failed");
             metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls", "transport" => "http").increment(1);
         }
         match stop {

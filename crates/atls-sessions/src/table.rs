@@ -262,6 +262,8 @@ struct Inner<E> {
     /// Handshakes that expired unfinished under the lock, logged once it is
     /// released.
     unfinished: Vec<(SessionId, Option<ClientKey>)>,
+    /// An established session evicted under the lock, logged likewise.
+    evicted_note: Option<SessionId>,
 }
 
 /// Expired sessions removed per call on the request path when nothing is
@@ -363,6 +365,9 @@ fn later(now: Instant, after: Duration) -> Instant {
 
 /// Random identifiers tried before a space is considered exhausted.
 const ID_ATTEMPTS: usize = 64;
+/// Expired handshakes logged one by one per table operation; more are
+/// counted in one line.
+const LOGGED_EXPIRIES: usize = 16;
 
 fn until(now: Instant, deadline: Instant) -> Duration {
     deadline.saturating_duration_since(now)
@@ -542,6 +547,7 @@ impl<E> SessionTable<E> {
                 established: 0,
                 counters: Counters::default(),
                 unfinished: Vec::new(),
+                evicted_note: None,
             }),
             hasher: RandomState::new(),
         }
@@ -564,13 +570,33 @@ impl<E> SessionTable<E> {
     /// is released (dropping an engine session is not free).
     fn with<R>(&self, f: impl FnOnce(&mut Inner<E>, &mut Vec<Arc<E>>) -> R) -> R {
         let mut graveyard = Vec::new();
-        let (result, unfinished) = {
+        let (result, unfinished, evicted) = {
             let mut inner = self.lock();
             let result = f(&mut inner, &mut graveyard);
-            (result, std::mem::take(&mut inner.unfinished))
+            (
+                result,
+                std::mem::take(&mut inner.unfinished),
+                inner.evicted_note.take(),
+            )
         };
         drop(graveyard);
-        for (id, client) in unfinished {
+        if let Some(victim) = evicted {
+            tracing::info!(
+                target: "atls::handshake",
+                session = %victim.prefix(),
+                "evicted the least recently used ATLS session for a new one"
+            );
+        }
+        // A sweep after a flood may expire many at once: the first few by
+        // name, the rest in one line.
+        if unfinished.len() > LOGGED_EXPIRIES {
+            tracing::info!(
+                target: "atls::handshake",
+                count = unfinished.len() - LOGGED_EXPIRIES,
+                "more ATLS handshakes expired unfinished"
+            );
+        }
+        for (id, client) in unfinished.into_iter().take(LOGGED_EXPIRIES) {
             match client {
                 Some(client) => tracing::info!(
                     target: "atls::handshake",
@@ -663,7 +689,7 @@ impl<E> SessionTable<E> {
             if inner.established >= policy.max_sessions {
                 match inner.eviction_victim(&policy, now) {
                     Ok(victim) => {
-                        tracing::info!(target: "atls::handshake", session = %victim.prefix(), "evicting the least recently used ATLS session");
+                        inner.evicted_note = Some(victim);
                         graveyard.extend(inner.remove(&victim));
                         inner.counters.evicted = inner.counters.evicted.saturating_add(1);
                     }
