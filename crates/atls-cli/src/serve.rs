@@ -321,7 +321,7 @@ async fn access_log(
     };
     let request_bytes = http_body::Body::size_hint(request.body()).exact();
     let session = match atls_http::wire::session_cookie(request.headers(), &cookie_name) {
-        atls_http::wire::CookieLookup::Session(id) => id.to_hex().chars().take(8).collect::<String>(),
+        atls_http::wire::CookieLookup::Session(id) => id.prefix(),
         _ => "-".into(),
     };
     let response = next.run(request).await;
@@ -569,10 +569,15 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             .await
             .with_context(|| format!("binding {addr}"))?;
         plain_bound = Some(listener.local_addr()?);
-        let service = axum::Router::new().fallback_service(inner.clone());
+        // The same access log and metrics as the ATLS listeners, so that a
+        // baseline differs from them by ATLS alone.
+        let service = with_health(server.clone(), inner.clone());
         let stop = stop_rx.clone();
         draining.spawn(async move {
-            axum::serve(listener, service.into_make_service())
+            axum::serve(
+                listener,
+                service.into_make_service_with_connect_info::<SocketAddr>(),
+            )
                 .with_graceful_shutdown(stopped(stop))
                 .await
                 .context("plain HTTP listener")

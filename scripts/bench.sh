@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The figures of docs/BENCHMARKS.md "Over HTTP, from outside": `atls serve`
+# (release build) loaded by `atls bench` on this machine, each ATLS workload
+# beside the same workload on `atls serve --plain` (the same application
+# and access log, without ATLS) in the same run. Server CPU per operation
+# from /proc/PID/stat. Usage: scripts/bench.sh [RUNS] [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-3}
+secs=${2:-3}
+cargo build --release -q -p atls-cli
+atls=target/release/atls
+state=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$state"' EXIT
+for engine in openssl rustls; do
+  "$atls" serve --engine "$engine" --http 127.0.0.1:18480 --plain 127.0.0.1:18481 \
+    --state-dir "$state" >"$state/serve.out" 2>/dev/null &
+  pid=$!
+  for _ in $(seq 50); do grep -q "plain HTTP" "$state/serve.out" 2>/dev/null && break; sleep 0.1; done
+  for run in $(seq "$runs"); do
+    for spec in "request 8 oscore" "request 8 cose" "request 8 records" "request 1 oscore" \
+                "session 4 oscore" "session 4 records"; do
+      set -- $spec
+      "$atls" bench http://127.0.0.1:18480 --ca "$state/ca.pem" --server-pid "$pid" \
+        --baseline http://127.0.0.1:18481 --workload "$1" -c "$2" --mode "$3" \
+        --duration "$secs" --json --no-progress |
+        sed "s/^{/{\"server_engine\":\"$engine\",\"run\":$run,\"clients\":$2,/"
+    done
+  done
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+done
