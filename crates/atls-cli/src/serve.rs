@@ -295,7 +295,7 @@ async fn health(server: Arc<AtlsServer>) -> Response<Body> {
 /// status, time, the protection the content type says, and the session
 /// cookie's first 8 hex digits (enough to follow a session, not to use it).
 async fn access_log(
-    axum::extract::State((cookie_name, server)): axum::extract::State<(Arc<str>, Arc<AtlsServer>)>,
+    axum::extract::State(cookie_name): axum::extract::State<Arc<str>>,
     request: Request<Body>,
     next: axum::middleware::Next,
 ) -> Response<Body> {
@@ -330,7 +330,6 @@ async fn access_log(
     metrics::counter!("atls_requests_total", "mode" => mode, "status" => status.to_string(), "transport" => "http").increment(1);
     metrics::histogram!("atls_request_duration_seconds", "mode" => mode, "transport" => "http")
         .record(start.elapsed().as_secs_f64());
-    record_sessions(&server);
     tracing::info!(
         target: "atls::access",
         peer,
@@ -359,16 +358,11 @@ where
     S::Future: Send + 'static,
 {
     let cookie_name: Arc<str> = Arc::from(server.cookie_name());
-    let state = (cookie_name, server.clone());
+    let state = cookie_name;
     axum::Router::new()
         .route("/health", axum::routing::get(move || health(server.clone())))
         .fallback_service(atls)
         .layer(axum::middleware::from_fn_with_state(state, access_log))
-}
-
-/// The session table's counts as gauges.
-fn record_sessions(server: &AtlsServer) {
-    record_table(&server.stats(), "http");
 }
 
 /// A session table's counts as gauges, and its unfinished handshakes as
@@ -578,9 +572,9 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
                 listener,
                 service.into_make_service_with_connect_info::<SocketAddr>(),
             )
-                .with_graceful_shutdown(stopped(stop))
-                .await
-                .context("plain HTTP listener")
+            .with_graceful_shutdown(stopped(stop))
+            .await
+            .context("plain HTTP listener")
         });
     }
     let mut https_bound = None;
@@ -617,7 +611,8 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     let coap_server =
         atls_coap::CoapServer::with_dtls(coap_endpoint.clone(), Some(dtls_endpoint), coap_config);
     {
-        // The tables' gauges, also while no request arrives.
+        // The tables' gauges, once a second: reading the counts takes the
+        // table lock, which the request path does not.
         let (http, coap) = (server.clone(), coap_server.clone());
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
