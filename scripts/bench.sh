@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
 secs=${2:-3}
+# Logging each request costs about 12 µs (docs/BENCHMARKS.md): the
+# figures are taken without it.
+export RUST_LOG=warn
 cargo build --release -q -p atls-cli
 atls=target/release/atls
 state=$(mktemp -d)
@@ -16,7 +19,8 @@ for engine in openssl rustls; do
   "$atls" serve --engine "$engine" --http 127.0.0.1:18480 --plain 127.0.0.1:18481 \
     --state-dir "$state" >"$state/serve.out" 2>/dev/null &
   pid=$!
-  for _ in $(seq 50); do grep -q "plain HTTP" "$state/serve.out" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 100); do grep -q "plain HTTP" "$state/serve.out" 2>/dev/null && break; sleep 0.1; done
+  grep -q "plain HTTP" "$state/serve.out" || { echo "bench.sh: atls serve did not start" >&2; exit 1; }
   for run in $(seq "$runs"); do
     for spec in "request 8 oscore" "request 8 cose" "request 8 records" "request 1 oscore" \
                 "session 4 oscore" "session 4 records"; do

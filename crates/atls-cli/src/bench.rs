@@ -37,8 +37,14 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value = "oscore")]
     pub(crate) mode: Mode,
     /// Concurrent clients.
-    #[arg(short = 'c', long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    /// (At most 1,000: one open file each, and `atls serve` takes 100
+    /// handshakes in progress per client address by default.)
+    #[arg(short = 'c', long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub(crate) concurrency: u64,
+    /// Seconds one operation may take; a slower one counts as an error.
+    /// A client stops after 20 errors in a row.
+    #[arg(long, default_value = "10", value_parser = common::positive_seconds)]
+    pub(crate) timeout: Duration,
     /// Operations in all (instead of --duration).
     #[arg(short = 'n', long, conflicts_with = "duration")]
     pub(crate) count: Option<u64>,
@@ -89,6 +95,8 @@ struct Outcome {
     target: String,
     ops: u64,
     errors: u64,
+    /// Clients that warmed up and ran.
+    clients: u64,
     elapsed: Duration,
     latency: hdrhistogram::Histogram<u64>,
     /// Server CPU time over the run, when its PID was given.
@@ -97,9 +105,11 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// Server CPU per attempted operation (failed ones spent CPU too).
     fn per_op_cpu(&self) -> Option<Duration> {
         let cpu = self.server_cpu?;
-        (self.ops > 0).then(|| cpu / u32::try_from(self.ops).unwrap_or(u32::MAX))
+        let attempts = self.ops.saturating_add(self.errors);
+        (attempts > 0).then(|| cpu / u32::try_from(attempts).unwrap_or(u32::MAX))
     }
 
     fn ops_per_sec(&self) -> f64 {
@@ -113,6 +123,8 @@ impl Outcome {
             "workload": workload,
             "ops": self.ops,
             "errors": self.errors,
+            "clients": self.clients,
+            "server_cpu_ms": self.server_cpu.map(|d| d.as_secs_f64() * 1e3),
             "seconds": self.elapsed.as_secs_f64(),
             "ops_per_sec": self.ops_per_sec(),
             "latency_us": { "p50": us(0.5), "p90": us(0.9), "p99": us(0.99), "max": self.latency.max() },
@@ -128,6 +140,11 @@ impl Outcome {
 fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat (is --server-pid right?)"))?;
+    cpu_of_stat(&stat)
+}
+
+/// User + system CPU time from the text of `/proc/PID/stat`.
+fn cpu_of_stat(stat: &str) -> anyhow::Result<Duration> {
     // The command name (field 2) may hold spaces; the fields after its
     // closing parenthesis are plain numbers.
     let rest = stat
@@ -147,18 +164,20 @@ fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(total.saturating_mul(10)))
 }
 
-/// The operations left to run: a count, or until a deadline.
+/// The operations left to run: a count, or until a deadline (set when the
+/// measurement starts, after every client's warm-up).
 #[derive(Debug)]
 struct Budget {
     remaining: Option<AtomicU64>,
-    deadline: Option<Instant>,
+    duration: Option<Duration>,
+    deadline: std::sync::OnceLock<Instant>,
 }
 
 impl Budget {
     /// Take one operation, if any is left.
     fn take(&self) -> bool {
-        if let Some(deadline) = self.deadline {
-            if Instant::now() >= deadline {
+        if let (Some(d), Some(start)) = (self.duration, self.deadline.get()) {
+            if Instant::now() >= *start + d {
                 return false;
             }
         }
@@ -176,6 +195,9 @@ impl Budget {
 struct Tally {
     ops: u64,
     errors: u64,
+    errors_in_a_row: u32,
+    /// The client warmed up and ran.
+    active: bool,
     latency: hdrhistogram::Histogram<u64>,
     first_error: Option<String>,
 }
@@ -185,6 +207,8 @@ impl Tally {
         Self {
             ops: 0,
             errors: 0,
+            errors_in_a_row: 0,
+            active: false,
             // 1 µs to 60 s, 3 significant digits.
             latency: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)
                 .expect("constant, valid histogram bounds"),
@@ -196,11 +220,13 @@ impl Tally {
         match result {
             Ok(()) => {
                 self.ops += 1;
+                self.errors_in_a_row = 0;
                 let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 let _ = self.latency.record(us.clamp(1, 60_000_000));
             }
             Err(e) => {
                 self.errors += 1;
+                self.errors_in_a_row = self.errors_in_a_row.saturating_add(1);
                 self.first_error.get_or_insert(e);
             }
         }
@@ -232,6 +258,13 @@ impl Target {
 }
 
 /// One client's loop until the budget is spent.
+/// Errors in a row after which a client gives up.
+const MAX_ERRORS_IN_A_ROW: u32 = 20;
+
+/// One client: warm up, wait for every other client at `ready`, then run
+/// operations until the budget is spent. `active` counts the clients that
+/// warmed up.
+#[allow(clippy::too_many_arguments)]
 async fn client_loop(
     target: Target,
     workload: Arc<str>,
@@ -239,9 +272,21 @@ async fn client_loop(
     body: Bytes,
     budget: Arc<Budget>,
     done: Arc<AtomicU64>,
+    ready: Arc<tokio::sync::Barrier>,
+    op_timeout: Duration,
 ) -> Tally {
     let mut tally = Tally::new();
     let session = &*workload == "session";
+    // Every path through here waits at `ready` exactly once.
+    let mut ready = Some(ready);
+    let mut arrive = || {
+        let barrier = ready.take();
+        async move {
+            if let Some(b) = barrier {
+                b.wait().await;
+            }
+        }
+    };
     match target {
         Target::Atls {
             base,
@@ -258,8 +303,8 @@ async fn client_loop(
             let client = match AtlsClient::new(&base, endpoint, options) {
                 Ok(c) => c,
                 Err(e) => {
-                    tally.errors += 1;
                     tally.first_error = Some(e.to_string());
+                    arrive().await;
                     return tally;
                 }
             };
@@ -271,13 +316,19 @@ async fn client_loop(
             };
             if !session {
                 // The session is opened outside the measurement.
-                if let Err(e) = async { client.send(request()?).await.map_err(|e| e.to_string()) }.await {
-                    tally.errors += 1;
-                    tally.first_error = Some(e);
+                let warm = async { client.send(request()?).await.map_err(|e| e.to_string()) };
+                let warm = tokio::time::timeout(op_timeout, warm)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within --timeout".to_owned()));
+                if let Err(e) = warm {
+                    tally.first_error = Some(format!("warm-up: {e}"));
+                    arrive().await;
                     return tally;
                 }
             }
-            while budget.take() {
+            tally.active = true;
+            arrive().await;
+            while budget.take() && tally.errors_in_a_row < MAX_ERRORS_IN_A_ROW {
                 let started = Instant::now();
                 let result = async {
                     let response = client.send(request()?).await.map_err(|e| e.to_string())?;
@@ -288,8 +339,14 @@ async fn client_loop(
                         client.close().await;
                     }
                     Ok(())
+                };
+                let result = tokio::time::timeout(op_timeout, result)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within --timeout".to_owned()));
+                if result.is_err() && session {
+                    // A half-done session is not reused.
+                    client.reset().await;
                 }
-                .await;
                 tally.record(started, result, &done);
             }
         }
@@ -312,16 +369,24 @@ async fn client_loop(
             let client = match builder.build() {
                 Ok(c) => c,
                 Err(e) => {
-                    tally.errors += 1;
                     tally.first_error = Some(e.to_string());
+                    arrive().await;
                     return tally;
                 }
             };
             let url = format!("{}{}", base.trim_end_matches('/'), path);
             if !session {
-                let _ = client.post(&url).body(body.clone()).send().await;
+                let warm =
+                    tokio::time::timeout(op_timeout, client.post(&url).body(body.clone()).send()).await;
+                if !matches!(warm, Ok(Ok(_))) {
+                    tally.first_error = Some("warm-up: the baseline did not answer".to_owned());
+                    arrive().await;
+                    return tally;
+                }
             }
-            while budget.take() {
+            tally.active = true;
+            arrive().await;
+            while budget.take() && tally.errors_in_a_row < MAX_ERRORS_IN_A_ROW {
                 let started = Instant::now();
                 let result = async {
                     let response = client
@@ -336,8 +401,10 @@ async fn client_loop(
                         return Err(format!("status {status}"));
                     }
                     Ok(())
-                }
-                .await;
+                };
+                let result = tokio::time::timeout(op_timeout, result)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within --timeout".to_owned()));
                 tally.record(started, result, &done);
             }
         }
@@ -353,7 +420,8 @@ async fn measure(args: &BenchArgs, target: Target, progress: bool) -> anyhow::Re
     };
     let budget = Arc::new(Budget {
         remaining: args.count.map(AtomicU64::new),
-        deadline: None,
+        duration,
+        deadline: std::sync::OnceLock::new(),
     });
     let name = target.name();
     let bar = if progress {
@@ -376,17 +444,12 @@ async fn measure(args: &BenchArgs, target: Target, progress: bool) -> anyhow::Re
     let body = Bytes::from(vec![b'x'; args.body_size]);
     let workload: Arc<str> = Arc::from(args.workload.as_str());
     let path: Arc<str> = Arc::from(args.path.as_str());
-    let cpu_before = args.server_pid.map(process_cpu).transpose()?;
-    let started = Instant::now();
-    let budget = match duration {
-        Some(d) => Arc::new(Budget {
-            remaining: None,
-            deadline: Some(started + d),
-        }),
-        None => budget,
-    };
+    let clients_n = usize::try_from(args.concurrency).unwrap_or(1);
+    // Every client and this task: the measurement starts when all clients
+    // have warmed up (opened their sessions).
+    let ready = Arc::new(tokio::sync::Barrier::new(clients_n + 1));
     let mut clients = tokio::task::JoinSet::new();
-    for _ in 0..args.concurrency {
+    for _ in 0..clients_n {
         clients.spawn(client_loop(
             target.clone(),
             workload.clone(),
@@ -394,8 +457,15 @@ async fn measure(args: &BenchArgs, target: Target, progress: bool) -> anyhow::Re
             body.clone(),
             budget.clone(),
             done.clone(),
+            ready.clone(),
+            args.timeout,
         ));
     }
+    bar.set_message("warming up");
+    ready.wait().await;
+    let cpu_before = args.server_pid.map(process_cpu).transpose()?;
+    let started = Instant::now();
+    let _ = budget.deadline.set(started);
     let ticker = {
         let (bar, done) = (bar.clone(), done.clone());
         let count = args.count.is_some();
@@ -413,10 +483,12 @@ async fn measure(args: &BenchArgs, target: Target, progress: bool) -> anyhow::Re
         })
     };
     let mut total = Tally::new();
+    let mut active = 0u64;
     while let Some(joined) = clients.join_next().await {
         let tally = joined.context("a client task failed")?;
         total.ops += tally.ops;
         total.errors += tally.errors;
+        active += u64::from(tally.active);
         let _ = total.latency.add(&tally.latency);
         if total.first_error.is_none() {
             total.first_error = tally.first_error;
@@ -430,6 +502,7 @@ async fn measure(args: &BenchArgs, target: Target, progress: bool) -> anyhow::Re
         target: name,
         ops: total.ops,
         errors: total.errors,
+        clients: active,
         elapsed,
         latency: total.latency,
         server_cpu: cpu_before.zip(cpu_after).map(|(a, b)| b.saturating_sub(a)),
@@ -451,14 +524,15 @@ fn print_table(args: &BenchArgs, outcomes: &[Outcome]) {
         args.workload, args.concurrency, args.body_size, args.path
     );
     println!(
-        "{:<12} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>14}",
-        "target", "ops", "errors", "ops/s", "p50", "p90", "p99", "max", "server CPU/op"
+        "{:<12} {:>7} {:>9} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>14}",
+        "target", "clients", "ops", "errors", "ops/s", "p50", "p90", "p99", "max", "server CPU/op"
     );
     for o in outcomes {
         let q = |q: f64| micros(o.latency.value_at_quantile(q));
         println!(
-            "{:<12} {:>9} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>14}",
+            "{:<12} {:>7} {:>9} {:>7} {:>10.0} {:>9} {:>9} {:>9} {:>9} {:>14}",
             o.target,
+            o.clients,
             o.ops,
             o.errors,
             o.ops_per_sec(),
@@ -553,6 +627,21 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         print_table(args, &outcomes);
     }
+    for o in &outcomes {
+        if o.server_cpu.is_some_and(|c| c < Duration::from_secs(1)) {
+            eprintln!(
+                "atls: warning: {}: the server used {:.0} ms of CPU, in 10 ms ticks: run longer for a CPU figure to trust",
+                o.target,
+                o.server_cpu.unwrap_or_default().as_secs_f64() * 1e3
+            );
+        }
+        if o.clients < args.concurrency {
+            eprintln!(
+                "atls: warning: {}: only {} of {} clients warmed up",
+                o.target, o.clients, args.concurrency
+            );
+        }
+    }
     if let Some(failed) = outcomes.iter().find(|o| o.ops == 0) {
         bail!(
             "no operation succeeded against {}: {}",
@@ -560,5 +649,29 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
             failed.first_error.as_deref().unwrap_or("no error recorded")
         );
     }
+    // Figures with errors in them are not figures: say so in the status.
+    if let Some(failed) = outcomes.iter().find(|o| o.errors > 0) {
+        bail!(
+            "{} of {} operations against {} failed: {}",
+            failed.errors,
+            failed.errors + failed.ops,
+            failed.target,
+            failed.first_error.as_deref().unwrap_or("no error recorded")
+        );
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime ...
+        let stat = "4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 40 0 0 20 0 3 0";
+        assert_eq!(cpu_of_stat(stat).expect("parsed"), Duration::from_millis(2_900));
+        assert!(cpu_of_stat("4242 (x) S 1").is_err());
+    }
 }

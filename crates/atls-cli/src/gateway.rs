@@ -13,6 +13,10 @@ use atls_gateway::{Gateway, GatewayConfig, Route};
 
 use crate::common;
 
+/// How long a draining gateway waits for devices to fetch the Block2
+/// blocks of answers already given, once nothing else is in progress.
+const BLOCK2_LINGER: Duration = Duration::from_secs(5);
+
 const DEVICES: &str = "Transport layer towards devices (coaps:// DTLS hop)";
 const UPSTREAM: &str = "Transport layer towards services (HTTPS)";
 
@@ -337,19 +341,27 @@ pub(crate) fn run(args: &GatewayArgs) -> anyhow::Result<()> {
         gateway.drain();
         let drained = async {
             let deadline = tokio::time::Instant::now() + args.shutdown_grace;
-            // Done when no upstream request is in progress and no
-            // blockwise transfer is under way (a flight answer the device
-            // is still fetching in Block2 blocks, an upload in Block1).
-            let busy = |s: atls_gateway::GatewayStats| {
-                s.upstream_in_flight > 0 || s.block1_transfers > 0 || s.block2_bytes > 0
-            };
-            while busy(gateway.stats(std::time::Instant::now())) {
-                if tokio::time::Instant::now() >= deadline {
+            // First the upstream requests and Block1 uploads in progress;
+            // then a short while for devices to fetch the Block2 blocks of
+            // their answers (an answer nobody fetches would hold the drain
+            // for its whole lifetime).
+            let mut settled: Option<tokio::time::Instant> = None;
+            loop {
+                let s = gateway.stats(std::time::Instant::now());
+                let now = tokio::time::Instant::now();
+                if s.upstream_in_flight == 0 && s.block1_transfers == 0 {
+                    let since = *settled.get_or_insert(now);
+                    if s.block2_bytes == 0 || now >= since + BLOCK2_LINGER {
+                        return true;
+                    }
+                } else {
+                    settled = None;
+                }
+                if now >= deadline {
                     return false;
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            true
         };
         tokio::select! {
             drained = drained => {

@@ -267,11 +267,18 @@ fn split_userinfo(url: &str) -> (String, Option<Credentials>) {
     let Some((scheme, rest)) = url.split_once("://") else {
         return (url.to_owned(), None);
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The authority ends where the URL parser ends it (`\\` counts as
+    // `/` in http URLs), so that the host the credentials go to is the
+    // host the request goes to.
+    let end = rest.find(['/', '\\', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
     let Some((userinfo, host)) = authority.rsplit_once('@') else {
         return (url.to_owned(), None);
     };
+    if userinfo.is_empty() {
+        // `http://@host/`: no credentials.
+        return (format!("{scheme}://{host}{tail}"), None);
+    }
     let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
     let decode = |s: &str| percent_encoding::percent_decode_str(s).collect::<Vec<u8>>();
     (
@@ -953,5 +960,46 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
             }
             exit_code(e.layer())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_userinfo;
+
+    #[test]
+    fn userinfo_is_cut_out_of_the_text() {
+        let cred = |u: &str, p: &str| Some((u.as_bytes().to_vec(), p.as_bytes().to_vec()));
+        assert_eq!(
+            split_userinfo("http://alice:s%3Acret@h:8080/a/%2e%2e/b?q='x'"),
+            (
+                "http://h:8080/a/%2e%2e/b?q='x'".to_owned(),
+                cred("alice", "s:cret")
+            )
+        );
+        assert_eq!(
+            split_userinfo("http://user@h/"),
+            ("http://h/".to_owned(), cred("user", ""))
+        );
+        assert_eq!(
+            split_userinfo("http://u:p@[::1]:8080/x"),
+            ("http://[::1]:8080/x".to_owned(), cred("u", "p"))
+        );
+        assert_eq!(split_userinfo("http://@h/"), ("http://h/".to_owned(), None));
+        assert_eq!(split_userinfo("http://h/a@b"), ("http://h/a@b".to_owned(), None));
+        assert_eq!(
+            split_userinfo("http://h/?next=u@x"),
+            ("http://h/?next=u@x".to_owned(), None)
+        );
+        // A backslash ends the authority, as the URL parser has it.
+        assert_eq!(
+            split_userinfo("http://u:p@good.example\\@evil.example/"),
+            ("http://good.example\\@evil.example/".to_owned(), cred("u", "p"))
+        );
+        // Bytes that are no UTF-8 stay bytes.
+        assert_eq!(
+            split_userinfo("http://u:%FF@h/").1,
+            Some((b"u".to_vec(), vec![0xFF]))
+        );
     }
 }

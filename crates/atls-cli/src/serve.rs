@@ -119,7 +119,7 @@ pub(crate) struct ServeArgs {
     pub(crate) upstream_timeout: Duration,
     /// Serve the same application without ATLS on this listener: the
     /// baseline of `atls bench --baseline`. Nothing on it is protected: for
-    /// measurements only, never for production.
+    /// measurements only, never for production (loopback addresses only).
     #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_PLAIN")]
     pub(crate) plain: Option<SocketAddr>,
     /// Prometheus metrics listener (a separate port: handshakes by outcome,
@@ -559,6 +559,10 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     }
     let mut plain_bound = None;
     if let Some(addr) = args.plain {
+        if !addr.ip().is_loopback() {
+            bail!("--plain serves the application without ATLS: only on a loopback address (127.0.0.1, ::1)");
+        }
+        tracing::warn!(%addr, "--plain: serving the application WITHOUT ATLS on this listener (a benchmark baseline)");
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;

@@ -935,6 +935,22 @@ fn request_credentials_bodies_and_timeouts() {
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
     assert!(!stderr(&out).contains("s3cret"), "{}", stderr(&out));
     assert!(stderr(&out).contains("u:***@h"), "{}", stderr(&out));
+    for bad in [
+        "user:s3cret@host:8080",
+        "http://u:s3cret@h:99999/",
+        "http://u:s3#cret@h/",
+    ] {
+        let out = Command::new(ATLS)
+            .args(["serve", "--upstream", bad])
+            .output()
+            .expect("serve");
+        assert_eq!(out.status.code(), Some(64), "{bad}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("s3cret") && !stderr(&out).contains("cret@"),
+            "{bad}: {}",
+            stderr(&out)
+        );
+    }
     // CoAP URLs have no userinfo.
     let out = request(&["coap://bob:pw@127.0.0.1:1/x", "--ca", ca]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));

@@ -498,8 +498,11 @@ impl CoapServer {
                 .get_first_option(option)
                 .and_then(|v| crate::block::BlockValue::decode(v).ok())
         };
-        let inside_transfer = block(CoapOption::Block1).is_some_and(|b| b.more)
-            || block(CoapOption::Block2).is_some_and(|b| b.num > 0);
+        // (An error answer ends the exchange: it is logged and counted.)
+        let error = u8::from(answer.header.code) >> 5 >= 4;
+        let inside_transfer = !error
+            && (block(CoapOption::Block1).is_some_and(|b| b.more)
+                || block(CoapOption::Block2).is_some_and(|b| b.num > 0));
         let path = if mode == "atls" { "/.well-known/atls" } else { "-" };
         if inside_transfer {
             tracing::debug!(

@@ -246,8 +246,9 @@ impl Upstream {
 
 /// `url` as logs and messages may show it: a password in its userinfo is
 /// replaced by `***` (the user name is kept); a user name alone, often a
-/// token itself (`https://TOKEN@host/`), is replaced. Text that is no URL
-/// is returned as it is.
+/// token itself (`https://TOKEN@host/`), is replaced. Text that does not
+/// parse as a URL (a bad port, no scheme, an unencoded `#` in the password)
+/// is redacted by hand: whatever comes before the last `@` of its authority.
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
@@ -258,8 +259,30 @@ pub fn redact_url(url: &str) -> String {
             let _ = parsed.set_username("***");
             parsed.to_string()
         }
-        _ => url.to_owned(),
+        Ok(parsed) if parsed.has_host() || !url.contains('@') => url.to_owned(),
+        _ => redact_text(url),
     }
+}
+
+/// The userinfo of URL-like text masked: from the start of the authority
+/// (after `://`, or the start) to the last `@` (the userinfo may hold `/`,
+/// `?` or `#` unencoded; an `@` in a path masks too much, never too little).
+fn redact_text(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = url.get(start..).unwrap_or_default();
+    let Some(at) = rest.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = rest.get(..at).unwrap_or_default();
+    let shown = match userinfo.split_once(':') {
+        Some((user, _)) if !user.is_empty() => format!("{user}:***"),
+        _ => "***".to_owned(),
+    };
+    format!(
+        "{}{shown}{}",
+        url.get(..start).unwrap_or_default(),
+        rest.get(at..).unwrap_or_default()
+    )
 }
 
 /// Refuse a path that could leave the upstream's prefix, however the
@@ -342,6 +365,11 @@ mod tests {
         assert_eq!(redact_url("https://ghp_token@h/"), "https://***@h/");
         assert_eq!(redact_url("http://h/x"), "http://h/x");
         assert_eq!(redact_url("not a url"), "not a url");
+        // Text that does not parse as a URL is redacted by hand.
+        assert_eq!(redact_url("user:s3cret@host:8080"), "user:***@host:8080");
+        assert_eq!(redact_url("http://u:s3cret@h:99999/"), "http://u:***@h:99999/");
+        assert_eq!(redact_url("http://u:pa#ss@h/"), "http://u:***@h/");
+        assert_eq!(redact_url("http://u:pa/ss@h/x"), "http://u:***@h/x");
     }
 
     #[test]

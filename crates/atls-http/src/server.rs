@@ -456,10 +456,19 @@ impl AtlsServer {
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Reply> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(plain(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("body exceeds {limit} bytes"),
-        )),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            // The rest of the body is not read, so the connection cannot
+            // carry another request: say so, or a client would reuse it
+            // and lose its next request to the close (RFC 9112 §9.6).
+            let mut reply = plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("body exceeds {limit} bytes"),
+            );
+            reply
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(reply)
+        }
         Err(_) => Err(plain(StatusCode::BAD_REQUEST, "cannot read the request body")),
     }
 }
@@ -1046,13 +1055,20 @@ where
                 "the body is not a sequence of TLS records",
             ),
             Stop::Truncated => plain(StatusCode::BAD_REQUEST, "the body ends inside a TLS record"),
-            Stop::TooLarge => plain(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!(
-                    "the records body exceeds {} bytes; this session's records channel ended",
-                    self.server.limits.records_stream
-                ),
-            ),
+            Stop::TooLarge => {
+                let mut reply = plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    &format!(
+                        "the records body exceeds {} bytes; this session's records channel ended",
+                        self.server.limits.records_stream
+                    ),
+                );
+                // The rest of the body stays unread: the connection closes.
+                reply
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                reply
+            }
         }
     }
 
