@@ -636,27 +636,30 @@ fn run_coap(args: &RequestArgs, body: Bytes, deadline: Option<Instant>) -> ExitC
         eprintln!("> ({} B payload)", inner.payload.len());
     }
     let mode_name = args.mode;
+    // The client is made first, so that the flights that did cross are
+    // still shown (and dumped) when --max-time runs out during a later one.
+    let deadline_at = deadline.map(|d| Instant::now() + d);
+    let remaining = move || deadline_at.map(|at| at.saturating_duration_since(Instant::now()));
     let exchange = async {
-        let client = match transport {
-            Some(transport) => atls_coap::AtlsCoapClient::new_dtls(addr, transport, endpoint, options).await,
-            None if tcp => atls_coap::AtlsCoapClient::new_tcp(addr, endpoint, options).await,
-            None => atls_coap::AtlsCoapClient::new(addr, endpoint, options).await,
+        let connect = async {
+            match transport {
+                Some(transport) => {
+                    atls_coap::AtlsCoapClient::new_dtls(addr, transport, endpoint, options).await
+                }
+                None if tcp => atls_coap::AtlsCoapClient::new_tcp(addr, endpoint, options).await,
+                None => atls_coap::AtlsCoapClient::new(addr, endpoint, options).await,
+            }
         };
-        let client = match client {
-            Ok(client) => client,
-            Err(e) => return (Err(e), Vec::new(), None),
+        let client = match within(remaining(), connect).await {
+            None => return (None, Vec::new(), None),
+            Some(Err(e)) => return (Some(Err(e)), Vec::new(), None),
+            Some(Ok(client)) => client,
         };
-        let response = client.request(&inner).await;
+        let response = within(remaining(), client.request(&inner)).await;
         let info = client.session_info().await;
         (response, client.last_handshake(), info)
     };
-    let (result, trips, info) = match runtime.block_on(within(deadline, exchange)) {
-        Some(outcome) => outcome,
-        None => {
-            eprintln!("atls: transport: no answer within --max-time");
-            return exit_code(Layer::Transport);
-        }
-    };
+    let (result, trips, info) = runtime.block_on(exchange);
     dump_trips(args, &trips);
     if args.verbose {
         // Every flight that crossed, also when a later step failed.
@@ -680,6 +683,10 @@ fn run_coap(args: &RequestArgs, body: Bytes, deadline: Option<Instant>) -> ExitC
             );
         }
     }
+    let Some(result) = result else {
+        eprintln!("atls: transport: no answer within --max-time");
+        return exit_code(Layer::Transport);
+    };
     match result {
         Ok(response) => {
             let code = u8::from(response.header.code);
