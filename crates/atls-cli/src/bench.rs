@@ -29,9 +29,12 @@ pub(crate) struct BenchArgs {
     /// The `atls serve` to load: http://HOST:PORT (its built-in /echo by
     /// default, see --path).
     pub(crate) url: String,
-    /// One operation: `request` (a request on an established session) or
-    /// `session` (a new session: full handshake, one request, close).
-    #[arg(long, default_value = "request", value_parser = ["request", "session"])]
+    /// One operation: `request` (a request on an established session),
+    /// `session` (a new session: full handshake, one request, close), or
+    /// for memory, with --server-pid and --count: `hold` (open a session
+    /// and keep it) or `half-open` (send a first flight and never continue);
+    /// these report the growth of the server's resident memory per session.
+    #[arg(long, default_value = "request", value_parser = ["request", "session", "hold", "half-open"])]
     pub(crate) workload: String,
     /// Protection of the requests.
     #[arg(long, default_value = "oscore")]
@@ -562,6 +565,170 @@ fn print_table(args: &BenchArgs, outcomes: &[Outcome]) {
     }
 }
 
+/// The server's resident memory, from `/proc/PID/status`.
+fn process_rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status (is --server-pid right?)"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib.saturating_mul(1024))
+        .context("no VmRSS in /proc status")
+}
+
+/// `hold` and `half-open`: open `count` sessions (or first flights) from
+/// `concurrency` tasks, keep them, and report the server's memory growth.
+async fn memory(
+    args: &BenchArgs,
+    endpoint: Arc<dyn atls_core::ClientEndpoint>,
+    pid: u32,
+    count: u64,
+) -> anyhow::Result<()> {
+    let half_open = args.workload == "half-open";
+    let before = process_rss(pid)?;
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency {
+        let (next, endpoint) = (next.clone(), endpoint.clone());
+        let base = args.url.clone();
+        let server_name = args.server_name.clone();
+        let mode = args.mode;
+        let timeout = args.timeout;
+        let path = args.path.clone();
+        tasks.spawn(async move {
+            let mut kept = Vec::new();
+            let mut failures = 0u64;
+            let mut first_error = None;
+            let plain = reqwest::Client::builder()
+                .use_preconfigured_tls(
+                    atls_http::client::transport_tls_config(&atls_http::TransportTls::default())
+                        .map_err(|e| e.to_string())?,
+                )
+                .build()
+                .map_err(|e| e.to_string())?;
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let result = if half_open {
+                    let opened = async {
+                        let params = atls_core::ClientSessionParams {
+                            server_name: Some(server_name.clone()),
+                            ..atls_core::ClientSessionParams::default()
+                        };
+                        let mut session = atls_core::Session::client(endpoint.as_ref(), &params)
+                            .map_err(|e| e.to_string())?;
+                        let hello = session
+                            .take_flight(Instant::now())
+                            .map_err(|e| e.to_string())?
+                            .ok_or("no first flight")?;
+                        let response = plain
+                            .post(format!("{}/.well-known/atls", base.trim_end_matches('/')))
+                            .header(http::header::CONTENT_TYPE, atls_http::wire::CONTENT_TYPE_ATLS)
+                            .body(hello)
+                            .send()
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if response.status() != http::StatusCode::OK {
+                            return Err(format!("status {}", response.status()));
+                        }
+                        Ok::<_, String>(())
+                    };
+                    tokio::time::timeout(timeout, opened)
+                        .await
+                        .unwrap_or_else(|_| Err("no answer within --timeout".into()))
+                } else {
+                    // No kept-alive connection: the server then holds the
+                    // session alone, not an HTTP connection beside it.
+                    let options = ClientOptions {
+                        mode,
+                        server_name: Some(server_name.clone()),
+                        no_connection_reuse: true,
+                        ..ClientOptions::default()
+                    };
+                    let opened = async {
+                        let client =
+                            AtlsClient::new(&base, endpoint.clone(), options).map_err(|e| e.to_string())?;
+                        let request = http::Request::post(path.as_str())
+                            .header(http::header::HOST, "bench")
+                            .body(Bytes::from_static(b"hold"))
+                            .map_err(|e| e.to_string())?;
+                        client.send(request).await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>(client)
+                    };
+                    match tokio::time::timeout(timeout, opened).await {
+                        Ok(Ok(client)) => {
+                            kept.push(client);
+                            Ok(())
+                        }
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Err("no answer within --timeout".into()),
+                    }
+                };
+                if let Err(e) = result {
+                    failures += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+            Ok::<_, String>((kept, failures, first_error))
+        });
+    }
+    let mut kept = Vec::new();
+    let mut failures = 0u64;
+    let mut first_error = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.context("a client task failed")? {
+            Ok((k, f, e)) => {
+                kept.extend(k);
+                failures += f;
+                if first_error.is_none() {
+                    first_error = e;
+                }
+            }
+            Err(e) => bail!("{e}"),
+        }
+    }
+    // Let the server finish what it was doing before reading its memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = process_rss(pid)?;
+    let opened = count.saturating_sub(failures);
+    let growth = after.saturating_sub(before);
+    let per = growth.checked_div(opened).unwrap_or(0);
+    let what = if half_open {
+        "half-open handshakes"
+    } else {
+        "established sessions"
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "workload": args.workload,
+                "mode": args.mode.to_string(),
+                "opened": opened,
+                "errors": failures,
+                "rss_before": before,
+                "rss_after": after,
+                "bytes_per_session": per,
+                "first_error": first_error,
+            })
+        );
+    } else {
+        println!(
+            "{opened} {what} held: server resident memory {:.1} MiB -> {:.1} MiB, {:.1} KiB each",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            per as f64 / 1024.0
+        );
+    }
+    drop(kept);
+    if failures > 0 {
+        bail!(
+            "{failures} of {count} failed: {}",
+            first_error.as_deref().unwrap_or("no error recorded")
+        );
+    }
+    Ok(())
+}
+
 /// Run `atls bench`; fails (exit 1) when no operation succeeded.
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let url = reqwest::Url::parse(&args.url).with_context(|| format!("{:?} is not a URL", args.url))?;
@@ -592,6 +759,12 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .context("configuring the ATLS clients")?;
     let progress = !args.no_progress && !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let runtime = tokio::runtime::Runtime::new()?;
+    if matches!(args.workload.as_str(), "hold" | "half-open") {
+        let (Some(pid), Some(count)) = (args.server_pid, args.count) else {
+            bail!("--workload {} needs --server-pid and --count", args.workload);
+        };
+        return runtime.block_on(memory(args, endpoint, pid, count));
+    }
     let outcomes = runtime.block_on(async {
         let mut outcomes = vec![
             measure(

@@ -1364,6 +1364,46 @@ fn bench_loads_serve_and_its_plain_baseline() {
             );
         }
     }
+    // Memory per held session and per half-open handshake.
+    for workload in ["hold", "half-open"] {
+        let out = Command::new(ATLS)
+            .args([
+                "bench",
+                &format!("http://{}", server.http),
+                "--ca",
+                ca,
+                "--workload",
+                workload,
+                "-n",
+                "12",
+                "-c",
+                "3",
+                "--server-pid",
+                &pid,
+                "--json",
+            ])
+            .output()
+            .expect("atls bench");
+        assert!(out.status.success(), "{workload}: {}", stderr(&out));
+        let line: serde_json::Value = serde_json::from_str(stdout(&out).trim()).expect("json");
+        assert_eq!(line["opened"], 12, "{line}");
+        assert_eq!(line["errors"], 0, "{line}");
+        assert!(line["rss_after"].as_u64() >= Some(1), "{line}");
+    }
+    let out = Command::new(ATLS)
+        .args([
+            "bench",
+            &format!("http://{}", server.http),
+            "--ca",
+            ca,
+            "--workload",
+            "hold",
+            "-n",
+            "2",
+        ])
+        .output()
+        .expect("atls bench");
+    assert_eq!(out.status.code(), Some(1), "needs --server-pid: {}", stderr(&out));
     // The table, and a wrong CA: no operation succeeds, exit 1.
     let out = Command::new(ATLS)
         .args([
