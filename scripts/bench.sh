@@ -3,7 +3,8 @@
 # (release build) loaded by `atls bench` on this machine, each ATLS workload
 # beside the same workload on `atls serve --plain` (the same application
 # and access log, without ATLS) in the same run. Server CPU per operation
-# from /proc/PID/stat. Usage: scripts/bench.sh [RUNS] [SECONDS]
+# from /proc/PID/stat; memory per session from /proc/PID/status.
+# Usage: scripts/bench.sh [RUNS] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-3}
@@ -17,6 +18,7 @@ state=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$state"' EXIT
 for engine in openssl rustls; do
   "$atls" serve --engine "$engine" --http 127.0.0.1:18480 --plain 127.0.0.1:18481 \
+    --max-half-open 10000 --max-half-open-per-client 0 --max-sessions 20000 \
     --state-dir "$state" >"$state/serve.out" 2>/dev/null &
   pid=$!
   for _ in $(seq 100); do grep -q "plain HTTP" "$state/serve.out" 2>/dev/null && break; sleep 0.1; done
@@ -29,6 +31,13 @@ for engine in openssl rustls; do
         --baseline http://127.0.0.1:18481 --workload "$1" -c "$2" --mode "$3" \
         --duration "$secs" --json --no-progress |
         sed "s/^{/{\"server_engine\":\"$engine\",\"run\":$run,\"clients\":$2,/"
+    done
+    # Memory: the server's resident growth per session kept.
+    for spec in "hold oscore" "hold records" "half-open oscore"; do
+      set -- $spec
+      "$atls" bench http://127.0.0.1:18480 --ca "$state/ca.pem" --server-pid "$pid" \
+        --workload "$1" --mode "$2" -n 2000 -c 8 --json |
+        sed "s/^{/{\"server_engine\":\"$engine\",\"run\":$run,/"
     done
   done
   kill "$pid"; wait "$pid" 2>/dev/null || true
