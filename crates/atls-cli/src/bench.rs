@@ -261,6 +261,30 @@ impl Target {
 }
 
 /// One client's loop until the budget is spent.
+/// `op` within `limit`; running out is an error like any other.
+async fn timed<T>(
+    limit: Duration,
+    op: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    tokio::time::timeout(limit, op)
+        .await
+        .unwrap_or_else(|_| Err("no answer within --timeout".to_owned()))
+}
+
+/// The plain-HTTP client of baselines and first flights (`fresh`: a new
+/// connection for every request).
+fn plain_client(fresh: bool) -> Result<reqwest::Client, String> {
+    let tls = atls_http::client::transport_tls_config(&atls_http::TransportTls::default())
+        .map_err(|e| e.to_string())?;
+    let mut builder = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(30));
+    if fresh {
+        builder = builder.pool_max_idle_per_host(0);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
 /// Errors in a row after which a client gives up.
 const MAX_ERRORS_IN_A_ROW: u32 = 20;
 
@@ -320,10 +344,7 @@ async fn client_loop(
             if !session {
                 // The session is opened outside the measurement.
                 let warm = async { client.send(request()?).await.map_err(|e| e.to_string()) };
-                let warm = tokio::time::timeout(op_timeout, warm)
-                    .await
-                    .unwrap_or_else(|_| Err("no answer within --timeout".to_owned()));
-                if let Err(e) = warm {
+                if let Err(e) = timed(op_timeout, warm).await {
                     tally.first_error = Some(format!("warm-up: {e}"));
                     arrive().await;
                     return tally;
@@ -343,9 +364,7 @@ async fn client_loop(
                     }
                     Ok(())
                 };
-                let result = tokio::time::timeout(op_timeout, result)
-                    .await
-                    .unwrap_or_else(|_| Err("no answer within --timeout".to_owned()));
+                let result = timed(op_timeout, result).await;
                 if result.is_err() && session {
                     // A half-done session is not reused.
                     client.reset().await;
@@ -354,35 +373,28 @@ async fn client_loop(
             }
         }
         Target::Plain { base } => {
-            let tls = match atls_http::client::transport_tls_config(&atls_http::TransportTls::default()) {
-                Ok(tls) => tls,
-                Err(e) => {
-                    tally.errors += 1;
-                    tally.first_error = Some(e.to_string());
-                    return tally;
-                }
-            };
-            let mut builder = reqwest::Client::builder()
-                .use_preconfigured_tls(tls)
-                .timeout(Duration::from_secs(30));
-            if session {
-                // A new connection per operation, as a new session is.
-                builder = builder.pool_max_idle_per_host(0);
-            }
-            let client = match builder.build() {
+            // A new connection per operation for `session`, as a new
+            // session is.
+            let client = match plain_client(session) {
                 Ok(c) => c,
                 Err(e) => {
-                    tally.first_error = Some(e.to_string());
+                    tally.first_error = Some(e);
                     arrive().await;
                     return tally;
                 }
             };
             let url = format!("{}{}", base.trim_end_matches('/'), path);
             if !session {
-                let warm =
-                    tokio::time::timeout(op_timeout, client.post(&url).body(body.clone()).send()).await;
-                if !matches!(warm, Ok(Ok(_))) {
-                    tally.first_error = Some("warm-up: the baseline did not answer".to_owned());
+                let warm = async {
+                    client
+                        .post(&url)
+                        .body(body.clone())
+                        .send()
+                        .await
+                        .map_err(|e| e.to_string())
+                };
+                if let Err(e) = timed(op_timeout, warm).await {
+                    tally.first_error = Some(format!("warm-up: {e}"));
                     arrive().await;
                     return tally;
                 }
@@ -405,9 +417,7 @@ async fn client_loop(
                     }
                     Ok(())
                 };
-                let result = tokio::time::timeout(op_timeout, result)
-                    .await
-                    .unwrap_or_else(|_| Err("no answer within --timeout".to_owned()));
+                let result = timed(op_timeout, result).await;
                 tally.record(started, result, &done);
             }
         }
@@ -600,13 +610,7 @@ async fn memory(
             let mut kept = Vec::new();
             let mut failures = 0u64;
             let mut first_error = None;
-            let plain = reqwest::Client::builder()
-                .use_preconfigured_tls(
-                    atls_http::client::transport_tls_config(&atls_http::TransportTls::default())
-                        .map_err(|e| e.to_string())?,
-                )
-                .build()
-                .map_err(|e| e.to_string())?;
+            let plain = plain_client(false)?;
             while next.fetch_add(1, Ordering::Relaxed) < count {
                 let result = if half_open {
                     let opened = async {
@@ -632,9 +636,7 @@ async fn memory(
                         }
                         Ok::<_, String>(())
                     };
-                    tokio::time::timeout(timeout, opened)
-                        .await
-                        .unwrap_or_else(|_| Err("no answer within --timeout".into()))
+                    timed(timeout, opened).await
                 } else {
                     // No kept-alive connection: the server then holds the
                     // session alone, not an HTTP connection beside it.
@@ -654,14 +656,7 @@ async fn memory(
                         client.send(request).await.map_err(|e| e.to_string())?;
                         Ok::<_, String>(client)
                     };
-                    match tokio::time::timeout(timeout, opened).await {
-                        Ok(Ok(client)) => {
-                            kept.push(client);
-                            Ok(())
-                        }
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Err("no answer within --timeout".into()),
-                    }
+                    timed(timeout, opened).await.map(|client| kept.push(client))
                 };
                 if let Err(e) = result {
                     failures += 1;

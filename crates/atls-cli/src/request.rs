@@ -613,7 +613,6 @@ fn run_coap(args: &RequestArgs, body: Bytes, deadline: Option<Instant>) -> ExitC
         Err(code) => return code,
     };
     let tcp = args.url.starts_with("coap+tcp://");
-    let deadline = deadline.map(|at| at.saturating_duration_since(Instant::now()));
     if args.verbose {
         let (class, detail) = (
             u8::from(inner.header.code) >> 5,
@@ -638,8 +637,6 @@ fn run_coap(args: &RequestArgs, body: Bytes, deadline: Option<Instant>) -> ExitC
     let mode_name = args.mode;
     // The client is made first, so that the flights that did cross are
     // still shown (and dumped) when --max-time runs out during a later one.
-    let deadline_at = deadline.map(|d| Instant::now() + d);
-    let remaining = move || deadline_at.map(|at| at.saturating_duration_since(Instant::now()));
     let exchange = async {
         let connect = async {
             match transport {
@@ -650,12 +647,12 @@ fn run_coap(args: &RequestArgs, body: Bytes, deadline: Option<Instant>) -> ExitC
                 None => atls_coap::AtlsCoapClient::new(addr, endpoint, options).await,
             }
         };
-        let client = match within(remaining(), connect).await {
+        let client = match within(deadline, connect).await {
             None => return (None, Vec::new(), None),
             Some(Err(e)) => return (Some(Err(e)), Vec::new(), None),
             Some(Ok(client)) => client,
         };
-        let response = within(remaining(), client.request(&inner)).await;
+        let response = within(deadline, client.request(&inner)).await;
         let info = client.session_info().await;
         (response, client.last_handshake(), info)
     };
@@ -759,10 +756,10 @@ fn write_dump<'a>(dir: &std::path::Path, exchanges: impl Iterator<Item = (&'a st
     }
 }
 
-/// `fut`, within `deadline` if there is one (`None`: it ran out).
-async fn within<F: std::future::Future>(deadline: Option<std::time::Duration>, fut: F) -> Option<F::Output> {
+/// `fut`, before `deadline` if there is one (`None`: it ran out).
+async fn within<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
     match deadline {
-        Some(d) => tokio::time::timeout(d, fut).await.ok(),
+        Some(at) => tokio::time::timeout_at(at.into(), fut).await.ok(),
         None => Some(fut.await),
     }
 }
@@ -869,7 +866,6 @@ pub(crate) fn run(args: &RequestArgs) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    let deadline = deadline.map(|at| at.saturating_duration_since(Instant::now()));
     if args.mode == Mode::Oscore {
         // RFC 8075's simple form: most header fields have no CoAP option.
         let dropped = atls_oscore::http::uncarried_headers(request.headers());

@@ -546,16 +546,7 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             server.clone(),
             AtlsLayer::new(server.clone()).layer(inner.clone()),
         );
-        let stop = stop_rx.clone();
-        draining.spawn(async move {
-            axum::serve(
-                listener,
-                service.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stopped(stop))
-            .await
-            .context("HTTP listener")
-        });
+        draining.spawn(serve_http(listener, service, stop_rx.clone(), "HTTP listener"));
     }
     let mut plain_bound = None;
     if let Some(addr) = args.plain {
@@ -570,16 +561,12 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         // The same access log and metrics as the ATLS listeners, so that a
         // baseline differs from them by ATLS alone.
         let service = with_health(server.clone(), inner.clone());
-        let stop = stop_rx.clone();
-        draining.spawn(async move {
-            axum::serve(
-                listener,
-                service.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stopped(stop))
-            .await
-            .context("plain HTTP listener")
-        });
+        draining.spawn(serve_http(
+            listener,
+            service,
+            stop_rx.clone(),
+            "plain HTTP listener",
+        ));
     }
     let mut https_bound = None;
     if let Some(addr) = args.https {
@@ -675,6 +662,24 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
         draining,
         stop,
     })
+}
+
+/// A plain HTTP listener (HTTP/1.1 and h2c) serving `service` with the
+/// peer address, until `stop`; then it returns once its connections have
+/// finished their requests.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    service: axum::Router,
+    stop: tokio::sync::watch::Receiver<bool>,
+    what: &'static str,
+) -> anyhow::Result<()> {
+    axum::serve(
+        listener,
+        service.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stopped(stop))
+    .await
+    .context(what)
 }
 
 /// The HTTPS listener's TLS: its certificate, optionally client

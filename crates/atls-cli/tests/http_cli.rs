@@ -83,12 +83,7 @@ fn failures_name_their_layer_in_message_and_exit_code() {
     assert!(stderr(&missing).contains("application"), "{}", stderr(&missing));
 
     let other = tempfile::tempdir().expect("dir");
-    let other_ca = other.path().join("ca.pem");
-    std::fs::write(
-        &other_ca,
-        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
-    )
-    .expect("write");
+    let other_ca = other_ca(other.path());
     let wrong_ca = request(&[
         &format!("http://{}/hello", server.http),
         "--ca",

@@ -173,12 +173,7 @@ fn request_has_curls_habits() {
 
     // -v when a later step fails: the steps that happened are still shown
     // (a wrong CA fails the handshake after the server's first flight).
-    let wrong_ca = dir.path().join("other-ca.pem");
-    std::fs::write(
-        &wrong_ca,
-        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
-    )
-    .expect("write");
+    let wrong_ca = other_ca(dir.path());
     let out = request(&[
         &format!("{base}/hello"),
         "--ca",
@@ -1067,12 +1062,7 @@ fn request_verbose_and_dump_over_coap() {
     assert!(dump.join("01-handshake-response.bin").exists());
     // A wrong CA fails the handshake (3) after the first flight, which -v
     // still shows.
-    let other = dir.path().join("other-ca.pem");
-    std::fs::write(
-        &other,
-        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
-    )
-    .expect("write");
+    let other = other_ca(dir.path());
     let out = request(&[
         &format!("{coap}/hello"),
         "--ca",
@@ -1145,24 +1135,18 @@ fn serve_logs_late_failures_expiries_and_coap() {
         .and_then(|r| r.split_whitespace().next())
         .expect("address")
         .to_owned();
-    // No client certificate: TLS 1.3 fails on the client's second flight.
-    let out = request(&[
-        &format!("http://{addr}/hello"),
-        "--ca",
-        ca.to_str().expect("path"),
-        "--tls-version",
-        "1.3",
-    ]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    // The same over CoAP.
-    let out = request(&[
-        &format!("{coap}/hello"),
-        "--ca",
-        ca.to_str().expect("path"),
-        "--tls-version",
-        "1.3",
-    ]);
-    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    // No client certificate: TLS 1.3 fails on the client's second flight,
+    // over HTTP and over CoAP.
+    for base in [format!("http://{addr}"), coap.clone()] {
+        let out = request(&[
+            &format!("{base}/hello"),
+            "--ca",
+            ca.to_str().expect("path"),
+            "--tls-version",
+            "1.3",
+        ]);
+        assert_eq!(out.status.code(), Some(3), "{base}: {}", stderr(&out));
+    }
     // A first flight never continued, then (after the handshake timeout)
     // another, whose admission sweeps the first away.
     assert!(post_atls(&addr, &client_hello()).starts_with("HTTP/1.1 200"));
@@ -1421,12 +1405,7 @@ fn bench_loads_serve_and_its_plain_baseline() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("server CPU/op"), "{}", stdout(&out));
     let dir = tempfile::tempdir().expect("dir");
-    let other = dir.path().join("other.pem");
-    std::fs::write(
-        &other,
-        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
-    )
-    .expect("write");
+    let other = other_ca(dir.path());
     let out = Command::new(ATLS)
         .args([
             "bench",

@@ -487,7 +487,6 @@ impl CoapServer {
         } else {
             "-"
         };
-        let status = answer.header.code.to_string();
         let elapsed = start.elapsed();
         // One line and one count per exchange: the blocks inside a
         // blockwise transfer (a Block1 block with more to come, a Block2
@@ -504,43 +503,37 @@ impl CoapServer {
             && (block(CoapOption::Block1).is_some_and(|b| b.more)
                 || block(CoapOption::Block2).is_some_and(|b| b.num > 0));
         let path = if mode == "atls" { "/.well-known/atls" } else { "-" };
+        macro_rules! access {
+            ($level:ident, $message:literal) => {
+                tracing::$level!(
+                    target: "atls::access",
+                    transport = from.transport.scheme(),
+                    peer = %from.addr,
+                    code = %request.header.code,
+                    path,
+                    mode,
+                    status = %answer.header.code,
+                    request_bytes = request.payload.len(),
+                    response_bytes = answer.payload.len(),
+                    duration_us = elapsed.as_micros() as u64,
+                    $message
+                )
+            };
+        }
         if inside_transfer {
-            tracing::debug!(
-                target: "atls::access",
-                transport = from.transport.scheme(),
-                peer = %from.addr,
-                code = %request.header.code,
-                path,
-                mode,
-                status,
-                request_bytes = request.payload.len(),
-                response_bytes = answer.payload.len(),
-                "block"
-            );
+            access!(debug, "block");
             return answer;
         }
         metrics::counter!(
             "atls_requests_total",
             "mode" => mode,
-            "status" => status.clone(),
+            "status" => answer.header.code.to_string(),
             "transport" => "coap"
         )
         .increment(1);
         metrics::histogram!("atls_request_duration_seconds", "mode" => mode, "transport" => "coap")
             .record(elapsed.as_secs_f64());
-        tracing::info!(
-            target: "atls::access",
-            transport = from.transport.scheme(),
-            peer = %from.addr,
-            code = %request.header.code,
-            path,
-            mode,
-            status,
-            request_bytes = request.payload.len(),
-            response_bytes = answer.payload.len(),
-            duration_us = elapsed.as_micros() as u64,
-            "request"
-        );
+        access!(info, "request");
         answer
     }
 

@@ -250,6 +250,11 @@ impl Upstream {
 /// parse as a URL (a bad port, no scheme, an unencoded `#` in the password)
 /// is redacted by hand: whatever comes before the last `@` of its authority.
 pub fn redact_url(url: &str) -> String {
+    // No `@`, no userinfo: nothing to parse (the common case, on every
+    // forwarded exchange's log line).
+    if !url.contains('@') {
+        return url.to_owned();
+    }
     match reqwest::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));
@@ -259,7 +264,7 @@ pub fn redact_url(url: &str) -> String {
             let _ = parsed.set_username("***");
             parsed.to_string()
         }
-        Ok(parsed) if parsed.has_host() || !url.contains('@') => url.to_owned(),
+        Ok(parsed) if parsed.has_host() => url.to_owned(),
         _ => redact_text(url),
     }
 }

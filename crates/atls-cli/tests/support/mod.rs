@@ -100,6 +100,18 @@ pub fn serve(extra: &[&str]) -> Serve {
     }
 }
 
+/// A CA that issued nothing the servers use, written to `dir`: a wrong
+/// trust anchor.
+pub fn other_ca(dir: &Path) -> PathBuf {
+    let path = dir.join("other-ca.pem");
+    std::fs::write(
+        &path,
+        atls_pki::DevCa::new("another CA").expect("CA").certificate_pem(),
+    )
+    .expect("write");
+    path
+}
+
 /// Run `atls request` with `args`.
 pub fn request(args: &[&str]) -> Output {
     Command::new(ATLS)
