@@ -902,7 +902,7 @@ impl CoapServer {
                 "the records channel of this ATLS session ended; start with a ClientHello",
             ));
         }
-        let framing = s.session().framing();
+        let framing = s.framing();
         // Over DTLS, record boundaries are message boundaries: push the
         // records one at a time.
         let pieces: Vec<&[u8]> = match framing {
@@ -1039,7 +1039,7 @@ impl CoapServer {
         })?;
         if let Some(found) = self.table.get(&id, now) {
             let s = lock(&found.entry);
-            if let Some(info) = s.session().handshake_info() {
+            if let Some(info) = s.handshake_info() {
                 tracing::info!(
                     target: "atls::handshake",
                     transport = from.transport.scheme(),
@@ -1047,7 +1047,7 @@ impl CoapServer {
                     session = %id.prefix(),
                     version = info.version.name(),
                     suite = %info.cipher_suite,
-                    engine = s.session().engine_name(),
+                    engine = s.engine_name(),
                     resumed = info.resumed,
                     "ATLS handshake complete"
                 );
@@ -1055,7 +1055,7 @@ impl CoapServer {
                     "atls_handshakes_total",
                     "outcome" => "complete",
                     "version" => info.version.name(),
-                    "engine" => s.session().engine_name(),
+                    "engine" => s.engine_name(),
                     "transport" => "coap"
                 )
                 .increment(1);
@@ -1086,10 +1086,15 @@ impl CoapServer {
         };
         let opened = {
             let mut s = lock(&found.entry);
-            match s.established_mut() {
+            let opened = match s.established_mut() {
                 Some(est) => atls_oscore::unprotect_request(&mut est.oscore, request),
                 None => Err(OscoreError::ContextNotFound),
+            };
+            if opened.is_ok() {
+                // The client uses the exported keys: the TLS engine has done its work.
+                s.release_engine();
             }
+            opened
         };
         let (inner, binding) = match opened {
             Ok(opened) => opened,
@@ -1097,7 +1102,14 @@ impl CoapServer {
         };
         self.table.touch(&found.id, now);
         let _ = self.with_peer(from, now, |p, _| p.dtls_last = None);
-        let inner_response = self.inner_exchange(&found, &inner, from, now, whole, "oscore");
+        let closing = ends_session(&inner);
+        let inner_response = if closing {
+            let mut p = Packet::new();
+            p.header.code = MessageClass::Response(ResponseType::Deleted);
+            p
+        } else {
+            self.inner_exchange(&found, &inner, from, now, whole, "oscore")
+        };
         let protected = {
             let mut s = lock(&found.entry);
             match s.established_mut() {
@@ -1105,6 +1117,15 @@ impl CoapServer {
                 None => Err(OscoreError::ContextNotFound),
             }
         };
+        if closing && protected.is_ok() {
+            self.table.remove(&found.id);
+            let _ = self.with_peer(from, now, |p, _| {
+                if p.established == Some(found.id) {
+                    p.established = None;
+                }
+            });
+            tracing::debug!(target: "atls::handshake", transport = from.transport.scheme(), session = %found.id.prefix(), "ATLS session ended by the client");
+        }
         match protected {
             Ok(mut p) => {
                 let template = answer(request, ResponseType::Changed);
@@ -1216,7 +1237,7 @@ impl CoapServer {
         }
         let (info, engine) = {
             let s = lock(&found.entry);
-            (s.established().map(|e| e.info.clone()), s.session().engine_name())
+            (s.established().map(|e| e.info.clone()), s.engine_name())
         };
         let mut response = app::builtin_in_mode(&request, info.as_ref(), engine, mode);
         if let Some(value) = inner.get_first_option(CoapOption::Block1) {
@@ -1234,6 +1255,19 @@ impl CoapServer {
         }
         response
     }
+}
+
+/// Whether a verified inner request ends its session (PROTOCOL.md §9: a
+/// protected `DELETE /.well-known/atls`).
+fn ends_session(inner: &Packet) -> bool {
+    if inner.header.code != MessageClass::Request(RequestType::Delete) {
+        return false;
+    }
+    let segments: Vec<&[u8]> = inner
+        .get_option(CoapOption::UriPath)
+        .map(|path| path.iter().map(Vec::as_slice).collect())
+        .unwrap_or_default();
+    segments == [b".well-known".as_slice(), b"atls".as_slice()]
 }
 
 fn oscore_error(request: &Packet, e: &OscoreError) -> Packet {

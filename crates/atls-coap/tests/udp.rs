@@ -102,6 +102,18 @@ async fn handshakes_with_blockwise_flights_then_oscore_requests() {
                         "{label}: one handshake for three requests"
                     );
                     assert_eq!(server.stats().established, 1, "{label}");
+                    // A protected DELETE of /.well-known/atls ends the session
+                    // (the server kept no TLS state for it).
+                    let closed = client
+                        .request(&inner_request(RequestType::Delete, "/.well-known/atls", b""))
+                        .await
+                        .unwrap_or_else(|e| panic!("{label}: {e}"));
+                    assert_eq!(
+                        closed.header.code,
+                        MessageClass::Response(ResponseType::Deleted),
+                        "{label}"
+                    );
+                    assert_eq!(server.stats().established, 0, "{label}: the session ended");
                 }
             }
         }

@@ -486,13 +486,30 @@ impl AtlsClient {
         *self.current.lock().await = None;
     }
 
-    /// End the current session: send close_notify so the server frees it at
-    /// once, then forget it. Failures to reach the server are ignored (the
-    /// server expires the session anyway).
+    /// End the current session so the server frees it at once, then forget
+    /// it: in record mode with close_notify, in OSCORE and COSE modes with a
+    /// protected `DELETE /.well-known/atls` (the server keeps no TLS state
+    /// for those sessions once they are used; PROTOCOL.md §9). Failures to
+    /// reach the server are ignored (the server expires the session anyway).
     pub async fn close(&self) {
         let Some(session) = self.current.lock().await.take() else {
             return;
         };
+        if self.options.mode != Mode::Records {
+            let Ok(request) = Request::builder()
+                .method(Method::DELETE)
+                .uri(wire::WELL_KNOWN_PATH)
+                .body(Bytes::new())
+            else {
+                return;
+            };
+            let mut events = Vec::new();
+            let _ = match self.options.mode {
+                Mode::Cose => self.send_cose(&session, &request, &mut events).await,
+                _ => self.send_oscore(&session, &request, &mut events).await,
+            };
+            return;
+        }
         let flight = {
             let mut tls = session.tls.lock().await;
             tls.close();

@@ -223,7 +223,7 @@ fn peer_of(session: &ServerSession, mode: Mode, early_data: bool) -> Option<Atls
     };
     Some(AtlsPeer {
         mode,
-        engine: session.session().engine_name(),
+        engine: session.engine_name(),
         tls_version: info.version.name(),
         cipher_suite: info.cipher_suite.to_string(),
         cids_negotiated: cids,
@@ -533,7 +533,7 @@ impl Inbound {
     /// 256 records each).
     fn feed(&mut self, entry: &Entry, data: &[u8], max_piece: usize, now: Instant) -> Result<(), Stop> {
         self.pending.extend_from_slice(data);
-        let framing = lock(entry).session().framing();
+        let framing = lock(entry).framing();
         let mut start = 0usize;
         loop {
             let rest = self.pending.get(start..).unwrap_or_default();
@@ -716,6 +716,23 @@ fn oscore_error_reply(e: &OscoreError) -> Reply {
     }
 }
 
+/// The media type (without parameters) of COSE-protected requests.
+const COSE_MEDIA_TYPE: &str = "application/cose";
+
+/// Whether a verified inner request ends its session (PROTOCOL.md §9: a
+/// protected `DELETE /.well-known/atls`).
+fn ends_session(method: &Method, path: &str) -> bool {
+    method == Method::DELETE && path == wire::WELL_KNOWN_PATH
+}
+
+/// The inner answer to a protected close.
+fn session_ended() -> Response<Bytes> {
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Bytes::new())
+        .unwrap_or_default()
+}
+
 const NOT_ESTABLISHED: &str = "the ATLS handshake of this session is not complete";
 
 /// The inner request over the limit, answered inside the protection.
@@ -732,7 +749,7 @@ where
 {
     async fn handle(mut self, request: Request<Body>) -> Reply {
         let headers = request.headers();
-        if request.uri().path() == wire::WELL_KNOWN_PATH {
+        if request.uri().path() == wire::WELL_KNOWN_PATH && !wire::is_media_type(headers, COSE_MEDIA_TYPE) {
             if request.method() != Method::POST {
                 return method_not_allowed("ATLS flights are POSTed");
             }
@@ -751,7 +768,7 @@ where
             }
             return self.handle_oscore(request).await;
         }
-        if wire::is_media_type(headers, "application/cose") {
+        if wire::is_media_type(headers, COSE_MEDIA_TYPE) {
             return self.handle_cose(request).await;
         }
         plain(
@@ -1127,6 +1144,7 @@ where
         // reassembled, a large answer leaves in inner Block2 blocks when the
         // client does blockwise; each block is its own protected exchange.
         let step = lock_blocks(&server.inner_blocks).request(&found.id, &inner_packet, now);
+        let mut closing = false;
         let inner_response = match step {
             Err(block_answer) => block_answer,
             Ok(whole) => {
@@ -1136,7 +1154,10 @@ where
                             inner_http.headers_mut().entry(header::HOST).or_insert(host);
                         }
                         let method = inner_http.method().clone();
-                        let response = if inner_http.body().len() > server.limits.max_request {
+                        closing = ends_session(&method, inner_http.uri().path());
+                        let response = if closing {
+                            session_ended()
+                        } else if inner_http.body().len() > server.limits.max_request {
                             too_large(server.limits.max_request)
                         } else {
                             let request = Inner {
@@ -1179,6 +1200,10 @@ where
             Ok(p) => p,
             Err(reply) => return reply,
         };
+        if closing {
+            server.table.remove(&found.id);
+            tracing::debug!(target: "atls::handshake", transport = "http", session = %found.id.prefix(), "ATLS session ended by the client");
+        }
         match oscore_http::response_to_http(&protected) {
             Ok(response) => response.map(Body::from),
             Err(e) => oscore_error_reply(&e),
@@ -1215,7 +1240,10 @@ where
             Err(reply) => return reply,
         };
         server.table.touch(&found.id, now);
-        let response = if plaintext.len() > server.limits.max_request {
+        let closing = ends_session(&parts.method, parts.uri.path());
+        let response = if closing {
+            session_ended()
+        } else if plaintext.len() > server.limits.max_request {
             too_large(server.limits.max_request)
         } else {
             parts.headers.remove(header::CONTENT_TYPE);
@@ -1232,6 +1260,10 @@ where
             cose::seal_response(&mut est.cose, status, &body, &binding)
         }) {
             Ok(sealed) => {
+                if closing {
+                    server.table.remove(&found.id);
+                    tracing::debug!(target: "atls::handshake", transport = "http", session = %found.id.prefix(), "ATLS session ended by the client");
+                }
                 parts.headers.remove(header::CONTENT_LENGTH);
                 parts.headers.insert(
                     header::CONTENT_TYPE,
@@ -1272,9 +1304,10 @@ fn open_in<T>(
     let est = s
         .established_mut()
         .ok_or_else(|| plain(StatusCode::NOT_FOUND, NOT_ESTABLISHED))?;
-    open(est)
-        .map(|opened| (opened, peer))
-        .map_err(|e| oscore_error_reply(&e))
+    let opened = open(est).map_err(|e| oscore_error_reply(&e))?;
+    // The client uses the exported keys: the TLS engine has done its work.
+    s.release_engine();
+    Ok((opened, peer))
 }
 
 /// Protect a response with the session's established contexts.

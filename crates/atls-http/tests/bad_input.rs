@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use atls_core::{Alert, TlsVersion};
 use atls_http::{wire, ClientError, Mode, ServerLimits};
+use bytes::Bytes;
 use common::*;
+use http::Request;
 
 async fn post_atls(url: &str, body: Vec<u8>, cookie: Option<&str>) -> reqwest::Response {
     common::post_atls(&raw(), url, body, cookie).await
@@ -237,19 +239,51 @@ async fn closed_sessions_are_freed_and_a_full_table_evicts_the_oldest() {
         };
         let server = serve(engine, &server_config(TlsVersion::Tls13), limits).await;
         let url = server.url();
-        let first = client(
+        for mode in Mode::ALL {
+            let first = client(
+                engine,
+                &client_config(TlsVersion::Tls13),
+                &url,
+                mode_options(mode),
+            );
+            first.send(get("/hello")).await.expect("first");
+            assert_eq!(server.server.stats().sessions, 1);
+            // Records: close_notify; OSCORE and COSE: a protected DELETE of
+            // /.well-known/atls (the server holds no TLS state for them).
+            first.close().await;
+            assert_eq!(
+                server.server.stats().sessions,
+                0,
+                "{} {mode}: closing frees the session",
+                engine.name()
+            );
+        }
+        // A protected DELETE of /.well-known/atls from a session that is
+        // gone is refused like any request of an unknown session.
+        let gone = client(
             engine,
             &client_config(TlsVersion::Tls13),
             &url,
             mode_options(Mode::Oscore),
         );
-        first.send(get("/hello")).await.expect("first");
-        assert_eq!(server.server.stats().sessions, 1);
-        first.close().await;
+        gone.send(get("/hello")).await.expect("session");
+        gone.close().await;
+        let request = Request::builder()
+            .method(http::Method::DELETE)
+            .uri(wire::WELL_KNOWN_PATH)
+            .body(Bytes::new())
+            .expect("request");
+        let again = gone.send_traced(request).await.expect("a new session answers");
+        assert!(again.events.iter().any(|e| e.kind == "handshake"));
+        assert!(
+            again.response.status().is_success(),
+            "{}",
+            again.response.status()
+        );
         assert_eq!(
             server.server.stats().sessions,
             0,
-            "{}: close_notify frees the session",
+            "{}: a DELETE of /.well-known/atls on a new session ends it too",
             engine.name()
         );
 

@@ -1,11 +1,14 @@
 //! The AEADs of the ATLS §10 table and HKDF, over RustCrypto.
 
+use aead::generic_array::typenum::Unsigned;
 use aead::generic_array::GenericArray;
 use aead::{AeadInPlace, KeyInit};
 use aes::{Aes128, Aes256};
 use atls_core::{CoseAead, HkdfHash};
 use ccm::consts::{U13, U16, U8};
 use ccm::Ccm;
+
+use zeroize::Zeroizing;
 
 use crate::error::OscoreError;
 
@@ -14,16 +17,16 @@ type AesCcm16_64_256 = Ccm<Aes256, U8, U13>;
 type AesCcm16_128_128 = Ccm<Aes128, U16, U13>;
 type AesCcm16_128_256 = Ccm<Aes256, U16, U13>;
 
-/// An AEAD with its key schedule computed once.
-pub(crate) enum AeadKey {
-    Ccm64_128(Box<AesCcm16_64_128>),
-    Ccm64_256(Box<AesCcm16_64_256>),
-    Ccm128_128(Box<AesCcm16_128_128>),
-    Ccm128_256(Box<AesCcm16_128_256>),
-    Gcm128(Box<aes_gcm::Aes128Gcm>),
-    Gcm256(Box<aes_gcm::Aes256Gcm>),
-    ChaCha(Box<chacha20poly1305::ChaCha20Poly1305>),
+/// An AEAD key. Only the key bytes are kept (zeroized on drop): the
+/// cipher's key schedule is computed for each message. AES-NI expands a key
+/// in tens of nanoseconds, while a kept schedule costs about 1 KiB per key —
+/// four keys per established session, the bulk of a session's memory.
+pub(crate) struct AeadKey {
+    alg: CoseAead,
+    key: Zeroizing<[u8; MAX_KEY]>,
 }
+
+const MAX_KEY: usize = 32;
 
 impl std::fmt::Debug for AeadKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -35,104 +38,77 @@ fn bad_key(_: impl std::fmt::Debug) -> OscoreError {
     OscoreError::Unsupported("key length does not fit the algorithm".into())
 }
 
+/// Seal or open `buffer` in place with a cipher keyed for this one call.
+fn run<A: AeadInPlace + KeyInit>(
+    key: &[u8],
+    seal: bool,
+    nonce: &[u8],
+    aad: &[u8],
+    buffer: &mut Vec<u8>,
+) -> Result<(), OscoreError> {
+    if nonce.len() != A::NonceSize::USIZE {
+        return Err(OscoreError::Decode("nonce length does not fit the algorithm"));
+    }
+    let cipher = A::new_from_slice(key).map_err(bad_key)?;
+    let nonce = GenericArray::from_slice(nonce);
+    if seal {
+        cipher
+            .encrypt_in_place(nonce, aad, buffer)
+            .map_err(|_| OscoreError::Coap("encryption failed".into()))
+    } else {
+        cipher
+            .decrypt_in_place(nonce, aad, buffer)
+            .map_err(|_| OscoreError::Decryption)
+    }
+}
+
 impl AeadKey {
     pub(crate) fn new(alg: CoseAead, key: &[u8]) -> Result<Self, OscoreError> {
-        if key.len() != alg.key_len() {
+        let supported = matches!(
+            alg,
+            CoseAead::AesCcm16_64_128
+                | CoseAead::AesCcm16_64_256
+                | CoseAead::AesCcm16_128_128
+                | CoseAead::AesCcm16_128_256
+                | CoseAead::A128Gcm
+                | CoseAead::A256Gcm
+                | CoseAead::ChaCha20Poly1305
+        );
+        if !supported {
+            return Err(OscoreError::Unsupported(format!("{alg:?}")));
+        }
+        if key.len() != alg.key_len() || key.len() > MAX_KEY {
             return Err(bad_key(()));
         }
-        Ok(match alg {
-            CoseAead::AesCcm16_64_128 => {
-                Self::Ccm64_128(Box::new(AesCcm16_64_128::new_from_slice(key).map_err(bad_key)?))
-            }
-            CoseAead::AesCcm16_64_256 => {
-                Self::Ccm64_256(Box::new(AesCcm16_64_256::new_from_slice(key).map_err(bad_key)?))
-            }
-            CoseAead::AesCcm16_128_128 => {
-                Self::Ccm128_128(Box::new(AesCcm16_128_128::new_from_slice(key).map_err(bad_key)?))
-            }
-            CoseAead::AesCcm16_128_256 => {
-                Self::Ccm128_256(Box::new(AesCcm16_128_256::new_from_slice(key).map_err(bad_key)?))
-            }
-            CoseAead::A128Gcm => Self::Gcm128(Box::new(
-                aes_gcm::Aes128Gcm::new_from_slice(key).map_err(bad_key)?,
-            )),
-            CoseAead::A256Gcm => Self::Gcm256(Box::new(
-                aes_gcm::Aes256Gcm::new_from_slice(key).map_err(bad_key)?,
-            )),
-            CoseAead::ChaCha20Poly1305 => Self::ChaCha(Box::new(
-                chacha20poly1305::ChaCha20Poly1305::new_from_slice(key).map_err(bad_key)?,
-            )),
-            _ => return Err(OscoreError::Unsupported(format!("{alg:?}"))),
-        })
+        let mut bytes = Zeroizing::new([0u8; MAX_KEY]);
+        bytes[..key.len()].copy_from_slice(key);
+        Ok(Self { alg, key: bytes })
     }
 
-    fn nonce_len(&self) -> usize {
-        match self {
-            Self::Ccm64_128(_) | Self::Ccm64_256(_) | Self::Ccm128_128(_) | Self::Ccm128_256(_) => 13,
-            _ => 12,
+    fn apply(&self, seal: bool, nonce: &[u8], aad: &[u8], buffer: &mut Vec<u8>) -> Result<(), OscoreError> {
+        let key = self.key.get(..self.alg.key_len()).ok_or_else(|| bad_key(()))?;
+        match self.alg {
+            CoseAead::AesCcm16_64_128 => run::<AesCcm16_64_128>(key, seal, nonce, aad, buffer),
+            CoseAead::AesCcm16_64_256 => run::<AesCcm16_64_256>(key, seal, nonce, aad, buffer),
+            CoseAead::AesCcm16_128_128 => run::<AesCcm16_128_128>(key, seal, nonce, aad, buffer),
+            CoseAead::AesCcm16_128_256 => run::<AesCcm16_128_256>(key, seal, nonce, aad, buffer),
+            CoseAead::A128Gcm => run::<aes_gcm::Aes128Gcm>(key, seal, nonce, aad, buffer),
+            CoseAead::A256Gcm => run::<aes_gcm::Aes256Gcm>(key, seal, nonce, aad, buffer),
+            CoseAead::ChaCha20Poly1305 => {
+                run::<chacha20poly1305::ChaCha20Poly1305>(key, seal, nonce, aad, buffer)
+            }
+            _ => Err(OscoreError::Unsupported(format!("{:?}", self.alg))),
         }
     }
 
     /// Encrypt `buffer` in place and append the tag.
     pub(crate) fn seal(&self, nonce: &[u8], aad: &[u8], buffer: &mut Vec<u8>) -> Result<(), OscoreError> {
-        if nonce.len() != self.nonce_len() {
-            return Err(OscoreError::Decode("nonce length does not fit the algorithm"));
-        }
-        let fail = |_| OscoreError::Coap("encryption failed".into());
-        match self {
-            Self::Ccm64_128(c) => c
-                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Ccm64_256(c) => c
-                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Ccm128_128(c) => c
-                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Ccm128_256(c) => c
-                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Gcm128(c) => c
-                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Gcm256(c) => c
-                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::ChaCha(c) => c
-                .encrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-        }
+        self.apply(true, nonce, aad, buffer)
     }
 
     /// Verify and decrypt `buffer` (ciphertext || tag) in place.
     pub(crate) fn open(&self, nonce: &[u8], aad: &[u8], buffer: &mut Vec<u8>) -> Result<(), OscoreError> {
-        if nonce.len() != self.nonce_len() {
-            return Err(OscoreError::Decode("nonce length does not fit the algorithm"));
-        }
-        let fail = |_| OscoreError::Decryption;
-        match self {
-            Self::Ccm64_128(c) => c
-                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Ccm64_256(c) => c
-                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Ccm128_128(c) => c
-                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Ccm128_256(c) => c
-                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Gcm128(c) => c
-                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::Gcm256(c) => c
-                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-            Self::ChaCha(c) => c
-                .decrypt_in_place(GenericArray::from_slice(nonce), aad, buffer)
-                .map_err(fail),
-        }
+        self.apply(false, nonce, aad, buffer)
     }
 }
 

@@ -5,6 +5,7 @@ use std::fmt;
 use std::hash::BuildHasher;
 use std::time::Instant;
 
+use atls_core::records::Framing;
 use atls_core::{
     ConnectionId, Error, HandshakeInfo, Limits, ProtectionKind, ServerEndpoint, ServerSessionParams, Session,
 };
@@ -60,8 +61,17 @@ pub struct FlightFailure {
 }
 
 /// A server session over any engine.
+///
+/// Once the client protects a request with the exported keys (OSCORE or
+/// COSE), the TLS engine's state — its record buffers, traffic keys and
+/// handshake leftovers, tens of KiB on some engines — has no further use:
+/// [`ServerSession::release_engine`] drops it and the records channel ends.
+/// What stays is the negotiated parameters and the two exported contexts.
 pub struct ServerSession {
-    session: Session,
+    /// The TLS session; `None` once released.
+    tls: Option<Session>,
+    engine: &'static str,
+    framing: Framing,
     established: Option<Established>,
     early: Vec<u8>,
     max_message: usize,
@@ -73,7 +83,8 @@ pub struct ServerSession {
 impl fmt::Debug for ServerSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServerSession")
-            .field("session", &self.session)
+            .field("session", &self.tls)
+            .field("engine", &self.engine)
             .field("established", &self.established.is_some())
             .finish_non_exhaustive()
     }
@@ -97,7 +108,9 @@ impl ServerSession {
         let mut session = Session::server(endpoint, &params)?;
         session.set_limits(limits);
         Ok(Self {
-            session,
+            engine: session.engine_name(),
+            framing: session.framing(),
+            tls: Some(session),
             established: None,
             early: Vec::new(),
             max_message,
@@ -106,9 +119,42 @@ impl ServerSession {
         })
     }
 
-    /// The TLS session.
-    pub fn session(&self) -> &Session {
-        &self.session
+    /// The TLS session; `None` once [`ServerSession::release_engine`]
+    /// dropped it.
+    pub fn session(&self) -> Option<&Session> {
+        self.tls.as_ref()
+    }
+
+    /// The engine that ran the handshake.
+    pub fn engine_name(&self) -> &'static str {
+        self.engine
+    }
+
+    /// Record framing of the session (TLS or DTLS).
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    /// What the handshake negotiated, once it completed.
+    pub fn handshake_info(&self) -> Option<&HandshakeInfo> {
+        self.established.as_ref().map(|e| &e.info)
+    }
+
+    /// Whether the engine's state is still held (the handshake is under way,
+    /// or records may still be exchanged).
+    pub fn holds_engine(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The client uses the exported keys: drop the TLS engine's state and end
+    /// the records channel. Only an established session releases its
+    /// engine; a handshake under way keeps it.
+    pub fn release_engine(&mut self) {
+        if self.established.is_some() && self.tls.is_some() {
+            self.tls = None;
+            self.early = Vec::new();
+            self.records_abandoned = true;
+        }
     }
 
     /// The exported contexts, once the handshake completed.
@@ -124,14 +170,16 @@ impl ServerSession {
     /// Whether the peer ended the session with close_notify (authenticated
     /// once the handshake is complete).
     pub fn peer_closed(&self) -> bool {
-        self.session.is_closed() && self.session.failure().is_none()
+        self.tls
+            .as_ref()
+            .is_some_and(|s| s.is_closed() && s.failure().is_none())
     }
 
     /// Whether records can still be exchanged: the TLS session neither
     /// failed nor closed, and was not abandoned. An established session
     /// whose records channel ended keeps its OSCORE and COSE contexts.
     pub fn records_open(&self) -> bool {
-        !self.records_abandoned && !self.session.is_closed()
+        !self.records_abandoned && self.tls.as_ref().is_some_and(|s| !s.is_closed())
     }
 
     /// Whether `payload` starts like the previous payload given here (and
@@ -150,35 +198,41 @@ impl ServerSession {
     }
 
     /// Give up the records channel (its two record sequences are out of
-    /// step, e.g. a body was refused half-read); the exported contexts stay.
+    /// step, e.g. a body was refused half-read); the exported contexts stay,
+    /// and an established session's engine state is dropped.
     pub fn abandon_records(&mut self) {
         self.records_abandoned = true;
+        self.release_engine();
     }
 
     /// Push one flight from the client; on success, what to answer and what
     /// arrived. A failure is fatal for the session.
     pub fn push_flight(&mut self, flight: &[u8], now: Instant) -> Result<Progress, FlightFailure> {
-        if let Err(error) = self.session.push_flight(flight, now) {
-            let alert = self.session.take_flight(now).ok().flatten();
+        let Some(session) = self.tls.as_mut() else {
+            return Err(FlightFailure {
+                error: Error::Closed,
+                alert: None,
+            });
+        };
+        if let Err(error) = session.push_flight(flight, now) {
+            let alert = session.take_flight(now).ok().flatten();
             return Err(FlightFailure { error, alert });
         }
-        let early = self.session.take_early_data();
+        let early = session.take_early_data();
         self.early.extend_from_slice(&early);
         let mut progress = Progress::default();
-        if self.established.is_none() && self.session.is_handshake_complete() {
+        if self.established.is_none() && session.is_handshake_complete() {
             self.established = Some(
-                self.derive()
-                    .map_err(|error| FlightFailure { error, alert: None })?,
+                derive(session, self.max_message).map_err(|error| FlightFailure { error, alert: None })?,
             );
             progress.established = true;
         }
-        progress.output = self
-            .session
+        progress.output = session
             .take_flight(now)
             .map_err(|error| FlightFailure { error, alert: None })?
             .unwrap_or_default();
         if self.established.is_some() {
-            let received = self.session.take_received();
+            let received = session.take_received();
             if self.early.is_empty() {
                 progress.application_data = received;
             } else {
@@ -194,31 +248,31 @@ impl ServerSession {
     /// Encrypt application data into records and take them (with anything
     /// else the engine queued).
     pub fn send(&mut self, data: &[u8], now: Instant) -> Result<Vec<u8>, Error> {
-        self.session.send(data)?;
-        Ok(self.session.take_flight(now)?.unwrap_or_default())
+        let session = self.tls.as_mut().ok_or(Error::Closed)?;
+        session.send(data)?;
+        Ok(session.take_flight(now)?.unwrap_or_default())
     }
+}
 
-    fn derive(&self) -> Result<Established, Error> {
-        let info = self
-            .session
-            .handshake_info()
-            .cloned()
-            .ok_or(Error::HandshakeNotComplete)?;
-        let context = |kind: ProtectionKind| -> Result<SecurityContext, Error> {
-            let keys = self.session.atls_keys(kind)?;
-            let ids = self.session.protection_ids(kind)?;
-            // The keys die with this process's handshake state, so sequence
-            // numbers may live in memory: no restarted server can hold these
-            // keys again.
-            let mut ctx = SecurityContext::new_in_memory(&ContextParams::from_atls(&keys, &ids))
-                .map_err(|e| Error::Engine(format!("deriving the {kind:?} context: {e}")))?;
-            ctx.set_max_message(self.max_message);
-            Ok(ctx)
-        };
-        Ok(Established {
-            oscore: context(ProtectionKind::Oscore)?,
-            cose: context(ProtectionKind::Cose)?,
-            info,
-        })
-    }
+fn derive(session: &Session, max_message: usize) -> Result<Established, Error> {
+    let info = session
+        .handshake_info()
+        .cloned()
+        .ok_or(Error::HandshakeNotComplete)?;
+    let context = |kind: ProtectionKind| -> Result<SecurityContext, Error> {
+        let keys = session.atls_keys(kind)?;
+        let ids = session.protection_ids(kind)?;
+        // The keys die with this process's handshake state, so sequence
+        // numbers may live in memory: no restarted server can hold these
+        // keys again.
+        let mut ctx = SecurityContext::new_in_memory(&ContextParams::from_atls(&keys, &ids))
+            .map_err(|e| Error::Engine(format!("deriving the {kind:?} context: {e}")))?;
+        ctx.set_max_message(max_message);
+        Ok(ctx)
+    };
+    Ok(Established {
+        oscore: context(ProtectionKind::Oscore)?,
+        cose: context(ProtectionKind::Cose)?,
+        info,
+    })
 }
