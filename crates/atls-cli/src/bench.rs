@@ -63,9 +63,10 @@ pub(crate) struct BenchArgs {
     /// The server's process ID: report its CPU time per operation.
     #[arg(long, value_name = "PID")]
     pub(crate) server_pid: Option<u32>,
-    /// The same application over plain HTTP (e.g. `atls serve --plain
-    /// ADDR`), loaded with the same workload right after: the ratio of the
-    /// two is printed.
+    /// The same application without ATLS — over plain HTTP (`atls serve
+    /// --plain ADDR`) or HTTPS with the same engine and certificate (`atls
+    /// serve --plain-https ADDR`, trusted through --ca) — loaded with the
+    /// same workload right after: the ratio of the two is printed.
     #[arg(long, value_name = "URL")]
     pub(crate) baseline: Option<String>,
     /// CA of the ATLS server certificate (default: a local `atls serve`'s
@@ -248,6 +249,8 @@ enum Target {
     },
     Plain {
         base: String,
+        /// Trusted for an https:// baseline (the ATLS server's CA).
+        roots: Arc<Vec<atls_core::Certificate>>,
     },
 }
 
@@ -255,6 +258,7 @@ impl Target {
     fn name(&self) -> String {
         match self {
             Target::Atls { mode, .. } => format!("atls {mode}"),
+            Target::Plain { base, .. } if base.starts_with("https:") => "plain https".to_owned(),
             Target::Plain { .. } => "plain http".to_owned(),
         }
     }
@@ -273,9 +277,16 @@ async fn timed<T>(
 
 /// The plain-HTTP client of baselines and first flights (`fresh`: a new
 /// connection for every request).
-fn plain_client(fresh: bool) -> Result<reqwest::Client, String> {
-    let tls = atls_http::client::transport_tls_config(&atls_http::TransportTls::default())
-        .map_err(|e| e.to_string())?;
+fn plain_client(fresh: bool, roots: &[atls_core::Certificate]) -> Result<reqwest::Client, String> {
+    let transport = atls_http::TransportTls {
+        roots: roots.to_vec(),
+        ..atls_http::TransportTls::default()
+    };
+    let mut tls = atls_http::client::transport_tls_config(&transport).map_err(|e| e.to_string())?;
+    // An HTTPS baseline is HTTP/1.1 as the ATLS clients' outer hop is, and
+    // every new connection a full handshake as every new ATLS session is.
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.resumption = rustls::client::Resumption::disabled();
     let mut builder = reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .timeout(Duration::from_secs(30));
@@ -372,10 +383,10 @@ async fn client_loop(
                 tally.record(started, result, &done);
             }
         }
-        Target::Plain { base } => {
+        Target::Plain { base, roots } => {
             // A new connection per operation for `session`, as a new
             // session is.
-            let client = match plain_client(session) {
+            let client = match plain_client(session, &roots) {
                 Ok(c) => c,
                 Err(e) => {
                     tally.first_error = Some(e);
@@ -610,7 +621,7 @@ async fn memory(
             let mut kept = Vec::new();
             let mut failures = 0u64;
             let mut first_error = None;
-            let plain = plain_client(false)?;
+            let plain = plain_client(false, &[])?;
             while next.fetch_add(1, Ordering::Relaxed) < count {
                 let result = if half_open {
                     let opened = async {
@@ -780,6 +791,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
                     args,
                     Target::Plain {
                         base: baseline.clone(),
+                        roots: Arc::new(config.trust_anchors.clone()),
                     },
                     progress,
                 )

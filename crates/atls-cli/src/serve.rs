@@ -122,6 +122,13 @@ pub(crate) struct ServeArgs {
     /// measurements only, never for production (loopback addresses only).
     #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_PLAIN")]
     pub(crate) plain: Option<SocketAddr>,
+    /// Serve the same application without ATLS over HTTPS on this listener,
+    /// with the ATLS certificate and the ATLS engine's TLS library (OpenSSL
+    /// or rustls), without session resumption: the "new HTTPS connection"
+    /// baseline of `atls bench --baseline https://…`. For measurements only
+    /// (loopback addresses only).
+    #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_PLAIN_HTTPS")]
+    pub(crate) plain_https: Option<SocketAddr>,
     /// Prometheus metrics listener (a separate port: handshakes by outcome,
     /// requests by mode and status, latency, sessions).
     #[arg(long, value_name = "ADDR", value_parser = common::listen_addr, env = "ATLS_SERVE_METRICS")]
@@ -223,6 +230,7 @@ pub(crate) struct Running {
     pub(crate) coap_tcp: Option<SocketAddr>,
     pub(crate) coaps: Option<SocketAddr>,
     pub(crate) plain: Option<SocketAddr>,
+    pub(crate) plain_https: Option<SocketAddr>,
     pub(crate) ca_path: Option<PathBuf>,
     pub(crate) server: Arc<AtlsServer>,
     /// Listeners stopped at once on shutdown (CoAP: each exchange is one
@@ -568,6 +576,23 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
             "plain HTTP listener",
         ));
     }
+    let mut plain_https_bound = None;
+    if let Some(addr) = args.plain_https {
+        if !addr.ip().is_loopback() {
+            bail!("--plain-https serves the application without ATLS: only on a loopback address (127.0.0.1, ::1)");
+        }
+        let Some(identity) = &config.identity else {
+            bail!("--plain-https needs the ATLS certificate (not a PSK-only server)");
+        };
+        tracing::warn!(%addr, "--plain-https: serving the application WITHOUT ATLS on this listener (a benchmark baseline)");
+        let acceptor = baseline_acceptor(&args.engine, identity)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        plain_https_bound = Some(listener.local_addr()?);
+        let service = with_health(server.clone(), inner.clone());
+        draining.spawn(serve_https(listener, acceptor, service, stop_rx.clone()));
+    }
     let mut https_bound = None;
     if let Some(addr) = args.https {
         let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
@@ -589,7 +614,12 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
                 .secure_cookies(true)
                 .layer(inner.clone()),
         );
-        draining.spawn(serve_https(listener, acceptor, service, stop_rx.clone()));
+        draining.spawn(serve_https(
+            listener,
+            Acceptor::Rustls(acceptor),
+            service,
+            stop_rx.clone(),
+        ));
     }
     let coap_config = atls_coap::CoapConfig {
         content_format: args.coap_content_format,
@@ -651,6 +681,7 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     }
     Ok(Running {
         plain: plain_bound,
+        plain_https: plain_https_bound,
         coaps: coaps_bound,
         http: http_bound,
         coap: coap_bound,
@@ -730,9 +761,59 @@ fn tls_acceptor(
 
 /// The HTTPS listener. On `stop` it accepts no more connections and
 /// returns once the connections it has finished their requests.
+/// The TLS library an HTTPS listener terminates with.
+#[derive(Clone)]
+enum Acceptor {
+    Rustls(tokio_rustls::TlsAcceptor),
+    OpenSsl(Arc<openssl::ssl::SslAcceptor>),
+}
+
+/// The `--plain-https` baseline's TLS: the ATLS certificate on the ATLS
+/// engine's library, TLS 1.2 and 1.3, no tickets or session cache.
+fn baseline_acceptor(engine: &str, identity: &CertifiedKey) -> anyhow::Result<Acceptor> {
+    if engine == "rustls" {
+        let chain = identity
+            .chain
+            .iter()
+            .map(|c| rustls_pki_types::CertificateDer::from(c.0.clone()))
+            .collect();
+        let key = rustls_pki_types::PrivateKeyDer::try_from(identity.key.dangerous_der().to_vec())
+            .map_err(|e| anyhow::anyhow!("the ATLS key: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        return Ok(Acceptor::Rustls(tokio_rustls::TlsAcceptor::from(Arc::new(
+            config,
+        ))));
+    }
+    use openssl::ssl::{SslAcceptor, SslMethod, SslOptions, SslSessionCacheMode};
+    let mut builder = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server())?;
+    let (leaf, rest) = identity
+        .chain
+        .split_first()
+        .context("the ATLS certificate chain is empty")?;
+    let leaf = openssl::x509::X509::from_der(&leaf.0)?;
+    builder.set_certificate(&leaf)?;
+    for cert in rest {
+        builder.add_extra_chain_cert(openssl::x509::X509::from_der(&cert.0)?)?;
+    }
+    let key = openssl::pkey::PKey::private_key_from_der(identity.key.dangerous_der())?;
+    builder.set_private_key(&key)?;
+    builder.check_private_key()?;
+    builder.set_options(SslOptions::NO_TICKET);
+    builder.set_session_cache_mode(SslSessionCacheMode::OFF);
+    builder.set_num_tickets(0)?;
+    Ok(Acceptor::OpenSsl(Arc::new(builder.build())))
+}
+
 async fn serve_https<S>(
     listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
+    acceptor: Acceptor,
     service: S,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()>
@@ -762,10 +843,6 @@ where
         let service = service.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await
-            else {
-                return;
-            };
             let hyper_service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
                 let mut service = service.clone();
                 let mut request = request.map(Body::new);
@@ -773,10 +850,35 @@ where
                 async move { service.call(request).await }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let connection = builder
-                .serve_connection(TokioIo::new(tls), hyper_service)
-                .into_owned();
-            let _ = watcher.watch(connection).await;
+            let handshake = Duration::from_secs(10);
+            match acceptor {
+                Acceptor::Rustls(acceptor) => {
+                    let Ok(Ok(tls)) = tokio::time::timeout(handshake, acceptor.accept(stream)).await else {
+                        return;
+                    };
+                    let connection = builder
+                        .serve_connection(TokioIo::new(tls), hyper_service)
+                        .into_owned();
+                    let _ = watcher.watch(connection).await;
+                }
+                Acceptor::OpenSsl(acceptor) => {
+                    let Ok(ssl) = openssl::ssl::Ssl::new(acceptor.context()) else {
+                        return;
+                    };
+                    let Ok(mut tls) = tokio_openssl::SslStream::new(ssl, stream) else {
+                        return;
+                    };
+                    let accepted =
+                        tokio::time::timeout(handshake, std::pin::Pin::new(&mut tls).accept()).await;
+                    if !matches!(accepted, Ok(Ok(()))) {
+                        return;
+                    }
+                    let connection = builder
+                        .serve_connection(TokioIo::new(tls), hyper_service)
+                        .into_owned();
+                    let _ = watcher.watch(connection).await;
+                }
+            }
         });
     }
     drop(listener);
@@ -829,6 +931,9 @@ pub(crate) fn run(args: &ServeArgs) -> anyhow::Result<()> {
         }
         if let Some(addr) = running.plain {
             println!("plain HTTP without ATLS (a baseline for atls bench) on http://{addr}");
+        }
+        if let Some(addr) = running.plain_https {
+            println!("HTTPS without ATLS (a baseline for atls bench) on https://{addr}");
         }
         if let Some(addr) = args.metrics {
             println!("metrics on http://{addr}/metrics");

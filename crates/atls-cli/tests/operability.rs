@@ -1299,6 +1299,44 @@ fn second_signal_and_gateway_drain() {
 /// timing is asserted: only that every operation ran and was measured).
 #[test]
 fn bench_loads_serve_and_its_plain_baseline() {
+    // The HTTPS baseline (new connections, full handshakes) on both engines.
+    for engine in ["rustls", "openssl"] {
+        let plain_https = format!("127.0.0.1:{}", free_port());
+        let server = serve(&["--engine", engine, "--plain-https", &plain_https]);
+        let out = Command::new(ATLS)
+            .args(["bench", &format!("http://{}", server.http), "--ca"])
+            .arg(&server.ca)
+            .args([
+                "--workload",
+                "session",
+                "-n",
+                "6",
+                "-c",
+                "2",
+                "--json",
+                "--server-pid",
+            ])
+            .arg(server.process.0.id().to_string())
+            .args(["--baseline", &format!("https://{plain_https}")])
+            .output()
+            .expect("atls bench");
+        assert!(out.status.success(), "{engine}: {}", stderr(&out));
+        let lines: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect();
+        assert_eq!(lines.len(), 2, "{}", stdout(&out));
+        assert_eq!(lines[1]["target"], "plain https", "{engine}");
+        assert_eq!(lines[1]["ops"], 6, "{engine}: {}", lines[1]);
+        assert_eq!(lines[1]["errors"], 0, "{engine}: {}", lines[1]);
+    }
+    let refused = Command::new(ATLS)
+        .args(["serve", "--http", "127.0.0.1:0", "--plain-https", "0.0.0.0:0"])
+        .output()
+        .expect("atls serve");
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("loopback"), "{}", stderr(&refused));
+
     let plain = format!("127.0.0.1:{}", free_port());
     let server = serve(&["--plain", &plain]);
     let pid = server.process.0.id().to_string();

@@ -1019,6 +1019,14 @@ impl CoapServer {
             };
             match s.send(&answer, now) {
                 Ok(records) => output.extend_from_slice(&records),
+                // An OSCORE request of this session verified meanwhile and
+                // released the engine.
+                Err(atls_core::Error::Closed) => {
+                    return Err(Reply::new(
+                        ResponseType::NotFound,
+                        "the records channel of this ATLS session ended; start with a ClientHello",
+                    ));
+                }
                 Err(_) => {
                     s.abandon_records();
                     return Err(Reply::new(
@@ -1065,6 +1073,8 @@ impl CoapServer {
             p.half_open = None;
             p.established = Some(id);
             p.block2 = None;
+            // An inner Block2 body of an earlier session is not this one's.
+            p.inner_block2 = None;
         });
         Ok(())
     }
@@ -1123,6 +1133,9 @@ impl CoapServer {
                 if p.established == Some(found.id) {
                     p.established = None;
                 }
+                // Nothing of the ended session's inner transfers is kept.
+                p.inner_block1 = None;
+                p.inner_block2 = None;
             });
             tracing::debug!(target: "atls::handshake", transport = from.transport.scheme(), session = %found.id.prefix(), "ATLS session ended by the client");
         }
@@ -1257,10 +1270,17 @@ impl CoapServer {
     }
 }
 
-/// Whether a verified inner request ends its session (PROTOCOL.md §9: a
-/// protected `DELETE /.well-known/atls`).
+/// Whether a verified inner request ends its session (PROTOCOL.md §12: a
+/// protected `DELETE /.well-known/atls`, whole: no Block1 transfer and no
+/// Block2 follow-up; a Block2 of block 0 only proposes a block size).
 fn ends_session(inner: &Packet) -> bool {
-    if inner.header.code != MessageClass::Request(RequestType::Delete) {
+    let follow_up = inner
+        .get_first_option(CoapOption::Block2)
+        .is_some_and(|value| BlockValue::decode(value).map_or(true, |b| b.num > 0));
+    if inner.header.code != MessageClass::Request(RequestType::Delete)
+        || inner.get_first_option(CoapOption::Block1).is_some()
+        || follow_up
+    {
         return false;
     }
     let segments: Vec<&[u8]> = inner

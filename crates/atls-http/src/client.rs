@@ -489,7 +489,7 @@ impl AtlsClient {
     /// End the current session so the server frees it at once, then forget
     /// it: in record mode with close_notify, in OSCORE and COSE modes with a
     /// protected `DELETE /.well-known/atls` (the server keeps no TLS state
-    /// for those sessions once they are used; PROTOCOL.md §9). Failures to
+    /// for those sessions once they are used; PROTOCOL.md §12). Failures to
     /// reach the server are ignored (the server expires the session anyway).
     pub async fn close(&self) {
         let Some(session) = self.current.lock().await.take() else {

@@ -719,19 +719,19 @@ fn oscore_error_reply(e: &OscoreError) -> Reply {
 /// The media type (without parameters) of COSE-protected requests.
 const COSE_MEDIA_TYPE: &str = "application/cose";
 
-/// Whether a verified inner request ends its session (PROTOCOL.md §9: a
+/// Whether a verified inner request ends its session (PROTOCOL.md §12: a
 /// protected `DELETE /.well-known/atls`).
 fn ends_session(method: &Method, path: &str) -> bool {
     method == Method::DELETE && path == wire::WELL_KNOWN_PATH
 }
 
-/// The inner answer to a protected close.
+/// The inner answer to a protected close: `200` with an empty body (a 204
+/// would lose a COSE body: HTTP/1.1 sends none with it).
 fn session_ended() -> Response<Bytes> {
-    Response::builder()
-        .status(StatusCode::NO_CONTENT)
-        .body(Bytes::new())
-        .unwrap_or_default()
+    Response::new(Bytes::new())
 }
+
+const RECORDS_ENDED: &str = "the records channel of this ATLS session has ended; start a new session";
 
 const NOT_ESTABLISHED: &str = "the ATLS handshake of this session is not complete";
 
@@ -921,10 +921,7 @@ where
         let server = self.server.clone();
         let limits = server.limits;
         if found.phase == Phase::Established && !lock(&found.entry).records_open() {
-            return plain(
-                StatusCode::NOT_FOUND,
-                "the records channel of this ATLS session has ended; start a new session",
-            );
+            return plain(StatusCode::NOT_FOUND, RECORDS_ENDED);
         }
         let mut inbound = Inbound::new(limits.inner_message);
         // A body whose start repeats the previous body's (a retried POST)
@@ -1030,6 +1027,7 @@ where
                 out.extend_from_slice(&records);
                 atls_body(StatusCode::OK, out)
             }
+            Err(TlsError::Closed) => plain(StatusCode::NOT_FOUND, RECORDS_ENDED),
             Err(error) => {
                 tracing::warn!(session = %found.id.prefix(), %error, "cannot encrypt the response");
                 lock(&found.entry).abandon_records();
@@ -1066,6 +1064,11 @@ where
             metrics::counter!("atls_handshakes_total", "outcome" => "failed", "reason" => "tls", "transport" => "http").increment(1);
         }
         match stop {
+            // The engine was released meanwhile: an OSCORE or COSE request
+            // of this session verified while this body streamed in.
+            Stop::Flight(failure) if established && matches!(failure.error, TlsError::Closed) => {
+                plain(StatusCode::NOT_FOUND, RECORDS_ENDED)
+            }
             Stop::Flight(failure) => failure_reply(&failure.error, failure.alert),
             Stop::Malformed => plain(
                 StatusCode::BAD_REQUEST,
@@ -1202,6 +1205,7 @@ where
         };
         if closing {
             server.table.remove(&found.id);
+            lock_blocks(&server.inner_blocks).remove(&found.id);
             tracing::debug!(target: "atls::handshake", transport = "http", session = %found.id.prefix(), "ATLS session ended by the client");
         }
         match oscore_http::response_to_http(&protected) {

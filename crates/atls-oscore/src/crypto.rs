@@ -18,9 +18,9 @@ type AesCcm16_128_128 = Ccm<Aes128, U16, U13>;
 type AesCcm16_128_256 = Ccm<Aes256, U16, U13>;
 
 /// An AEAD key. Only the key bytes are kept (zeroized on drop): the
-/// cipher's key schedule is computed for each message. AES-NI expands a key
-/// in tens of nanoseconds, while a kept schedule costs about 1 KiB per key —
-/// four keys per established session, the bulk of a session's memory.
+/// cipher's key schedule is computed for each message: 50–180 ns with
+/// AES-NI (docs/BENCHMARKS.md), while a kept schedule costs about 1 KiB per
+/// key — four keys per established session, the bulk of a session's memory.
 pub(crate) struct AeadKey {
     alg: CoseAead,
     key: Zeroizing<[u8; MAX_KEY]>,

@@ -149,3 +149,79 @@ pub fn assert_complete(h: &Handshake) {
         h.server
     );
 }
+
+/// The handshakes whose bytes on the wire docs/BENCHMARKS.md reports beside
+/// draft-ietf-iotops-security-protocol-comparison: TLS 1.3 with the fixture's
+/// P-256 chain on both engines, TLS 1.3 PSK with ECDHE and CCM_8, TLS 1.2 PSK
+/// (no ECDHE) with CCM_8, and DTLS 1.2 PSK with CCM_8 (OpenSSL: rustls has
+/// no external PSKs). Resumption is off, so no session tickets travel.
+pub fn wire_configs() -> Vec<WireConfig> {
+    let psk = || atls_core::Psk::new(b"device-7".to_vec(), (0u8..16).collect::<Vec<_>>()).expect("psk");
+    let mut out = Vec::new();
+    for engine in engines() {
+        let mut client = client_config(TlsVersion::Tls13);
+        let mut server = server_config(TlsVersion::Tls13);
+        client.common.resumption = false;
+        server.common.resumption = false;
+        out.push(WireConfig {
+            name: format!("TLS 1.3, P-256 certificate, X25519 ({})", engine.name()),
+            engine,
+            client,
+            server,
+        });
+    }
+    for (name, version, suite) in [
+        (
+            "TLS 1.3 PSK-ECDHE, AES_128_CCM_8",
+            TlsVersion::Tls13,
+            "TLS_AES_128_CCM_8_SHA256",
+        ),
+        (
+            "TLS 1.2 PSK, AES_128_CCM_8",
+            TlsVersion::Tls12,
+            "TLS_PSK_WITH_AES_128_CCM_8",
+        ),
+        (
+            "DTLS 1.2 PSK, AES_128_CCM_8",
+            TlsVersion::Dtls12,
+            "TLS_PSK_WITH_AES_128_CCM_8",
+        ),
+    ] {
+        let common = CommonConfig {
+            versions: vec![version],
+            cipher_suites: Some(vec![
+                atls_core::CipherSuite::from_name(suite).expect("known suite")
+            ]),
+            resumption: false,
+            ..CommonConfig::default()
+        };
+        out.push(WireConfig {
+            name: format!("{name} (openssl)"),
+            engine: &OpenSslEngine,
+            client: ClientConfig {
+                common: common.clone(),
+                psk: Some(psk()),
+                ..ClientConfig::default()
+            },
+            server: ServerConfig {
+                common,
+                psks: vec![psk()],
+                ..ServerConfig::default()
+            },
+        });
+    }
+    out
+}
+
+/// One handshake configuration of [`wire_configs`].
+#[derive(Debug)]
+pub struct WireConfig {
+    /// What the table calls it.
+    pub name: String,
+    /// The engine of both sides.
+    pub engine: &'static dyn Engine,
+    /// The client's configuration.
+    pub client: ClientConfig,
+    /// The server's configuration.
+    pub server: ServerConfig,
+}

@@ -85,3 +85,58 @@ pub(crate) async fn lossy_relay(server: SocketAddr, seed: u64) -> (SocketAddr, A
     tokio::spawn(forward(back, front, false));
     (addr, faults)
 }
+
+/// Bytes and datagrams a [`counting_relay`] forwarded, each way.
+#[derive(Debug, Default)]
+pub(crate) struct Counted {
+    /// Towards the server: datagrams, bytes.
+    pub(crate) to_server: [AtomicUsize; 2],
+    /// Towards the client: datagrams, bytes.
+    pub(crate) to_client: [AtomicUsize; 2],
+}
+
+impl Counted {
+    /// (datagrams, bytes) to the server and to the client so far.
+    pub(crate) fn read(&self) -> ((usize, usize), (usize, usize)) {
+        let get = |a: &[AtomicUsize; 2]| (a[0].load(Ordering::SeqCst), a[1].load(Ordering::SeqCst));
+        (get(&self.to_server), get(&self.to_client))
+    }
+}
+
+/// A UDP relay between one client and the server that forwards everything
+/// at once and counts what it forwards.
+pub(crate) async fn counting_relay(server: SocketAddr) -> (SocketAddr, Arc<Counted>) {
+    let counted: Arc<Counted> = Arc::new(Counted::default());
+    let result = counted.clone();
+    let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let back = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind"));
+    let addr = front.local_addr().expect("addr");
+    let client = Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+    let forward =
+        move |from: Arc<tokio::net::UdpSocket>, to: Arc<tokio::net::UdpSocket>, towards_server: bool| {
+            let (client, counted) = (client.clone(), counted.clone());
+            async move {
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let Ok((n, src)) = from.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    let (target, counter) = if towards_server {
+                        *client.lock().expect("lock") = Some(src);
+                        (server, &counted.to_server)
+                    } else {
+                        match *client.lock().expect("lock") {
+                            Some(c) => (c, &counted.to_client),
+                            None => continue,
+                        }
+                    };
+                    counter[0].fetch_add(1, Ordering::SeqCst);
+                    counter[1].fetch_add(n, Ordering::SeqCst);
+                    let _ = to.send_to(&buf[..n], target).await;
+                }
+            }
+        };
+    tokio::spawn(forward(front.clone(), back.clone(), true));
+    tokio::spawn(forward(back, front, false));
+    (addr, result)
+}
