@@ -3,8 +3,10 @@
 # (release build) loaded by `atls bench` on this machine, each ATLS workload
 # beside the same workload on `atls serve --plain` (the same application
 # and access log, without ATLS) or, for new sessions, `--plain-https` (new
-# HTTPS connections, same engine and certificate) in the same run. Server CPU per operation
-# from /proc/PID/stat; memory per session from /proc/PID/status.
+# HTTPS connections, same engine and certificate) in the same run. The
+# server issues no tickets (--no-resumption), as the baseline does not.
+# Server CPU per operation from /proc/PID/stat; memory per session from
+# /proc/PID/status.
 # Usage: scripts/bench.sh [RUNS] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$state"' EXIT
 # Start `atls serve` on ENGINE; sets $pid.
 start() {
   "$atls" serve --engine "$1" --http 127.0.0.1:18480 --plain 127.0.0.1:18481 --plain-https 127.0.0.1:18482 \
-    --max-half-open 20000 --max-half-open-per-client 0 --max-sessions 20000 \
+    --max-half-open 20000 --max-half-open-per-client 0 --max-sessions 20000 --no-resumption \
     --state-dir "$state" >"$state/serve.out" 2>/dev/null &
   pid=$!
   for _ in $(seq 100); do grep -q "HTTPS without" "$state/serve.out" 2>/dev/null && break; sleep 0.1; done

@@ -150,6 +150,11 @@ pub(crate) struct ServeArgs {
     /// Most 0-RTT bytes accepted per TLS 1.3 session (0 disables 0-RTT).
     #[arg(long, default_value_t = 16384, env = "ATLS_SERVE_MAX_EARLY_DATA")]
     pub(crate) max_early_data: u32,
+    /// Issue no session tickets and keep no session cache: every session is
+    /// a full handshake (and 0-RTT is off). Saves the engines' per-ticket
+    /// state (OpenSSL keeps stateful tickets when 0-RTT is on).
+    #[arg(long, env = "ATLS_SERVE_NO_RESUMPTION")]
+    pub(crate) no_resumption: bool,
     /// Most sessions held at once.
     #[arg(long, default_value_t = 10_000, env = "ATLS_SERVE_MAX_SESSIONS")]
     pub(crate) max_sessions: usize,
@@ -416,12 +421,17 @@ pub(crate) async fn start(args: &ServeArgs) -> anyhow::Result<Running> {
     let config = ServerConfig {
         common: CommonConfig {
             versions: common::versions(args.tls_version.as_deref())?,
+            resumption: !args.no_resumption,
             ..CommonConfig::default()
         },
         identity,
         client_auth_roots: args.client_ca.as_deref().map(common::certificates).transpose()?,
         psks: common::psks(&args.psk)?,
-        max_early_data: args.max_early_data,
+        max_early_data: if args.no_resumption {
+            0
+        } else {
+            args.max_early_data
+        },
     };
     let endpoint = engine.server(&config).map_err(|e| {
         common::explain(
@@ -759,8 +769,6 @@ fn tls_acceptor(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The HTTPS listener. On `stop` it accepts no more connections and
-/// returns once the connections it has finished their requests.
 /// The TLS library an HTTPS listener terminates with.
 #[derive(Clone)]
 enum Acceptor {
@@ -811,6 +819,8 @@ fn baseline_acceptor(engine: &str, identity: &CertifiedKey) -> anyhow::Result<Ac
     Ok(Acceptor::OpenSsl(Arc::new(builder.build())))
 }
 
+/// The HTTPS listener. On `stop` it accepts no more connections and
+/// returns once the connections it has finished their requests.
 async fn serve_https<S>(
     listener: tokio::net::TcpListener,
     acceptor: Acceptor,

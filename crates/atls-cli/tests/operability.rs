@@ -1326,12 +1326,22 @@ fn bench_loads_serve_and_its_plain_baseline() {
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
             .collect();
         assert_eq!(lines.len(), 2, "{}", stdout(&out));
+        assert_eq!(lines[0]["errors"], 0, "{engine}: {}", lines[0]);
         assert_eq!(lines[1]["target"], "plain https", "{engine}");
         assert_eq!(lines[1]["ops"], 6, "{engine}: {}", lines[1]);
         assert_eq!(lines[1]["errors"], 0, "{engine}: {}", lines[1]);
     }
+    let state = tempfile::tempdir().expect("state dir");
     let refused = Command::new(ATLS)
-        .args(["serve", "--http", "127.0.0.1:0", "--plain-https", "0.0.0.0:0"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--plain-https",
+            "0.0.0.0:0",
+            "--state-dir",
+        ])
+        .arg(state.path())
         .output()
         .expect("atls serve");
     assert!(!refused.status.success());

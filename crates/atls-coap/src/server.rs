@@ -145,6 +145,9 @@ struct Peer {
     /// inner): a request body arriving, and the last large response.
     inner_block1: Option<(Block1Assembly, Instant)>,
     inner_block2: Option<(coap_lite::MessageClass, Vec<u8>)>,
+    /// The session the inner transfers belong to: one endpoint may run
+    /// several sessions, and a transfer never crosses from one to another.
+    inner_owner: Option<SessionId>,
     /// DTLS as the ATLS layer: this server's last handshake flight. A
     /// client whose DTLS timer fired sends its flight again (new record
     /// numbers, the same handshake messages); the stack takes nothing new
@@ -166,6 +169,7 @@ impl Peer {
             seen: now,
             inner_block1: None,
             inner_block2: None,
+            inner_owner: None,
             dtls_last: None,
         }
     }
@@ -1022,6 +1026,7 @@ impl CoapServer {
                 // An OSCORE request of this session verified meanwhile and
                 // released the engine.
                 Err(atls_core::Error::Closed) => {
+                    s.abandon_records();
                     return Err(Reply::new(
                         ResponseType::NotFound,
                         "the records channel of this ATLS session ended; start with a ClientHello",
@@ -1073,8 +1078,6 @@ impl CoapServer {
             p.half_open = None;
             p.established = Some(id);
             p.block2 = None;
-            // An inner Block2 body of an earlier session is not this one's.
-            p.inner_block2 = None;
         });
         Ok(())
     }
@@ -1134,8 +1137,11 @@ impl CoapServer {
                     p.established = None;
                 }
                 // Nothing of the ended session's inner transfers is kept.
-                p.inner_block1 = None;
-                p.inner_block2 = None;
+                if p.inner_owner == Some(found.id) {
+                    p.inner_block1 = None;
+                    p.inner_block2 = None;
+                    p.inner_owner = None;
+                }
             });
             tracing::debug!(target: "atls::handshake", transport = from.transport.scheme(), session = %found.id.prefix(), "ATLS session ended by the client");
         }
@@ -1199,6 +1205,15 @@ impl CoapServer {
             p.header.code = MessageClass::Response(code);
             p
         };
+        // The endpoint's inner transfers are this session's, or are dropped:
+        // another session of the same address never sees them.
+        let _ = self.with_peer(from, now, |p, _| {
+            if p.inner_owner != Some(found.id) {
+                p.inner_block1 = None;
+                p.inner_block2 = None;
+                p.inner_owner = Some(found.id);
+            }
+        });
         if let Some(value) = inner.get_first_option(CoapOption::Block2) {
             let block = match BlockValue::decode(value) {
                 Ok(b) => b,

@@ -3,8 +3,9 @@
 //! `POST /.well-known/atls` and their answers, heads and cookies included),
 //! then for one OSCORE request. One kept-alive connection, so no TCP
 //! handshake is counted. Run with `--nocapture` to print the table of
-//! docs/BENCHMARKS.md. (DTLS flights over HTTP are left out: HTTP runs on a
-//! reliable transport, where TLS is the ATLS layer.)
+//! docs/BENCHMARKS.md. (DTLS flights over HTTP, which the server also
+//! accepts, are left out: over HTTP's reliable transport TLS is the usual
+//! ATLS layer.)
 
 mod common;
 

@@ -81,8 +81,9 @@ fn open(
 /// Live heap bytes per session kept.
 fn per_session(engine: &dyn Engine, kept: Kept) -> usize {
     // Without resumption: the engines' resumption state is per endpoint and
-    // bounded (rustls caches 4,096 sessions, OpenSSL sends stateless
-    // tickets), so it is not a cost of each session.
+    // bounded by its cache (rustls 4,096 sessions; OpenSSL 20,480, filled
+    // with stateful tickets when 0-RTT is on), not a cost of the session
+    // itself; docs/BENCHMARKS.md shows what it adds.
     let mut client_cfg = client_config(TlsVersion::Tls13);
     let mut server_cfg = server_config(TlsVersion::Tls13);
     client_cfg.common.resumption = false;
