@@ -1259,6 +1259,12 @@ where
             call_app(&mut self.inner, request, server.limits.max_response).await
         };
         let (mut parts, body) = response.into_parts();
+        if parts.status == StatusCode::NO_CONTENT {
+            // HTTP/1.1 sends no body with a 204, and the sealed body is what
+            // authenticates the answer: "no content" travels as 200 with an
+            // empty sealed body (PROTOCOL.md §12, COSE mode).
+            parts.status = StatusCode::OK;
+        }
         let status = parts.status.as_u16();
         match seal_in(&found.entry, |est| {
             cose::seal_response(&mut est.cose, status, &body, &binding)

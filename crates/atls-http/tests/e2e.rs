@@ -194,3 +194,31 @@ async fn concurrent_clients_in_every_mode() {
         assert_eq!(server.server.stats().half_open, 0, "{}", engine.name());
     }
 }
+
+/// An application's 204 reaches the client in every mode, verified (in COSE
+/// mode as 200 with an empty sealed body: HTTP/1.1 carries no body with 204).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_content_answers_are_verified_in_every_mode() {
+    let engine = engines()[0];
+    let server = serve_app(
+        engine,
+        &server_config(TlsVersion::Tls13),
+        atls_http::ServerOptions::default(),
+        test_app(std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0))),
+    )
+    .await;
+    for mode in Mode::ALL {
+        let c = client(
+            engine,
+            &client_config(TlsVersion::Tls13),
+            &server.url(),
+            mode_options(mode),
+        );
+        let response = c
+            .send(get("/nothing"))
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(response.status().is_success(), "{mode}: {}", response.status());
+        assert!(response.body().is_empty(), "{mode}");
+    }
+}

@@ -305,7 +305,7 @@ pub async fn tamper_proxy(upstream: &str) -> TamperProxy {
 /// The built-in application plus test routes: `/count` (POST and GET)
 /// counts how often the application ran it; `/barrier` answers 200 only once
 /// two requests wait in it at the same time (500 after 10 s alone); `/big/N`
-/// returns N bytes.
+/// returns N bytes; `/nothing` answers 204 No Content.
 pub fn test_app(counter: Arc<std::sync::atomic::AtomicUsize>) -> axum::Router {
     use axum::routing::get;
     let barrier = Arc::new(tokio::sync::Barrier::new(2));
@@ -330,6 +330,7 @@ pub fn test_app(counter: Arc<std::sync::atomic::AtomicUsize>) -> axum::Router {
                 }
             }),
         )
+        .route("/nothing", get(|| async { http::StatusCode::NO_CONTENT }))
         .route(
             "/big/{n}",
             get(|axum::extract::Path(n): axum::extract::Path<usize>| async move { vec![b'x'; n] }),
