@@ -780,13 +780,7 @@ enum Acceptor {
 /// engine's library, TLS 1.2 and 1.3, no tickets or session cache.
 fn baseline_acceptor(engine: &str, identity: &CertifiedKey) -> anyhow::Result<Acceptor> {
     if engine == "rustls" {
-        let chain = identity
-            .chain
-            .iter()
-            .map(|c| rustls_pki_types::CertificateDer::from(c.0.clone()))
-            .collect();
-        let key = rustls_pki_types::PrivateKeyDer::try_from(identity.key.dangerous_der().to_vec())
-            .map_err(|e| anyhow::anyhow!("the ATLS key: {e}"))?;
+        let (chain, key) = atls_rustls::chain_and_key(identity).context("the ATLS certificate and key")?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?

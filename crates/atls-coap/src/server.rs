@@ -343,6 +343,7 @@ impl CoapServer {
             peer.block2 = None;
             peer.inner_block1 = None;
             peer.inner_block2 = None;
+            peer.inner_owner = None;
             peer.dtls_last = None;
             before
         });

@@ -91,9 +91,11 @@ fn roots(anchors: &[Certificate]) -> Result<RootCertStore, Error> {
     Ok(store)
 }
 
-/// The chain and key of `identity`. The key's format (PKCS#8, SEC1 or
-/// PKCS#1) is detected from its DER structure.
-fn chain_and_key(
+/// The chain and key of `identity` in rustls' types (for any rustls
+/// configuration built beside this engine, e.g. a plain HTTPS listener with
+/// the same certificate). The key's format (PKCS#8, SEC1 or PKCS#1) is
+/// detected from its DER structure.
+pub fn chain_and_key(
     identity: &atls_core::CertifiedKey,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Error> {
     let chain = identity

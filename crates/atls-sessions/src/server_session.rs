@@ -153,7 +153,6 @@ impl ServerSession {
         if self.established.is_some() && self.tls.is_some() {
             self.tls = None;
             self.early = Vec::new();
-            self.records_abandoned = true;
         }
     }
 
